@@ -1,0 +1,156 @@
+"""Device choice, CUDA out-of-memory back-off, padding-aware batching and masked pooling.
+
+Shared by every torch-based adapter so that each adapter file only holds what is
+specific to its model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal, TypeVar
+
+import numpy as np
+
+__all__ = [
+    "PaddingReport",
+    "autocast_context",
+    "length_sorted_order",
+    "masked_mean",
+    "pick_device",
+    "run_with_oom_backoff",
+]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def pick_device(device: str | None = None):
+    """Return ``torch.device(device)``, or CUDA when available, else CPU."""
+    import torch
+
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast_context(device, precision: Literal["fp32", "bf16", "fp16"] = "fp32"):
+    """Autocast context for ``precision`` on CUDA; a no-op context for fp32 or CPU."""
+    import contextlib
+
+    import torch
+
+    if precision == "fp32" or device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def masked_mean(hidden, mask):
+    """Mean of ``hidden`` over positions where ``mask`` is true.
+
+    Parameters
+    ----------
+    hidden
+        Tensor ``(batch, seq, dim)``.
+    mask
+        Tensor ``(batch, seq)``, 1/True for positions to average.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(batch, dim)``; rows with an empty mask are NaN (never silently zero).
+    """
+    m = mask.to(hidden.dtype).unsqueeze(-1)
+    total = (hidden * m).sum(dim=1)
+    count = m.sum(dim=1)
+    return total / count
+
+
+def length_sorted_order(lengths: Sequence[int] | np.ndarray, *, window: int) -> np.ndarray:
+    """Order cells by descending token length inside consecutive windows of ``window`` cells.
+
+    Sorting within a window (not globally) keeps memory use local while cutting padding.
+
+    Returns
+    -------
+    numpy.ndarray
+        int64 permutation of ``range(len(lengths))``.
+    """
+    lengths = np.asarray(lengths)
+    order = []
+    for start in range(0, len(lengths), max(1, window)):
+        idx = np.arange(start, min(start + window, len(lengths)))
+        order.append(idx[np.argsort(-lengths[idx], kind="stable")])
+    return np.concatenate(order) if order else np.zeros(0, dtype=np.int64)
+
+
+@dataclass
+class PaddingReport:
+    """Padding tokens with and without length sorting (for the progress report)."""
+
+    padded_unsorted: int = 0
+    padded_sorted: int = 0
+
+    def add(self, lengths: np.ndarray, order: np.ndarray, batch_size: int) -> None:
+        """Account a window of cells with token ``lengths`` embedded in ``order``."""
+        for pos in range(0, len(lengths), batch_size):
+            raw = lengths[pos : pos + batch_size]
+            srt = lengths[order[pos : pos + batch_size]]
+            self.padded_unsorted += int(raw.max() * len(raw) - raw.sum()) if len(raw) else 0
+            self.padded_sorted += int(srt.max() * len(srt) - srt.sum()) if len(srt) else 0
+
+    @property
+    def saved_fraction(self) -> float:
+        """Fraction of padding tokens avoided by sorting."""
+        if self.padded_unsorted == 0:
+            return 0.0
+        return 1.0 - self.padded_sorted / self.padded_unsorted
+
+
+def run_with_oom_backoff(
+    fn: Callable[[Sequence[int]], list[np.ndarray]],
+    indices: Sequence[int],
+    *,
+    batch_size: int,
+    min_batch_size: int = 1,
+) -> tuple[np.ndarray, int]:
+    """Call ``fn`` on consecutive batches of ``indices``; on CUDA OOM halve the batch and go on.
+
+    Parameters
+    ----------
+    fn
+        Maps a batch of cell indices to a list of ``(dim,)`` arrays (one per index).
+    indices
+        Cells to process, in order.
+    batch_size
+        Initial batch size.
+    min_batch_size
+        Below this an out-of-memory error is re-raised.
+
+    Returns
+    -------
+    tuple
+        ``(stacked results (len(indices), dim), final batch size)``.
+    """
+    import torch
+
+    out: list[np.ndarray] = []
+    pos = 0
+    bs = max(1, batch_size)
+    while pos < len(indices):
+        batch = indices[pos : pos + bs]
+        try:
+            out.extend(fn(batch))
+        except torch.OutOfMemoryError:
+            if bs <= min_batch_size:
+                raise
+            torch.cuda.empty_cache()
+            bs = max(min_batch_size, bs // 2)
+            log.warning("CUDA out of memory; halving the batch size to %d", bs)
+            continue
+        pos += len(batch)
+    if not out:
+        return np.zeros((0, 0), dtype=np.float32), bs
+    return np.stack(out).astype(np.float32, copy=False), bs
