@@ -140,16 +140,14 @@ class Embedder(ABC):
 
     def versions(self) -> dict[str, str]:
         """Versions of the packages whose code produces the embedding."""
-        import anndata
-        import sklearn
+        from importlib.metadata import PackageNotFoundError, version
 
-        out = {"numpy": np.__version__, "anndata": anndata.__version__, "sklearn": sklearn.__version__}
-        try:
-            import torch
-
-            out["torch"] = torch.__version__
-        except ImportError:  # pragma: no cover - torch is a dependency
-            pass
+        out = {}
+        for pkg in ("numpy", "anndata", "scanpy", "scikit-learn", "torch", "transformers"):
+            try:
+                out[pkg] = version(pkg)
+            except PackageNotFoundError:  # pragma: no cover - all are dependencies
+                out[pkg] = "absent"
         return out
 
     def revision(self, selection: Sequence[str] = ()) -> str:
@@ -172,6 +170,13 @@ class Embedder(ABC):
 
     def fit(self, adatas: Sequence[AnnData]) -> None:  # noqa: B027 - optional hook
         """Fit on the selected datasets (only for :attr:`requires_fit` embedders)."""
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        """Fitted state as plain arrays (saved as ``fits/<revision>.npz``, no pickles)."""
+        return {}
+
+    def set_state(self, state: dict[str, np.ndarray]) -> None:  # noqa: B027 - optional hook
+        """Restore a state written by :meth:`get_state`."""
 
     def in_vocabulary(self, var: Any) -> np.ndarray:
         """Which of a dataset's genes the model knows.

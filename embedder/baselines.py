@@ -1,0 +1,272 @@
+"""Baseline embedders without a checkpoint: ``pca`` and ``hvg``.
+
+Both work in the genes shared by the selected datasets (Ensembl ids from the store's
+harmonisation), normalise raw counts to CP10k + log1p (log-normalised and scaled input are
+used as they are — never log-transformed again), select highly variable genes with
+:func:`scanpy.pp.highly_variable_genes` (Seurat flavour) and standardise each gene (clipped
+at ±10, as :func:`scanpy.pp.scale`). ``pca`` then projects on the first 50 principal
+components (scikit-learn ``PCA``, ``svd_solver="full"`` or seeded randomized solver, sign
+fixed by ``svd_flip``: deterministic); ``hvg`` returns the standardised HVG expression.
+Fitted once per embedding run on (a seeded subsample of) the selection; the fitted state is
+saved in the store so a resumed run does not refit.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+from anndata import AnnData
+
+from embedder.base import Embedder, register
+from store.errors import InputError, StoreError
+
+__all__ = ["HVGEmbedder", "PCAEmbedder", "normalise_log"]
+
+log = logging.getLogger(__name__)
+
+
+def normalise_log(X, x_kind: str) -> sp.csr_matrix | np.ndarray:
+    """CP10k + log1p for raw counts; other input unchanged.
+
+    Parameters
+    ----------
+    X
+        ``(n_cells, n_genes)`` dense or CSR.
+    x_kind
+        ``"counts"``, ``"lognorm"`` or ``"scaled"``.
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix or numpy.ndarray
+        float32, same shape.
+    """
+    if x_kind != "counts":
+        return X.astype(np.float32) if sp.issparse(X) else np.asarray(X, dtype=np.float32)
+    X = sp.csr_matrix(X, dtype=np.float32)
+    totals = np.asarray(X.sum(axis=1)).ravel()
+    scale = np.divide(1e4, totals, out=np.zeros_like(totals), where=totals > 0)
+    X = sp.diags(scale.astype(np.float32)) @ X
+    X.data = np.log1p(X.data)
+    return X.tocsr()
+
+
+def _x_kind(adata: AnnData) -> str:
+    return str(adata.uns.get("scdrugmap", {}).get("x_kind", "counts"))
+
+
+class _HVGBase(Embedder):
+    """Shared fitting for ``pca`` and ``hvg``: shared genes → normalise → HVG → standardise."""
+
+    requires_fit = True
+
+    def __init__(self, *, n_top_genes: int = 2000, max_fit_cells: int = 100_000, seed: int = 0) -> None:
+        if n_top_genes < 2:
+            msg = f"n_top_genes must be ≥ 2, got {n_top_genes}"
+            raise InputError(msg)
+        self.n_top_genes = int(n_top_genes)
+        self.max_fit_cells = int(max_fit_cells)
+        self.seed = int(seed)
+        self.genes: np.ndarray | None = None  # Ensembl ids of the selected HVGs, fitted order
+        self.mean: np.ndarray | None = None
+        self.std: np.ndarray | None = None
+
+    @classmethod
+    def _parse(cls, checkpoint: Any, options: dict[str, Any], allowed: set[str]) -> dict[str, Any]:
+        if checkpoint is not None:
+            msg = f"model {cls.name!r} has no checkpoint; drop --checkpoint"
+            raise InputError(msg)
+        unknown = sorted(set(options) - allowed - {"device", "batch_size", "precision"})
+        if unknown:
+            msg = f"unknown option(s) {unknown} for model {cls.name!r}; allowed: {sorted(allowed)}"
+            raise InputError(msg)
+        return {k: options[k] for k in allowed if k in options}
+
+    def spec(self) -> dict[str, Any]:
+        """Settings hashed into the revision."""
+        return {
+            "n_top_genes": self.n_top_genes,
+            "max_fit_cells": self.max_fit_cells,
+            "seed": self.seed,
+            "normalise": "cp10k+log1p for counts; lognorm/scaled as is",
+            "hvg": "scanpy seurat",
+            "scale": "z-score, clip 10",
+        }
+
+    def in_vocabulary(self, var) -> np.ndarray:
+        """Genes with an Ensembl id (after fitting: the fitted HVGs)."""
+        ens = var["ensembl_id"].astype(str).to_numpy()
+        if self.genes is None:
+            return ens != ""
+        return np.isin(ens, self.genes)
+
+    def _dense_on_genes(self, adata: AnnData, genes: np.ndarray) -> np.ndarray:
+        ens = adata.var["ensembl_id"].astype(str).to_numpy()
+        pos = {g: i for i, g in enumerate(ens) if g}
+        cols = np.array([pos.get(g, -1) for g in genes])
+        if (cols < 0).any():
+            missing = genes[cols < 0][:5].tolist()
+            msg = (
+                f"dataset lacks {int((cols < 0).sum())} genes the {self.name} fit uses (e.g. {missing}); "
+                "embed it together with the datasets it was fitted on"
+            )
+            raise StoreError(msg)
+        Xn = normalise_log(adata.X, _x_kind(adata))
+        sub = Xn[:, cols]
+        return sub.toarray() if sp.issparse(sub) else np.asarray(sub)
+
+    def fit(self, adatas: Sequence[AnnData]) -> None:
+        """Fit shared-gene HVG selection and standardisation (and PCA) on the selection.
+
+        Raises
+        ------
+        InputError
+            When the datasets share fewer than 2 mapped genes.
+        """
+        import scanpy as sc
+
+        kinds = {_x_kind(a) for a in adatas}
+        if "scaled" in kinds and len(kinds) > 1:
+            log.warning(
+                "%s: the selection mixes raw counts/log-normalised with scaled data (%s); "
+                "their values are not comparable — consider embedding them separately",
+                self.name,
+                ", ".join(sorted(kinds)),
+            )
+        shared: set[str] | None = None
+        for a in adatas:
+            g = set(a.var["ensembl_id"].astype(str)) - {""}
+            shared = g if shared is None else shared & g
+        genes = np.array(sorted(shared or ()))
+        if genes.size < 2:
+            msg = f"the selected datasets share {genes.size} mapped genes; {self.name} needs at least 2"
+            raise InputError(msg)
+        rng = np.random.default_rng(self.seed)
+        n_total = sum(a.n_obs for a in adatas)
+        keep_frac = min(1.0, self.max_fit_cells / max(1, n_total))
+        blocks = []
+        for a in adatas:
+            rows = np.arange(a.n_obs)
+            if keep_frac < 1.0:
+                rows = np.sort(rng.choice(a.n_obs, size=max(1, round(a.n_obs * keep_frac)), replace=False))
+            blocks.append(self._dense_on_genes(a[rows], genes))
+        X = np.vstack(blocks).astype(np.float32)
+        n_top = min(self.n_top_genes, genes.size)
+        if n_top < genes.size:
+            tmp = AnnData(X=X)
+            hv = sc.pp.highly_variable_genes(tmp, n_top_genes=n_top, flavor="seurat", inplace=False)
+            order = np.argsort(-hv["dispersions_norm"].fillna(-np.inf).to_numpy(), kind="stable")[:n_top]
+            sel = np.sort(order)
+        else:
+            sel = np.arange(genes.size)
+        self.genes = genes[sel]
+        X = X[:, sel]
+        self.mean = X.mean(axis=0)
+        std = X.std(axis=0)
+        self.std = np.where(std > 0, std, 1.0).astype(np.float32)
+        self._fit_extra(self._standardise_dense(X))
+
+    def _standardise_dense(self, X: np.ndarray) -> np.ndarray:
+        return np.clip((X - self.mean) / self.std, -10.0, 10.0).astype(np.float32)
+
+    def _fit_extra(self, Z: np.ndarray) -> None:
+        """Hook for subclasses (PCA)."""
+
+    def _standardised(self, adata: AnnData) -> np.ndarray:
+        if self.genes is None:
+            msg = f"{self.name} embedder is not fitted; the runner fits it on the selection first"
+            raise StoreError(msg)
+        return self._standardise_dense(self._dense_on_genes(adata, self.genes))
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        """Fitted arrays (genes as unicode, no pickles)."""
+        return {"genes": self.genes.astype(str), "mean": self.mean, "std": self.std}
+
+    def set_state(self, state: dict[str, np.ndarray]) -> None:
+        """Restore fitted arrays."""
+        self.genes = np.asarray(state["genes"]).astype(str)
+        self.mean = np.asarray(state["mean"], dtype=np.float32)
+        self.std = np.asarray(state["std"], dtype=np.float32)
+
+
+@register
+class HVGEmbedder(_HVGBase):
+    """Standardised expression of the highly variable genes shared by the selection.
+
+    Output ``(n_cells, n_top_genes)`` (fewer when fewer genes are shared).
+    """
+
+    name = "hvg"
+
+    @classmethod
+    def load(cls, checkpoint=None, **options: Any) -> HVGEmbedder:
+        """Options: ``n_top_genes`` (2000), ``max_fit_cells`` (100,000), ``seed`` (0)."""
+        return cls(**cls._parse(checkpoint, options, {"n_top_genes", "max_fit_cells", "seed"}))
+
+    @property
+    def dim(self) -> int:
+        """Number of HVGs (known after fitting)."""
+        return int(self.genes.size) if self.genes is not None else self.n_top_genes
+
+    def embed(self, adata: AnnData) -> np.ndarray:
+        """float32 ``(n_cells, dim)`` standardised HVG expression."""
+        return self._standardised(adata)
+
+
+@register
+class PCAEmbedder(_HVGBase):
+    """CP10k + log1p → 2,000 HVGs → z-score → 50 principal components.
+
+    Output ``(n_cells, n_comps)`` with ``n_comps = min(50, n_genes, n_fit_cells - 1)``.
+    """
+
+    name = "pca"
+
+    def __init__(self, *, n_comps: int = 50, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if n_comps < 1:
+            msg = f"n_comps must be ≥ 1, got {n_comps}"
+            raise InputError(msg)
+        self.n_comps = int(n_comps)
+        self.components: np.ndarray | None = None
+
+    @classmethod
+    def load(cls, checkpoint=None, **options: Any) -> PCAEmbedder:
+        """Options: ``n_comps`` (50), ``n_top_genes`` (2000), ``max_fit_cells``, ``seed``."""
+        return cls(**cls._parse(checkpoint, options, {"n_comps", "n_top_genes", "max_fit_cells", "seed"}))
+
+    @property
+    def dim(self) -> int:
+        """Number of principal components (known after fitting)."""
+        return int(self.components.shape[0]) if self.components is not None else self.n_comps
+
+    def spec(self) -> dict[str, Any]:
+        """Settings hashed into the revision."""
+        return {**super().spec(), "n_comps": self.n_comps, "pca": "sklearn PCA, seeded"}
+
+    def _fit_extra(self, Z: np.ndarray) -> None:
+        from sklearn.decomposition import PCA
+
+        k = min(self.n_comps, Z.shape[1], max(1, Z.shape[0] - 1))
+        solver = "full" if Z.shape[0] * Z.shape[1] <= 5e7 else "randomized"
+        pca = PCA(n_components=k, svd_solver=solver, random_state=self.seed).fit(Z)
+        self.components = pca.components_.astype(np.float32)
+        self.pca_mean = pca.mean_.astype(np.float32)
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        """Fitted arrays incl. PCA components."""
+        return {**super().get_state(), "components": self.components, "pca_mean": self.pca_mean}
+
+    def set_state(self, state: dict[str, np.ndarray]) -> None:
+        """Restore fitted arrays."""
+        super().set_state(state)
+        self.components = np.asarray(state["components"], dtype=np.float32)
+        self.pca_mean = np.asarray(state["pca_mean"], dtype=np.float32)
+
+    def embed(self, adata: AnnData) -> np.ndarray:
+        """float32 ``(n_cells, n_comps)`` PCA scores."""
+        Z = self._standardised(adata)
+        return ((Z - self.pca_mean) @ self.components.T).astype(np.float32)

@@ -1,0 +1,243 @@
+"""Stream the cells of selected datasets through an embedder into the store, resumably.
+
+For each dataset the runner reads the store's copy, records gene coverage, and embeds the
+cells that the catalog does not yet list as done, one Zarr chunk at a time: compute the rows,
+write the chunk (read-modify-write, one writer), then record the rows in ``embedded_cells``
+in one transaction. A crash (even ``kill -9``) leaves at worst a chunk whose rows are not yet
+recorded; the next run recomputes exactly those rows, so nothing is duplicated or missing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from embedder.base import Embedder, load_embedder
+from store.catalog import Store
+from store.embeddings import ensure_array, iter_chunks, write_rows
+from store.errors import InputError, StoreError
+
+__all__ = ["EmbedResult", "embed_datasets", "select_datasets"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    """Outcome of an embedding run."""
+
+    model: str
+    revision: str
+    dim: int
+    n_selected: int
+    n_embedded_now: int
+    n_done: int
+    status: str
+
+
+def select_datasets(store: Store, datasets: list[str] | None = None, where: str | None = None) -> pd.DataFrame:
+    """Datasets with expression chosen by ids and/or a SQL ``WHERE`` on the datasets table.
+
+    Raises
+    ------
+    InputError
+        Unknown dataset ids, an empty selection, or a bad ``where`` expression.
+    """
+    df = store.datasets(where)
+    if datasets:
+        unknown = sorted(set(datasets) - set(store.datasets()["dataset_id"]))
+        if unknown:
+            msg = f"unknown dataset id(s) {unknown}; see `scdrugmap datasets`"
+            raise InputError(msg)
+        df = df[df["dataset_id"].isin(datasets)]
+    df = df[df["has_expression"].fillna(False).astype(bool)]
+    if df.empty:
+        msg = "no datasets with an expression matrix match the selection; see `scdrugmap datasets`"
+        raise InputError(msg)
+    return df.reset_index(drop=True)
+
+
+def _read_dataset(store: Store, dataset_id: str) -> ad.AnnData:
+    path = store.dataset_file(dataset_id)
+    if not path.exists():
+        msg = f"the store's copy of dataset {dataset_id!r} is missing ({path}); re-ingest it into a new store"
+        raise StoreError(msg)
+    return ad.read_h5ad(path)
+
+
+def _fit_state(store: Store, emb: Embedder, revision: str, selection: pd.DataFrame) -> None:
+    path = store.fits_dir / f"{revision}.npz"
+    if path.exists():
+        with np.load(path, allow_pickle=False) as z:
+            emb.set_state({k: z[k] for k in z.files})
+        return
+    adatas = [_read_dataset(store, d) for d in selection["dataset_id"]]
+    emb.fit(adatas)
+    store.fits_dir.mkdir(exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
+    np.savez(tmp, **emb.get_state())
+    os.replace(tmp, path)
+
+
+def _register(store: Store, emb: Embedder, revision: str, selection: pd.DataFrame, checkpoint: Any) -> None:
+    now = datetime.now(UTC).replace(tzinfo=None)
+    spec = {"model": emb.name, "spec": emb.spec(), "checkpoint": str(checkpoint) if checkpoint else None}
+    with store.transaction() as con:
+        row = con.execute("SELECT spec FROM embeddings WHERE revision = ?", [revision]).fetchone()
+        if row is None:
+            con.execute(
+                "INSERT INTO embeddings VALUES (?, ?, ?, 'float32', ?, ?, ?, 0, 0, 'partial', ?, ?)",
+                [
+                    revision,
+                    emb.name,
+                    int(emb.dim),
+                    json.dumps({**spec, "datasets": sorted(selection["dataset_id"])}, default=str),
+                    json.dumps(emb.versions()),
+                    f"embeddings.zarr/{emb.name}/{revision}/embedding",
+                    now,
+                    now,
+                ],
+            )
+        else:
+            old = json.loads(row[0])
+            old["datasets"] = sorted(set(old.get("datasets", [])) | set(selection["dataset_id"]))
+            con.execute("UPDATE embeddings SET spec = ? WHERE revision = ?", [json.dumps(old), revision])
+        _refresh_counts(con, revision)
+
+
+def _refresh_counts(con, revision: str) -> tuple[int, int]:
+    spec = json.loads(con.execute("SELECT spec FROM embeddings WHERE revision = ?", [revision]).fetchone()[0])
+    n_sel = con.execute(
+        "SELECT COUNT(*) FROM cells WHERE list_contains(?, dataset_id)", [spec.get("datasets", [])]
+    ).fetchone()[0]
+    n_done = con.execute("SELECT COUNT(*) FROM embedded_cells WHERE revision = ?", [revision]).fetchone()[0]
+    status = "complete" if n_done >= n_sel else "partial"
+    con.execute(
+        "UPDATE embeddings SET rows_selected = ?, rows_done = ?, status = ?, updated_at = ? WHERE revision = ?",
+        [n_sel, n_done, status, datetime.now(UTC).replace(tzinfo=None), revision],
+    )
+    return int(n_sel), int(n_done)
+
+
+def embed_datasets(
+    store: Store,
+    model: str,
+    *,
+    checkpoint: str | Path | None = None,
+    datasets: list[str] | None = None,
+    where: str | None = None,
+    options: dict[str, Any] | None = None,
+    chunk_rows: int | None = None,
+    progress: bool = True,
+    embedder: Embedder | None = None,
+) -> EmbedResult:
+    """Embed the selected datasets with ``model`` into the store (resumable).
+
+    Parameters
+    ----------
+    store
+        The store.
+    model
+        Registered embedder name (see ``scdrugmap embed --help``).
+    checkpoint
+        Checkpoint directory for models that have one.
+    datasets, where
+        Selection (default: every dataset with expression).
+    options
+        Keyword options for the embedder's ``load``.
+    chunk_rows
+        Rows per Zarr chunk for a new array (default: ≥ 1 MiB per chunk).
+    progress
+        Show a progress bar.
+    embedder
+        An already-loaded embedder (overrides ``model``/``checkpoint``/``options``).
+
+    Returns
+    -------
+    EmbedResult
+        Revision, counts and status (``complete`` when every selected cell is done).
+
+    Raises
+    ------
+    InputError
+        Bad selection or options; a counts-only model on non-count data.
+    CheckpointError
+        Bad checkpoint directory.
+    """
+    from tqdm.auto import tqdm
+
+    selection = select_datasets(store, datasets, where)
+    emb = embedder or load_embedder(model, checkpoint, **(options or {}))
+    if emb.input_kind == "counts":
+        bad = selection.loc[selection["x_kind"] != "counts", "dataset_id"].tolist()
+        if bad:
+            msg = f"model {emb.name!r} needs raw counts, but dataset(s) {bad} hold scaled/log-normalised values; deselect them"
+            raise InputError(msg)
+    revision = emb.revision(selection["content_hash"].tolist())
+    if emb.requires_fit:
+        _fit_state(store, emb, revision, selection)
+    arr = ensure_array(
+        store, emb.name, revision, dim=int(emb.dim), n_rows=store.n_cells_total(), chunk_rows=chunk_rows
+    )
+    _register(store, emb, revision, selection, checkpoint)
+    pending_all = store.query(
+        "SELECT c.dataset_id, c.cell_uid FROM cells c WHERE list_contains(?, c.dataset_id) "
+        "AND c.cell_uid NOT IN (SELECT cell_uid FROM embedded_cells WHERE revision = ?) ORDER BY c.cell_uid",
+        [selection["dataset_id"].tolist(), revision],
+    )
+    bar = tqdm(total=len(pending_all), desc=f"embed {emb.name}", unit="cell", disable=not progress)
+    n_now = 0
+    for dataset_id, part in pending_all.groupby("dataset_id", sort=True):
+        adata = _read_dataset(store, str(dataset_id))
+        cov = emb.coverage(adata)
+        with store.transaction() as con:
+            con.execute(
+                "INSERT OR REPLACE INTO coverage VALUES (?, ?, ?, ?, ?)",
+                [revision, dataset_id, emb.name, cov["genes"], cov["counts"]],
+            )
+        if cov["genes"] < 0.5:
+            log.warning(
+                "%s covers only %.0f %% of the genes (%.0f %% of counts) of dataset %s",
+                emb.name,
+                100 * cov["genes"],
+                100 * cov["counts"],
+                dataset_id,
+            )
+        row_of = pd.Series(np.arange(adata.n_obs), index=adata.obs["cell_uid"].to_numpy())
+        for _, uids in iter_chunks(part["cell_uid"].to_numpy(), arr.chunks[0]):
+            values = np.asarray(emb.embed(adata[row_of.loc[uids].to_numpy()]), dtype=np.float32)
+            if values.shape != (uids.size, arr.shape[1]):
+                msg = f"{emb.name} returned shape {values.shape}, expected {(uids.size, arr.shape[1])}"
+                raise StoreError(msg)
+            write_rows(arr, uids, values)
+            with store.transaction() as con:
+                con.register("_done", pd.DataFrame({"revision": revision, "cell_uid": uids}))
+                con.execute("INSERT INTO embedded_cells SELECT * FROM _done")
+                con.unregister("_done")
+                _refresh_counts(con, revision)
+            n_now += uids.size
+            bar.update(uids.size)
+    bar.close()
+    with store.transaction() as con:
+        n_sel, n_done = _refresh_counts(con, revision)
+    report = getattr(emb, "padding_report", None)
+    if report is not None and report.padded_unsorted:
+        log.info("length sorting saved %.0f %% of padding tokens", 100 * report.saved_fraction)
+    return EmbedResult(
+        model=emb.name,
+        revision=revision,
+        dim=int(arr.shape[1]),
+        n_selected=int(len(store.query("SELECT 1 FROM cells WHERE list_contains(?, dataset_id)", [selection["dataset_id"].tolist()]))),
+        n_embedded_now=n_now,
+        n_done=n_done,
+        status="complete" if n_done >= n_sel else "partial",
+    )

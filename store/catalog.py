@@ -1,0 +1,281 @@
+"""The store directory and its DuckDB catalog.
+
+A store is one directory::
+
+    <store>/catalog.duckdb     the catalog (schema below, documented in README.md)
+    <store>/embeddings.zarr/   Zarr v3 group: one (n_cells_total, dim) float32 array per model revision
+    <store>/datasets/<id>.h5ad each ingested dataset after QC and gene harmonisation (the embedder's input)
+    <store>/fits/<rev>.npz     fitted state of embedders that are fitted on a selection (PCA)
+
+Only this package writes there. Location: ``--store`` / ``SCDRUGMAP_STORE`` / ``./scdrugmap-store``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pandas as pd
+
+from store.errors import InputError, StoreError
+
+__all__ = ["DEFAULT_STORE", "SCHEMA", "Store", "default_store_path"]
+
+DEFAULT_STORE = "./scdrugmap-store"
+SCHEMA_VERSION = "1"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
+CREATE TABLE IF NOT EXISTS datasets (
+    dataset_id VARCHAR PRIMARY KEY,
+    collection VARCHAR, study VARCHAR, accession VARCHAR, tissue VARCHAR, cancer_type VARCHAR,
+    drug VARCHAR, drug_class VARCHAR, regimen VARCHAR, source VARCHAR, technology VARCHAR,
+    organism VARCHAR, pmid VARCHAR,
+    label_confidence TINYINT CHECK (label_confidence BETWEEN 1 AND 3),
+    n_cells INTEGER, n_cells_input INTEGER, n_genes INTEGER, n_genes_mapped INTEGER,
+    x_kind VARCHAR, qc_applied BOOLEAN, has_expression BOOLEAN,
+    content_hash VARCHAR, ingest_spec_hash VARCHAR, ingest_spec JSON, source_path VARCHAR,
+    ingested_at TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS cells (
+    cell_uid BIGINT PRIMARY KEY,
+    dataset_id VARCHAR NOT NULL,
+    obs_name VARCHAR NOT NULL,
+    sample_id VARCHAR,
+    label VARCHAR CHECK (label IN ('sensitive', 'resistant')),
+    n_counts DOUBLE, n_genes INTEGER, pct_mito DOUBLE
+);
+CREATE TABLE IF NOT EXISTS genes (
+    dataset_id VARCHAR, var_index INTEGER, feature VARCHAR, symbol VARCHAR, ensembl_id VARCHAR,
+    match VARCHAR,
+    PRIMARY KEY (dataset_id, var_index)
+);
+CREATE TABLE IF NOT EXISTS embeddings (
+    revision VARCHAR PRIMARY KEY, model VARCHAR NOT NULL, dim INTEGER, dtype VARCHAR,
+    spec JSON, versions JSON, array_path VARCHAR, rows_selected BIGINT, rows_done BIGINT,
+    status VARCHAR, created_at TIMESTAMP, updated_at TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS embedded_cells (
+    revision VARCHAR, cell_uid BIGINT, PRIMARY KEY (revision, cell_uid)
+);
+CREATE TABLE IF NOT EXISTS coverage (
+    revision VARCHAR, dataset_id VARCHAR, model VARCHAR, frac_genes DOUBLE, frac_counts DOUBLE,
+    PRIMARY KEY (revision, dataset_id)
+);
+CREATE TABLE IF NOT EXISTS fold_sets (
+    fold_set_id VARCHAR PRIMARY KEY, protocol VARCHAR, category VARCHAR, value VARCHAR,
+    grouping VARCHAR, k INTEGER, seed INTEGER, n_cells INTEGER, n_folds INTEGER, fold_names JSON,
+    cells_hash VARCHAR, created_at TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS folds (
+    fold_set_id VARCHAR, cell_uid BIGINT, fold INTEGER, PRIMARY KEY (fold_set_id, cell_uid)
+);
+CREATE TABLE IF NOT EXISTS eval_runs (
+    run_id VARCHAR PRIMARY KEY, model VARCHAR, revision VARCHAR, strategy VARCHAR, head VARCHAR,
+    head_params JSON, protocol VARCHAR, category VARCHAR, value VARCHAR, fold_set_id VARCHAR,
+    grouping VARCHAR, k INTEGER, seed INTEGER, positive_class VARCHAR, spec JSON, versions JSON,
+    n_cells INTEGER, n_excluded INTEGER, status VARCHAR, created_at TIMESTAMP, duration_s DOUBLE
+);
+CREATE TABLE IF NOT EXISTS metrics (
+    run_id VARCHAR, fold INTEGER, metric VARCHAR, value DOUBLE, reason VARCHAR,
+    n_train INTEGER, n_test INTEGER, PRIMARY KEY (run_id, fold, metric)
+);
+CREATE TABLE IF NOT EXISTS predictions (
+    run_id VARCHAR, fold INTEGER, cell_uid BIGINT, probability DOUBLE, PRIMARY KEY (run_id, cell_uid)
+);
+"""
+
+TABLES = (
+    "datasets",
+    "cells",
+    "genes",
+    "embeddings",
+    "embedded_cells",
+    "coverage",
+    "fold_sets",
+    "folds",
+    "eval_runs",
+    "metrics",
+    "predictions",
+)
+
+
+def default_store_path() -> Path:
+    """``$SCDRUGMAP_STORE`` when set, else ``./scdrugmap-store``."""
+    return Path(os.environ.get("SCDRUGMAP_STORE", DEFAULT_STORE))
+
+
+class Store:
+    """A store directory: DuckDB catalog + Zarr embeddings + ingested datasets.
+
+    Parameters
+    ----------
+    path
+        The store directory.
+
+    Notes
+    -----
+    Connections are opened per operation and closed afterwards so that other processes
+    (``scdrugmap sql``) can read between writes.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    # ---- layout -------------------------------------------------------------------------
+    @property
+    def catalog_path(self) -> Path:
+        """``<store>/catalog.duckdb``."""
+        return self.path / "catalog.duckdb"
+
+    @property
+    def zarr_path(self) -> Path:
+        """``<store>/embeddings.zarr``."""
+        return self.path / "embeddings.zarr"
+
+    @property
+    def datasets_dir(self) -> Path:
+        """``<store>/datasets``."""
+        return self.path / "datasets"
+
+    @property
+    def fits_dir(self) -> Path:
+        """``<store>/fits``."""
+        return self.path / "fits"
+
+    def dataset_file(self, dataset_id: str) -> Path:
+        """Path of the ingested (QC-filtered, harmonised) copy of a dataset."""
+        return self.datasets_dir / f"{dataset_id}.h5ad"
+
+    @classmethod
+    def open(cls, path: str | Path | None = None, *, create: bool = False) -> Store:
+        """Open (and with ``create=True`` initialise) a store.
+
+        Parameters
+        ----------
+        path
+            Store directory; default :func:`default_store_path`.
+        create
+            Create the directory and catalog schema when missing.
+
+        Raises
+        ------
+        StoreError
+            When the store does not exist and ``create`` is False, or the path is a file.
+        """
+        st = cls(path if path is not None else default_store_path())
+        if st.path.exists() and not st.path.is_dir():
+            msg = f"store path {str(st.path)!r} is a file; give a directory with --store"
+            raise StoreError(msg)
+        if not st.catalog_path.exists():
+            if not create:
+                msg = (
+                    f"no store at {str(st.path)!r} (no catalog.duckdb); ingest data first "
+                    "(`scdrugmap ingest`) or point --store / SCDRUGMAP_STORE at an existing store"
+                )
+                raise StoreError(msg)
+            st.path.mkdir(parents=True, exist_ok=True)
+            st.datasets_dir.mkdir(exist_ok=True)
+            with st.connect() as con:
+                con.execute(SCHEMA)
+                con.execute(
+                    "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [SCHEMA_VERSION]
+                )
+        return st
+
+    # ---- connections --------------------------------------------------------------------
+    @contextlib.contextmanager
+    def connect(self, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A DuckDB connection to the catalog, closed on exit.
+
+        ``read_only=True`` also disables access to external files, extensions and
+        attachments, so a query cannot write, copy, install or read anything else.
+        """
+        if read_only:
+            if not self.catalog_path.exists():
+                msg = f"no catalog at {str(self.catalog_path)!r}; ingest data first"
+                raise StoreError(msg)
+            config = {
+                "enable_external_access": False,
+                "autoload_known_extensions": False,
+                "autoinstall_known_extensions": False,
+            }
+            con = duckdb.connect(str(self.catalog_path), read_only=True, config=config)
+            con.execute("SET lock_configuration = true")
+        else:
+            con = duckdb.connect(str(self.catalog_path))
+        try:
+            yield con
+        finally:
+            con.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A write connection inside BEGIN/COMMIT; rolled back on any exception."""
+        with self.connect() as con:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                yield con
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            con.execute("COMMIT")
+
+    def query(self, sql: str, params: list[Any] | None = None) -> pd.DataFrame:
+        """Run a read-only query and return a DataFrame."""
+        with self.connect(read_only=True) as con:
+            return con.execute(sql, params or []).df()
+
+    def sql(self, sql: str, *, limit: int | None = 10_000) -> pd.DataFrame:
+        """Run a user's SQL on a read-only connection (the ``scdrugmap sql`` surface).
+
+        Raises
+        ------
+        InputError
+            When the statement fails or tries to write (message from DuckDB, one line).
+        """
+        try:
+            with self.connect(read_only=True) as con:
+                rel = con.sql(sql)
+                if rel is None:
+                    msg = "the statement returned no rows; `scdrugmap sql` only runs read-only queries"
+                    raise InputError(msg)
+                if limit is not None:
+                    rel = rel.limit(limit)
+                return rel.df()
+        except duckdb.Error as exc:
+            first = str(exc).splitlines()[0]
+            msg = f"query refused or failed: {first} (the catalog is read-only here; only SELECT-style queries run)"
+            raise InputError(msg) from exc
+
+    # ---- common lookups -----------------------------------------------------------------
+    def datasets(self, where: str | None = None) -> pd.DataFrame:
+        """The ``datasets`` table, optionally filtered by a SQL ``WHERE`` expression."""
+        sql = "SELECT * FROM datasets"
+        if where:
+            sql += f" WHERE {where}"
+        sql += " ORDER BY dataset_id"
+        try:
+            return self.query(sql)
+        except duckdb.Error as exc:
+            msg = f"bad --where expression {where!r}: {str(exc).splitlines()[0]}"
+            raise InputError(msg) from exc
+
+    def next_cell_uid(self, con: duckdb.DuckDBPyConnection) -> int:
+        """First unused ``cell_uid`` (cells are numbered 0, 1, 2, … across datasets)."""
+        row = con.execute("SELECT COALESCE(MAX(cell_uid) + 1, 0) FROM cells").fetchone()
+        return int(row[0])
+
+    def n_cells_total(self) -> int:
+        """Number of rows every embedding array must have (max cell_uid + 1)."""
+        with self.connect(read_only=True) as con:
+            return self.next_cell_uid(con)
+
+    def snapshot(self) -> dict[str, int]:
+        """Row counts per table (used by tests to show nothing was half-written)."""
+        with self.connect(read_only=True) as con:
+            return {t: int(con.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]) for t in TABLES}

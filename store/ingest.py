@@ -1,0 +1,539 @@
+"""Ingest h5ad files into the store: validate everything, then write in one transaction.
+
+Steps per file: read (anndata) → check obs names, X (finite; counts/lognorm/scaled) → map
+labels → harmonise genes (:mod:`store.genes`) → QC (:mod:`store.qc`) → assign ``cell_uid``
+→ write the QC-filtered copy to ``datasets/<id>.h5ad`` and the ``datasets``/``cells``/``genes``
+rows. A batch of files (a manifest) is validated completely before anything is written and
+then written in one DuckDB transaction; on any error the catalog and the store stay as they
+were.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from store.catalog import Store
+from store.errors import InputError
+from store.genes import pick_gene_identifiers
+from store.labels import map_labels
+from store.qc import check_finite, detect_x_kind, run_qc
+
+__all__ = [
+    "META_FIELDS",
+    "IngestReport",
+    "IngestSpec",
+    "ingest_h5ad",
+    "ingest_manifest",
+    "prepare",
+    "read_h5ad_checked",
+    "write_prepared",
+]
+
+log = logging.getLogger(__name__)
+
+META_FIELDS = (
+    "collection",
+    "study",
+    "accession",
+    "tissue",
+    "cancer_type",
+    "drug",
+    "drug_class",
+    "regimen",
+    "source",
+    "technology",
+    "organism",
+    "pmid",
+    "label_confidence",
+)
+DRUG_CLASSES = {
+    "targeted": "targeted therapy",
+    "targeted therapy": "targeted therapy",
+    "chemotherapy": "chemotherapy",
+    "chemo": "chemotherapy",
+    "immunotherapy": "immunotherapy",
+}
+_ID_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+InputType = Literal["auto", "counts", "lognorm", "scaled"]
+
+
+@dataclass(frozen=True)
+class IngestSpec:
+    """How to read one dataset (hashed into the catalog as provenance).
+
+    Attributes
+    ----------
+    dataset_id
+        Catalog key: letters, digits, ``.``, ``_``, ``-``.
+    label_key
+        obs column with response labels; None for unlabelled data.
+    sensitive, resistant
+        Explicit label values; empty = recognised spellings only.
+    sample_key
+        obs column with sample (patient/replicate) ids.
+    input_type
+        ``auto`` (detect), ``counts``, ``lognorm`` or ``scaled``.
+    layer
+        Use ``adata.layers[layer]`` instead of ``X``.
+    gene_key
+        var column with gene identifiers (default: var_names, then known columns).
+    min_genes, max_pct_mito
+        QC thresholds for raw counts (scDrugMap: > 500 genes, < 10 % mitochondrial).
+    meta
+        Sorted ``(field, value)`` pairs of dataset metadata (:data:`META_FIELDS`).
+    """
+
+    dataset_id: str
+    label_key: str | None = None
+    sensitive: tuple[str, ...] = ()
+    resistant: tuple[str, ...] = ()
+    sample_key: str | None = None
+    input_type: InputType = "auto"
+    layer: str | None = None
+    gene_key: str | None = None
+    min_genes: int = 500
+    max_pct_mito: float = 10.0
+    meta: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.input_type not in ("auto", "counts", "lognorm", "scaled"):
+            msg = f"input type {self.input_type!r} unknown; use auto, counts, lognorm or scaled"
+            raise InputError(msg)
+        if self.min_genes < 0 or not 0 < self.max_pct_mito <= 100:
+            msg = f"QC thresholds out of range (min_genes={self.min_genes}, max_pct_mito={self.max_pct_mito}); use min_genes ≥ 0 and 0 < max_pct_mito ≤ 100"
+            raise InputError(msg)
+
+    def hash(self) -> str:
+        """SHA-256 (16 hex) of the spec."""
+        text = json.dumps(asdict(self), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Prepared:
+    """A validated dataset, ready to be written."""
+
+    spec: IngestSpec
+    path: Path
+    content_hash: str
+    adata: ad.AnnData
+    row: dict[str, Any]
+    genes: pd.DataFrame
+    skip: bool = False
+
+
+@dataclass(frozen=True)
+class IngestReport:
+    """What ingest did for one dataset."""
+
+    dataset_id: str
+    n_cells_input: int
+    n_cells: int
+    n_genes: int
+    n_genes_mapped: int
+    x_kind: str | None
+    qc_applied: bool
+    n_sensitive: int
+    n_resistant: int
+    status: Literal["ingested", "unchanged"]
+
+
+def _file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_id(dataset_id: str) -> None:
+    if not dataset_id or not set(dataset_id) <= _ID_OK or dataset_id[0] in "._-":
+        msg = f"bad dataset id {dataset_id!r}: use letters, digits, '.', '_' or '-' (starting with a letter or digit)"
+        raise InputError(msg)
+
+
+def read_h5ad_checked(path: str | Path) -> ad.AnnData:
+    """Read an h5ad file, turning every failure into one clear :class:`InputError`."""
+    path = Path(path)
+    if not path.is_file():
+        msg = f"file not found: {str(path)!r}; give the path of an .h5ad file"
+        raise InputError(msg)
+    with open(path, "rb") as fh:
+        magic = fh.read(8)
+    if magic != b"\x89HDF\r\n\x1a\n":
+        msg = f"{str(path)!r} is not an h5ad file (no HDF5 signature); convert it with anndata (adata.write_h5ad)"
+        raise InputError(msg)
+    try:
+        return ad.read_h5ad(path)
+    except Exception as exc:  # anndata raises many types for malformed files
+        msg = f"{str(path)!r} could not be read as AnnData: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        raise InputError(msg) from exc
+
+
+def _clean_meta(meta: Mapping[str, Any], dataset_id: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in meta.items():
+        if key not in META_FIELDS:
+            msg = f"unknown metadata field {key!r}; allowed: {', '.join(META_FIELDS)}"
+            raise InputError(msg)
+        if value is None or (isinstance(value, float) and np.isnan(value)) or str(value).strip() == "":
+            continue
+        text = str(value).strip()
+        if key == "label_confidence":
+            try:
+                num = int(float(text))
+            except ValueError:
+                num = -1
+            if num not in (1, 2, 3):
+                msg = f"label_confidence must be 1, 2 or 3 (stars), got {text!r}"
+                raise InputError(msg)
+            out[key] = num
+            continue
+        if key == "drug_class":
+            norm = DRUG_CLASSES.get(text.lower())
+            if norm is None:
+                msg = f"drug_class {text!r} unknown; use targeted therapy, chemotherapy or immunotherapy"
+                raise InputError(msg)
+            text = norm
+        if key == "pmid" and text.endswith(".0"):
+            text = text[:-2]
+        out[key] = text
+    out.setdefault("study", dataset_id)
+    return out
+
+
+def prepare(path: str | Path, spec: IngestSpec, *, require_x: bool = True) -> Prepared:
+    """Validate one h5ad and build everything that will be written (nothing is written).
+
+    Parameters
+    ----------
+    path
+        The h5ad file.
+    spec
+        How to read it.
+    require_x
+        False for ``import-embeddings``, where an obs-only h5ad is valid.
+
+    Returns
+    -------
+    Prepared
+        The QC-filtered AnnData following the embedder contract plus catalog rows.
+
+    Raises
+    ------
+    InputError
+        Missing file, not an h5ad, missing label/sample key, unmapped labels, duplicate obs
+        names, NaN/inf in X, negative values declared as counts, zero cells after QC, bad
+        metadata.
+    """
+    _check_id(spec.dataset_id)
+    path = Path(path)
+    name = path.name
+    meta = _clean_meta(dict(spec.meta), spec.dataset_id)
+    adata = read_h5ad_checked(path)
+    n_input = adata.n_obs
+    if n_input == 0:
+        msg = f"{name}: the file has no cells"
+        raise InputError(msg)
+    if adata.obs_names.has_duplicates:
+        dups = adata.obs_names[adata.obs_names.duplicated()].unique()[:3].tolist()
+        msg = f"{name}: duplicate obs names such as {dups}; make them unique (adata.obs_names_make_unique()) and re-run"
+        raise InputError(msg)
+    for key, what in ((spec.label_key, "--label-key"), (spec.sample_key, "--sample-key")):
+        if key is not None and key not in adata.obs.columns:
+            msg = f"{name}: {what} {key!r} is not an obs column; available: {list(adata.obs.columns)}"
+            raise InputError(msg)
+    labels = (
+        map_labels(adata.obs[spec.label_key], key=spec.label_key, sensitive=spec.sensitive, resistant=spec.resistant)
+        if spec.label_key
+        else np.full(n_input, None, dtype=object)
+    )
+    samples = (
+        adata.obs[spec.sample_key].astype("string").to_numpy(dtype=object, na_value=None)
+        if spec.sample_key
+        else np.full(n_input, None, dtype=object)
+    )
+    has_x = adata.n_vars > 0
+    if not has_x and require_x:
+        msg = f"{name}: no expression matrix (0 genes); to store precomputed embeddings use `scdrugmap import-embeddings`"
+        raise InputError(msg)
+    obs = pd.DataFrame(index=adata.obs_names.astype(str))
+    obs["dataset_id"] = spec.dataset_id
+    obs["sample_id"] = pd.array(samples, dtype="string")
+    obs["label"] = pd.array(labels, dtype="string")
+    row: dict[str, Any] = {"dataset_id": spec.dataset_id, **meta, "n_cells_input": n_input}
+    if has_x:
+        X = adata.layers[spec.layer] if spec.layer else adata.X
+        if spec.layer and spec.layer not in adata.layers:
+            msg = f"{name}: --layer {spec.layer!r} not found; layers: {list(adata.layers.keys())}"
+            raise InputError(msg)
+        X = sp.csr_matrix(X, dtype=np.float32) if not sp.issparse(X) else X.tocsr().astype(np.float32)
+        check_finite(X, name=name)
+        x_kind = detect_x_kind(X, declared=spec.input_type, name=name)
+        source, genes = pick_gene_identifiers(adata.var, gene_key=spec.gene_key, name=name)
+        mito = genes["symbol"].str.startswith("MT-").to_numpy()
+        qc = run_qc(
+            ad.AnnData(X=X),
+            x_kind=x_kind,
+            mito=mito,
+            min_genes=spec.min_genes,
+            max_pct_mito=spec.max_pct_mito,
+            name=name,
+        )
+        obs["n_counts"], obs["n_genes"], obs["pct_mito"] = qc.n_counts, qc.n_genes, qc.pct_mito
+        var = pd.DataFrame(
+            {"feature": genes["feature"].to_numpy(), "symbol": genes["symbol"].to_numpy()},
+            index=pd.Index(adata.var_names.astype(str), name=None),
+        )
+        var["ensembl_id"] = genes["ensembl_id"].to_numpy()
+        var["gene_source"] = source
+        out = ad.AnnData(X=X[qc.keep], obs=obs.loc[qc.keep].copy(), var=var)
+        out.var_names_make_unique()
+        row.update(
+            n_genes=int(adata.n_vars),
+            n_genes_mapped=int((genes["ensembl_id"] != "").sum()),
+            x_kind=x_kind,
+            qc_applied=qc.applied,
+            has_expression=True,
+        )
+        genes = genes.assign(dataset_id=spec.dataset_id, var_index=np.arange(len(genes), dtype=np.int32))
+        if row["n_genes_mapped"] < 0.5 * row["n_genes"]:
+            log.warning(
+                "%s: only %d of %d genes map to HGNC/Ensembl; pass --gene-key with the var column holding symbols",
+                name,
+                row["n_genes_mapped"],
+                row["n_genes"],
+            )
+    else:
+        for col in ("n_counts", "n_genes", "pct_mito"):
+            obs[col] = np.nan
+        out = ad.AnnData(obs=obs)
+        row.update(n_genes=0, n_genes_mapped=0, x_kind=None, qc_applied=False, has_expression=False)
+        genes = pd.DataFrame(columns=["dataset_id", "var_index", "feature", "symbol", "ensembl_id", "match"])
+    out.uns["scdrugmap"] = {"x_kind": row["x_kind"] or "none", "dataset_id": spec.dataset_id}
+    row["n_cells"] = int(out.n_obs)
+    return Prepared(spec, path, _file_hash(path), out, row, genes)
+
+
+def _check_existing(store: Store, items: Sequence[Prepared]) -> None:
+    ids = [p.spec.dataset_id for p in items]
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        msg = f"dataset id(s) {dup} appear more than once; give each dataset its own id"
+        raise InputError(msg)
+    existing = store.query(
+        "SELECT dataset_id, content_hash, ingest_spec_hash FROM datasets WHERE list_contains(?, dataset_id)", [ids]
+    ).set_index("dataset_id")
+    for p in items:
+        if p.spec.dataset_id not in existing.index:
+            continue
+        old = existing.loc[p.spec.dataset_id]
+        if old["content_hash"] == p.content_hash and old["ingest_spec_hash"] == p.spec.hash():
+            p.skip = True
+            continue
+        what = "file content" if old["content_hash"] != p.content_hash else "ingest options (labels/metadata/QC)"
+        msg = (
+            f"dataset id {p.spec.dataset_id!r} is already in the store with different {what} "
+            f"(stored sha256 {old['content_hash'][:12]}…, new {p.content_hash[:12]}…); "
+            "ingest it under a new --dataset-id or use a new store"
+        )
+        raise InputError(msg)
+
+
+def _report(p: Prepared) -> IngestReport:
+    lab = p.adata.obs["label"]
+    return IngestReport(
+        dataset_id=p.spec.dataset_id,
+        n_cells_input=p.row["n_cells_input"],
+        n_cells=p.row["n_cells"],
+        n_genes=p.row["n_genes"],
+        n_genes_mapped=p.row["n_genes_mapped"],
+        x_kind=p.row["x_kind"],
+        qc_applied=p.row["qc_applied"],
+        n_sensitive=int((lab == "sensitive").sum()),
+        n_resistant=int((lab == "resistant").sum()),
+        status="unchanged" if p.skip else "ingested",
+    )
+
+
+def write_prepared(store: Store, items: Sequence[Prepared]) -> list[IngestReport]:
+    """Write validated datasets: h5ad copies + catalog rows, all or nothing.
+
+    Raises
+    ------
+    InputError
+        When a dataset id is already ingested with different content or options.
+    """
+    _check_existing(store, items)
+    todo = [p for p in items if not p.skip]
+    store.datasets_dir.mkdir(parents=True, exist_ok=True)
+    tmp_files: list[Path] = []
+    placed: list[Path] = []
+    try:
+        for p in todo:
+            tmp = store.datasets_dir / f".{p.spec.dataset_id}.h5ad.tmp-{os.getpid()}"
+            tmp_files.append(tmp)
+        with store.transaction() as con:
+            uid = store.next_cell_uid(con)
+            now = datetime.now(UTC).replace(tzinfo=None)
+            for p, tmp in zip(todo, tmp_files, strict=True):
+                n = p.adata.n_obs
+                p.adata.obs.insert(0, "cell_uid", np.arange(uid, uid + n, dtype=np.int64))
+                uid += n
+                p.adata.write_h5ad(tmp)
+                row = dict(p.row)
+                row.update(
+                    content_hash=p.content_hash,
+                    ingest_spec_hash=p.spec.hash(),
+                    ingest_spec=json.dumps(asdict(p.spec), default=str),
+                    source_path=str(p.path.resolve()),
+                    ingested_at=now,
+                )
+                cols = list(row)
+                con.execute(
+                    f"INSERT INTO datasets ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})",
+                    [row[c] for c in cols],
+                )
+                cells = p.adata.obs.reset_index(names="obs_name")[
+                    ["cell_uid", "dataset_id", "obs_name", "sample_id", "label", "n_counts", "n_genes", "pct_mito"]
+                ]
+                cells = cells.astype({"sample_id": object, "label": object})
+                con.register("_cells", cells)
+                con.execute("INSERT INTO cells SELECT * FROM _cells")
+                con.unregister("_cells")
+                if len(p.genes):
+                    genes = p.genes[["dataset_id", "var_index", "feature", "symbol", "ensembl_id", "match"]]
+                    con.register("_genes", genes)
+                    con.execute("INSERT INTO genes SELECT * FROM _genes")
+                    con.unregister("_genes")
+            for p, tmp in zip(todo, tmp_files, strict=True):
+                final = store.dataset_file(p.spec.dataset_id)
+                os.replace(tmp, final)
+                placed.append(final)
+    except BaseException:
+        for f in tmp_files + placed:
+            with contextlib.suppress(FileNotFoundError):
+                f.unlink()
+        raise
+    return [_report(p) for p in items]
+
+
+def ingest_h5ad(
+    store: Store,
+    path: str | Path,
+    *,
+    dataset_id: str,
+    label_key: str | None = None,
+    sensitive: Sequence[str] = (),
+    resistant: Sequence[str] = (),
+    sample_key: str | None = None,
+    input_type: InputType = "auto",
+    layer: str | None = None,
+    gene_key: str | None = None,
+    min_genes: int = 500,
+    max_pct_mito: float = 10.0,
+    meta: Mapping[str, Any] | None = None,
+) -> IngestReport:
+    """Ingest one h5ad file (see :class:`IngestSpec` for the options).
+
+    Returns
+    -------
+    IngestReport
+        Cells before/after QC, genes mapped, label counts, ``status``.
+
+    Raises
+    ------
+    InputError
+        For any bad input; the store is left unchanged.
+    """
+    spec = IngestSpec(
+        dataset_id=dataset_id,
+        label_key=label_key,
+        sensitive=tuple(str(s) for s in sensitive),
+        resistant=tuple(str(s) for s in resistant),
+        sample_key=sample_key,
+        input_type=input_type,
+        layer=layer,
+        gene_key=gene_key,
+        min_genes=min_genes,
+        max_pct_mito=max_pct_mito,
+        meta=tuple(sorted((k, str(v)) for k, v in (meta or {}).items())),
+    )
+    return write_prepared(store, [prepare(path, spec)])[0]
+
+
+MANIFEST_COLUMNS = (
+    "path",
+    "dataset_id",
+    "label_key",
+    "sensitive",
+    "resistant",
+    "sample_key",
+    "input_type",
+    "layer",
+    "gene_key",
+    "min_genes",
+    "max_pct_mito",
+    *META_FIELDS,
+)
+
+
+def ingest_manifest(store: Store, manifest: str | Path) -> list[IngestReport]:
+    """Ingest every dataset of a manifest CSV, all or nothing.
+
+    The CSV has one row per dataset and the columns :data:`MANIFEST_COLUMNS` (``path`` and
+    ``dataset_id`` required; ``path`` relative to the manifest's folder; several label values
+    separated by ``|``).
+
+    Raises
+    ------
+    InputError
+        Missing/unknown columns, or any bad dataset (nothing is written then).
+    """
+    manifest = Path(manifest)
+    if not manifest.is_file():
+        msg = f"manifest not found: {str(manifest)!r}"
+        raise InputError(msg)
+    try:
+        df = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        msg = f"{manifest.name} is not a readable CSV: {exc}"
+        raise InputError(msg) from exc
+    unknown = [c for c in df.columns if c not in MANIFEST_COLUMNS]
+    missing = [c for c in ("path", "dataset_id") if c not in df.columns]
+    if unknown or missing:
+        msg = f"{manifest.name}: unknown columns {unknown}, missing {missing}; allowed columns: {', '.join(MANIFEST_COLUMNS)}"
+        raise InputError(msg)
+    items = []
+    for rec in df.to_dict("records"):
+        get = lambda k: (rec.get(k) or "").strip() or None  # noqa: E731
+        spec = IngestSpec(
+            dataset_id=get("dataset_id") or "",
+            label_key=get("label_key"),
+            sensitive=tuple(v for v in (get("sensitive") or "").split("|") if v),
+            resistant=tuple(v for v in (get("resistant") or "").split("|") if v),
+            sample_key=get("sample_key"),
+            input_type=get("input_type") or "auto",  # type: ignore[arg-type]
+            layer=get("layer"),
+            gene_key=get("gene_key"),
+            min_genes=int(get("min_genes") or 500),
+            max_pct_mito=float(get("max_pct_mito") or 10.0),
+            meta=tuple(sorted((k, rec[k].strip()) for k in META_FIELDS if (rec.get(k) or "").strip())),
+        )
+        path = Path(rec["path"])
+        items.append(prepare(path if path.is_absolute() else manifest.parent / path, spec))
+    return write_prepared(store, items)
