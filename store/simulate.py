@@ -357,7 +357,7 @@ def _catalogue_datasets(catalogue: Path, scale: float) -> list[_Dataset]:
             n_sens, n_res = max(2, round(n_sens * f)), max(2, round(n_res * f))
         pmid = r["PMID"]
         pmid = str(int(float(pmid))) if re.fullmatch(r"\d+(\.\d*)?", pmid) else pmid
-        source = "cell line" if "cell line" in r["Source"].lower() else r["Source"].lower()
+        source = next((k for k in ("cell line", "organoid") if k in r["Source"].lower()), r["Source"].lower())
         out.append(
             _Dataset(ids[i], r["Original_Dataset"], coll[i], r["Tissue"], r["Cancer_type_level1"], r["Regimen"],
                      r["Drug_type"].lower(), source, r["Extract_protocol"], regimen=r["Regimen"], accession=r["RawData_ID"], pmid=pmid,

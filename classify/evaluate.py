@@ -1,0 +1,310 @@
+"""Pooled-data and cross-data evaluation of frozen embeddings + a head; results into the catalog.
+
+A run is keyed by its full spec (:class:`RunSpec`: embedding revision, head and its
+hyper-parameters, protocol, fold set, seed, positive class). Evaluating the same spec again
+answers from the catalog unless ``rerun=True``. Each run writes its ``eval_runs`` row, one
+``metrics`` row per fold × metric and one ``predictions`` row per test cell, in one
+transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from classify.folds import FoldSet, Grouping, Protocol, category_values, get_fold_set
+from classify.heads import HeadSpec, make_head
+from classify.metrics import METRICS, fold_metrics
+from embedder.base import spec_hash
+from store.catalog import Store
+from store.embeddings import open_array, read_rows, resolve_revision
+from store.errors import InputError, StoreError
+
+__all__ = ["RunOutcome", "RunSpec", "evaluate", "summarise"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything that determines a run's results (hashed into ``run_id``)."""
+
+    model: str
+    revision: str
+    strategy: Literal["frozen"]
+    head: HeadSpec
+    protocol: Protocol
+    category: str
+    value: str
+    fold_set_id: str
+    grouping: str
+    k: int
+    seed: int
+    positive_class: Literal["sensitive", "resistant"]
+
+    @property
+    def run_id(self) -> str:
+        """``run-`` + 16 hex of the spec hash."""
+        return "run-" + spec_hash(asdict(self))
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """A finished (or reused) run."""
+
+    run_id: str
+    spec: RunSpec
+    reused: bool
+    n_cells: int
+    n_excluded: int
+
+
+def _embeddings_for(store: Store, model: str, revision: str, fs: FoldSet) -> tuple[np.ndarray, np.ndarray]:
+    uids = fs.cells["cell_uid"].to_numpy(dtype=np.int64)
+    done = store.query(
+        "SELECT f.cell_uid FROM folds f SEMI JOIN embedded_cells e ON e.cell_uid = f.cell_uid AND e.revision = ? "
+        "WHERE f.fold_set_id = ?",
+        [revision, fs.fold_set_id],
+    )
+    missing = np.setdiff1d(uids, done["cell_uid"].to_numpy(dtype=np.int64))
+    if missing.size:
+        ds = store.query(
+            "SELECT DISTINCT dataset_id FROM cells WHERE list_contains(?, cell_uid) ORDER BY 1", [missing[:10000].tolist()]
+        )["dataset_id"].tolist()
+        msg = (
+            f"{missing.size} cells of {fs.spec.category} = {fs.spec.value!r} have no {model} embedding "
+            f"(revision {revision}); run `scdrugmap embed --model {model} --datasets {' '.join(ds)}`"
+        )
+        raise StoreError(msg)
+    X = read_rows(open_array(store, model, revision), uids)
+    ok = np.isfinite(X).all(axis=1)
+    return X, ok
+
+
+def _run_folds(
+    X: np.ndarray, y: np.ndarray, folds: np.ndarray, n_folds: int, head: HeadSpec, seed: int
+) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
+    metric_rows: list[dict[str, Any]] = []
+    probs: list[np.ndarray] = []
+    for f in range(n_folds):
+        test, train = folds == f, folds != f
+        n_train, n_test = int(train.sum()), int(test.sum())
+        prob = np.full(n_test, np.nan)
+        if np.unique(y[train]).size < 2:
+            vals = dict.fromkeys(METRICS, (None, "training side has one class"))
+        elif n_test == 0:
+            vals = dict.fromkeys(METRICS, (None, "empty test fold"))
+        else:
+            model = make_head(head, seed=seed + f).fit(X[train], y[train])
+            prob = model.predict_proba(X[test])
+            vals = fold_metrics(y[test], prob)
+        for m, (v, reason) in vals.items():
+            metric_rows.append(
+                {"fold": f, "metric": m, "value": v, "reason": reason, "n_train": n_train, "n_test": n_test}
+            )
+        probs.append(prob)
+    return metric_rows, probs
+
+
+def _evaluate_one(store: Store, spec: RunSpec, fs: FoldSet, rerun: bool) -> RunOutcome:
+    run_id = spec.run_id
+    old = store.query("SELECT n_cells, n_excluded FROM eval_runs WHERE run_id = ? AND status = 'complete'", [run_id])
+    if not old.empty and not rerun:
+        return RunOutcome(run_id, spec, True, int(old["n_cells"].iloc[0]), int(old["n_excluded"].iloc[0]))
+    t0 = time.perf_counter()
+    X, ok = _embeddings_for(store, spec.model, spec.revision, fs)
+    if not ok.all():
+        log.warning("%d cells have a NaN %s embedding (no known genes) and are left out", int((~ok).sum()), spec.model)
+    cells = fs.cells.loc[ok].reset_index(drop=True)
+    X = X[ok]
+    y = (cells["label"] == spec.positive_class).to_numpy().astype(int)
+    folds = cells["fold"].to_numpy()
+    metric_rows, probs = _run_folds(X, y, folds, len(fs.fold_names), spec.head, spec.seed)
+    metrics = pd.DataFrame(metric_rows).assign(run_id=run_id)
+    preds = pd.DataFrame(
+        {
+            "run_id": run_id,
+            "fold": np.concatenate([np.full(int((folds == f).sum()), f) for f in range(len(fs.fold_names))]),
+            "cell_uid": np.concatenate([cells.loc[folds == f, "cell_uid"].to_numpy() for f in range(len(fs.fold_names))]),
+            "probability": np.concatenate(probs),
+        }
+    )
+    preds = preds[np.isfinite(preds["probability"])]
+    now = datetime.now(UTC).replace(tzinfo=None)
+    row = {
+        "run_id": run_id,
+        "model": spec.model,
+        "revision": spec.revision,
+        "strategy": spec.strategy,
+        "head": spec.head.name,
+        "head_params": json.dumps(spec.head.as_dict()),
+        "protocol": spec.protocol,
+        "category": spec.category,
+        "value": spec.value,
+        "fold_set_id": spec.fold_set_id,
+        "grouping": spec.grouping,
+        "k": spec.k,
+        "seed": spec.seed,
+        "positive_class": spec.positive_class,
+        "spec": json.dumps(asdict(spec), default=str),
+        "versions": json.dumps(_versions()),
+        "n_cells": len(cells),
+        "n_excluded": int((~ok).sum()),
+        "status": "complete",
+        "created_at": now,
+        "duration_s": time.perf_counter() - t0,
+    }
+    with store.transaction() as con:
+        for table in ("eval_runs", "metrics", "predictions"):
+            con.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
+        con.execute(
+            f"INSERT INTO eval_runs ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})", list(row.values())
+        )
+        con.register("_m", metrics[["run_id", "fold", "metric", "value", "reason", "n_train", "n_test"]])
+        con.execute("INSERT INTO metrics SELECT * FROM _m")
+        con.register("_p", preds[["run_id", "fold", "cell_uid", "probability"]])
+        con.execute("INSERT INTO predictions SELECT * FROM _p")
+    return RunOutcome(run_id, spec, False, len(cells), int((~ok).sum()))
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {p: version(p) for p in ("scikit-learn", "lightgbm", "torch", "numpy")}
+
+
+def evaluate(
+    store: Store,
+    *,
+    model: str,
+    head: str = "mlp",
+    protocol: Protocol = "pooled",
+    category: str = "tissue",
+    value: str | None = None,
+    grouping: Grouping | None = None,
+    k: int = 10,
+    seed: int = 0,
+    positive_class: Literal["sensitive", "resistant"] = "sensitive",
+    revision: str | None = None,
+    head_params: dict[str, Any] | None = None,
+    rerun: bool = False,
+) -> list[RunOutcome]:
+    """Evaluate ``model``'s frozen embedding with a head on one or all values of a category.
+
+    Parameters
+    ----------
+    store
+        The store.
+    model
+        Embedding model name (its latest revision unless ``revision`` is given).
+    head
+        ``mlp``, ``logreg``, ``lightgbm`` or ``rf``; ``head_params`` override its defaults.
+    protocol
+        ``pooled`` (k-fold CV within the value) or ``cross`` (leave-one-study-out).
+    category, value
+        E.g. ``tissue`` / ``"Cell line"``; ``value=None`` evaluates every value that has
+        labelled cells (values whose split is impossible are skipped with a warning).
+    grouping
+        ``sample`` or ``cell`` (pooled); default sample when sample ids exist.
+    k, seed
+        Pooled folds and seed (fold assignment, head initialisation).
+    positive_class
+        Class whose probability is stored and scored (default ``sensitive``, as scDrugMap).
+    rerun
+        Recompute even when the catalog holds this run.
+
+    Returns
+    -------
+    list of RunOutcome
+        One per category value evaluated.
+
+    Raises
+    ------
+    InputError
+        Bad options, or (for a single value) a split that cannot be made.
+    StoreError
+        Missing embeddings for the selected cells.
+    """
+    if positive_class not in ("sensitive", "resistant"):
+        msg = f"positive class must be sensitive or resistant, got {positive_class!r}"
+        raise InputError(msg)
+    hspec = HeadSpec.create(head, head_params)
+    rev = resolve_revision(store, model, revision)
+    values = [value] if value is not None else category_values(store, category)
+    if not values:
+        msg = f"no dataset with labelled cells has a {category!r} value; set it at ingest (--meta {category}=...)"
+        raise InputError(msg)
+    outcomes = []
+    for v in values:
+        try:
+            fs = get_fold_set(store, protocol=protocol, category=category, value=v, grouping=grouping, k=k, seed=seed)
+        except InputError as exc:
+            if value is not None:
+                raise
+            log.warning("skipping %s = %r: %s", category, v, exc)
+            continue
+        spec = RunSpec(
+            model=model,
+            revision=rev,
+            strategy="frozen",
+            head=hspec,
+            protocol=protocol,
+            category=category,
+            value=str(v),
+            fold_set_id=fs.fold_set_id,
+            grouping=fs.spec.grouping,
+            k=fs.spec.k,
+            seed=seed,
+            positive_class=positive_class,
+        )
+        outcomes.append(_evaluate_one(store, spec, fs, rerun))
+    if not outcomes:
+        msg = f"no value of {category!r} could be evaluated with protocol {protocol!r} (see warnings)"
+        raise InputError(msg)
+    return outcomes
+
+
+def summarise(store: Store, run_ids: list[str] | None = None, *, where: str | None = None) -> pd.DataFrame:
+    """Mean ± sd per run × metric over folds where the metric is defined.
+
+    Parameters
+    ----------
+    store
+        The store.
+    run_ids
+        Restrict to these runs (default all).
+    where
+        Extra SQL filter on ``eval_runs`` columns (e.g. ``"model = 'pca'"``).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``run_id, model, head, protocol, category, value, metric, mean, sd, n_folds,
+        n_undefined``.
+    """
+    conds = ["TRUE"]
+    params: list[Any] = []
+    if run_ids is not None:
+        conds.append("list_contains(?, r.run_id)")
+        params.append(list(run_ids))
+    if where:
+        conds.append(f"({where})")
+    sql = (
+        "SELECT r.run_id, r.model, r.head, r.protocol, r.category, r.value, m.metric, "
+        "AVG(m.value) AS mean, STDDEV_SAMP(m.value) AS sd, COUNT(m.value) AS n_folds, "
+        "COUNT(*) - COUNT(m.value) AS n_undefined "
+        f"FROM eval_runs r JOIN metrics m USING (run_id) WHERE {' AND '.join(conds)} "
+        "GROUP BY ALL ORDER BY r.category, r.value, r.protocol, r.model, r.head, m.metric"
+    )
+    try:
+        return store.query(sql, params)
+    except Exception as exc:
+        msg = f"bad results filter {where!r}: {str(exc).splitlines()[0]}"
+        raise InputError(msg) from exc

@@ -1,0 +1,164 @@
+"""Classifier heads on frozen embeddings (the layer-freezing strategy).
+
+Every head standardises its input (z-score fitted on the training fold) and returns the
+probability of the positive class. All are seeded and deterministic on CPU.
+
+- ``mlp``: scDrugMap's head, ``d → 512 → 512 → 2`` with ReLU, AdamW (lr 1e-4), 10 epochs,
+  batch 256, cross-entropy; no early stopping (fixed epochs as in scDrugMap's training
+  script), seeded shuffling; torch.
+- ``logreg``: :class:`sklearn.linear_model.LogisticRegression` (L2, C = 1, lbfgs).
+- ``lightgbm``: :class:`lightgbm.LGBMClassifier` (200 trees, lr 0.05, 31 leaves, deterministic).
+- ``rf``: :class:`sklearn.ensemble.RandomForestClassifier` (300 trees).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from store.errors import InputError
+
+__all__ = ["HEADS", "HeadName", "HeadSpec", "make_head"]
+
+HeadName = Literal["mlp", "logreg", "lightgbm", "rf"]
+HEADS: tuple[str, ...] = ("mlp", "logreg", "lightgbm", "rf")
+
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mlp": {"hidden": 512, "lr": 1e-4, "epochs": 10, "batch_size": 256, "weight_decay": 0.01},
+    "logreg": {"C": 1.0, "max_iter": 2000},
+    "lightgbm": {"n_estimators": 200, "learning_rate": 0.05, "num_leaves": 31},
+    "rf": {"n_estimators": 300, "max_features": "sqrt"},
+}
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """A head and its hyper-parameters (defaults filled in), hashed into the run id."""
+
+    name: str
+    params: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
+
+    @classmethod
+    def create(cls, name: str, params: dict[str, Any] | None = None) -> HeadSpec:
+        """Validate ``name``/``params`` and fill in defaults.
+
+        Raises
+        ------
+        InputError
+            Unknown head or hyper-parameter.
+        """
+        if name not in _DEFAULTS:
+            msg = f"unknown head {name!r}; choose one of: {', '.join(HEADS)}"
+            raise InputError(msg)
+        given = dict(params or {})
+        unknown = sorted(set(given) - set(_DEFAULTS[name]))
+        if unknown:
+            msg = f"unknown hyper-parameter(s) {unknown} for head {name!r}; allowed: {sorted(_DEFAULTS[name])}"
+            raise InputError(msg)
+        merged = {**_DEFAULTS[name], **given}
+        return cls(name, tuple(sorted(merged.items())))
+
+    def as_dict(self) -> dict[str, Any]:
+        """Hyper-parameters as a dict."""
+        return dict(self.params)
+
+
+class _Scaled:
+    """Standardise with training-fold mean/std, then delegate."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> _Scaled:
+        self.mean = X.mean(axis=0)
+        std = X.std(axis=0)
+        self.std = np.where(std > 0, std, 1.0)
+        self.inner.fit(((X - self.mean) / self.std).astype(np.float32), y)
+        return self
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        return self.inner.predict_proba(((X - self.mean) / self.std).astype(np.float32))[:, 1]
+
+
+class _MLP:
+    """scDrugMap's MLP head in torch (see module docstring)."""
+
+    def __init__(self, *, hidden: int, lr: float, epochs: int, batch_size: int, weight_decay: float, seed: int):
+        self.hidden, self.lr, self.epochs = hidden, lr, epochs
+        self.batch_size, self.weight_decay, self.seed = batch_size, weight_decay, seed
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> _MLP:
+        import torch
+        from torch import nn
+
+        gen = torch.Generator().manual_seed(self.seed)
+        torch.manual_seed(self.seed)
+        d = X.shape[1]
+        self.net = nn.Sequential(
+            nn.Linear(d, self.hidden), nn.ReLU(), nn.Linear(self.hidden, self.hidden), nn.ReLU(), nn.Linear(self.hidden, 2)
+        )
+        opt = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        Xt = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
+        yt = torch.from_numpy(np.asarray(y, dtype=np.int64))
+        loss_fn = nn.CrossEntropyLoss()
+        self.net.train()
+        for _ in range(self.epochs):
+            perm = torch.randperm(len(Xt), generator=gen)
+            for start in range(0, len(Xt), self.batch_size):
+                idx = perm[start : start + self.batch_size]
+                opt.zero_grad()
+                loss = loss_fn(self.net(Xt[idx]), yt[idx])
+                loss.backward()
+                opt.step()
+        self.net.eval()
+        return self
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            logits = self.net(torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32)))
+            return torch.softmax(logits, dim=1).numpy().astype(np.float64)
+
+
+def make_head(spec: HeadSpec, *, seed: int) -> Any:
+    """Build an unfitted head with ``fit(X, y)`` and ``predict_proba(X) -> (n,)`` (positive class).
+
+    Parameters
+    ----------
+    spec
+        From :meth:`HeadSpec.create`.
+    seed
+        Random seed (weights, shuffling, bagging).
+    """
+    p = spec.as_dict()
+    if spec.name == "mlp":
+        return _Scaled(_MLP(seed=seed, **p))
+    if spec.name == "logreg":
+        from sklearn.linear_model import LogisticRegression
+
+        return _Scaled(LogisticRegression(C=p["C"], max_iter=p["max_iter"], random_state=seed))
+    if spec.name == "lightgbm":
+        from lightgbm import LGBMClassifier
+
+        return _Scaled(
+            LGBMClassifier(
+                n_estimators=p["n_estimators"],
+                learning_rate=p["learning_rate"],
+                num_leaves=p["num_leaves"],
+                random_state=seed,
+                deterministic=True,
+                force_row_wise=True,
+                n_jobs=1,
+                verbose=-1,
+            )
+        )
+    from sklearn.ensemble import RandomForestClassifier
+
+    return _Scaled(
+        RandomForestClassifier(
+            n_estimators=p["n_estimators"], max_features=p["max_features"], random_state=seed, n_jobs=-1
+        )
+    )

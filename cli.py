@@ -1,0 +1,302 @@
+"""``scdrugmap`` command line: thin click shells over store/, embedder/ and classify/.
+
+Every command parses options, calls one function and prints. Errors raised on purpose
+(:class:`store.errors.ScDrugMapError`) are printed as one line and exit with status 1.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import click
+
+from store.errors import ScDrugMapError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+
+
+class _Group(click.Group):
+    """Turns ScDrugMapError into a one-line ``Error: ...`` and exit code 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ScDrugMapError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+def _store(ctx: click.Context, *, create: bool = False):
+    from store import Store
+
+    return Store.open(ctx.obj["store"], create=create)
+
+
+def _parse_kv(items: tuple[str, ...], what: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint=what)
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def _coerce(v: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(v.lower(), v)
+
+
+def _table(df, *, max_rows: int = 200) -> None:
+    import pandas as pd
+
+    with pd.option_context("display.max_rows", max_rows, "display.max_columns", 50, "display.width", 160):
+        click.echo(df.to_string(index=False) if len(df) else "(no rows)")
+
+
+@click.group(cls=_Group, context_settings=CONTEXT)
+@click.option(
+    "--store",
+    "store_path",
+    envvar="SCDRUGMAP_STORE",
+    default="./scdrugmap-store",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Store directory (catalog.duckdb + embeddings.zarr); env SCDRUGMAP_STORE.",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Show informational log messages.")
+@click.version_option(package_name="scdrugmap")
+@click.pass_context
+def main(ctx: click.Context, store_path: Path, verbose: bool) -> None:
+    """Predict drug sensitive/resistant single cells from scRNA-seq with foundation-model embeddings.
+
+    Flow: ingest h5ad → embed (per model, into Zarr) → evaluate (pooled / cross-data) → results / sql.
+    """
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    ctx.ensure_object(dict)
+    ctx.obj["store"] = store_path
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("file", required=False, type=click.Path(path_type=Path))
+@click.option("--dataset-id", help="Catalog id of the dataset (letters, digits, . _ -).")
+@click.option("--manifest", type=click.Path(path_type=Path), help="CSV with one dataset per row (see README).")
+@click.option("--label-key", help="obs column with response labels (omit for unlabelled data).")
+@click.option("--sensitive", multiple=True, help="Label value meaning sensitive (repeatable).")
+@click.option("--resistant", multiple=True, help="Label value meaning resistant (repeatable).")
+@click.option("--sample-key", help="obs column with sample/patient ids.")
+@click.option(
+    "--input-type",
+    type=click.Choice(["auto", "counts", "lognorm", "scaled"]),
+    default="auto",
+    show_default=True,
+    help="What X holds; auto detects (negative → scaled, integers → counts).",
+)
+@click.option("--layer", help="Use adata.layers[LAYER] instead of X.")
+@click.option("--gene-key", help="var column with gene symbols/Ensembl ids (default: var_names).")
+@click.option("--min-genes", default=500, show_default=True, help="QC: keep cells with more detected genes.")
+@click.option("--max-pct-mito", default=10.0, show_default=True, help="QC: keep cells with less mito %.")
+@click.option("--meta", "meta", multiple=True, help="Dataset metadata FIELD=VALUE (tissue, cancer_type, drug, …).")
+@click.pass_context
+def ingest(ctx: click.Context, file: Path | None, manifest: Path | None, meta: tuple[str, ...], **kw: Any) -> None:
+    """Ingest FILE.h5ad (or every row of --manifest) into the store, with QC and gene mapping."""
+    from store.ingest import ingest_h5ad, ingest_manifest
+
+    if (file is None) == (manifest is None):
+        raise click.UsageError("give either FILE.h5ad with --dataset-id, or --manifest FILE.csv")
+    st = _store(ctx, create=True)
+    if manifest is not None:
+        reports = ingest_manifest(st, manifest)
+    else:
+        if not kw["dataset_id"]:
+            raise click.UsageError("--dataset-id is required with FILE.h5ad")
+        reports = [ingest_h5ad(st, file, meta=_parse_kv(meta, "--meta"), **kw)]
+    for r in reports:
+        click.echo(
+            f"{r.dataset_id}: {r.status}; {r.n_cells}/{r.n_cells_input} cells after QC"
+            f"{'' if r.qc_applied else ' (QC skipped: ' + str(r.x_kind) + ' input)'}; "
+            f"{r.n_genes_mapped}/{r.n_genes} genes mapped; {r.n_sensitive} sensitive, {r.n_resistant} resistant"
+        )
+
+
+@main.command("import-embeddings", context_settings=CONTEXT)
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--dataset-id", required=True, help="Dataset the embedding rows belong to.")
+@click.option("--obsm", "obsm_key", required=True, help="obsm key holding the embedding.")
+@click.option("--model", required=True, help="Name to store the embedding under.")
+@click.option("--label-key", help="For a new dataset: obs column with labels.")
+@click.option("--sensitive", multiple=True, help="For a new dataset: value meaning sensitive.")
+@click.option("--resistant", multiple=True, help="For a new dataset: value meaning resistant.")
+@click.option("--sample-key", help="For a new dataset: obs column with sample ids.")
+@click.option("--meta", "meta", multiple=True, help="For a new dataset: metadata FIELD=VALUE.")
+@click.pass_context
+def import_embeddings_cmd(ctx: click.Context, file: Path, meta: tuple[str, ...], **kw: Any) -> None:
+    """Store precomputed embeddings (obsm) of FILE.h5ad; ingests the file's cells when the dataset is new."""
+    from store.imports import import_embeddings
+
+    r = import_embeddings(_store(ctx, create=True), file, meta=_parse_kv(meta, "--meta"), **kw)
+    click.echo(
+        f"{r.model} revision {r.revision}: {r.n_rows} × {r.dim} rows for {r.dataset_id}"
+        f"{' (dataset ingested from the file)' if r.dataset_ingested else ''}"
+    )
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--where", help="SQL filter on the datasets table, e.g. \"tissue = 'Cell line'\".")
+@click.option("--filter", "filters", multiple=True, help="FIELD=VALUE equality filter (repeatable).")
+@click.pass_context
+def datasets(ctx: click.Context, where: str | None, filters: tuple[str, ...]) -> None:
+    """List ingested datasets and their metadata."""
+    from store.ingest import META_FIELDS
+
+    conds = [f"({where})"] if where else []
+    for k, v in _parse_kv(filters, "--filter").items():
+        if k not in (*META_FIELDS, "dataset_id", "x_kind"):
+            raise click.BadParameter(f"unknown field {k!r}", param_hint="--filter")
+        conds.append(f"{k} = '{v.replace(chr(39), chr(39) * 2)}'")
+    df = _store(ctx).datasets(" AND ".join(conds) or None)
+    cols = ["dataset_id", "study", "tissue", "cancer_type", "drug_class", "regimen", "source", "n_cells", "x_kind"]
+    _table(df[cols])
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--model", required=True, help="Embedder name (pca, hvg, geneformer, tgpt, …).")
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="Checkpoint directory (original layout).")
+@click.option("--datasets", "dataset_ids", multiple=True, help="Dataset ids (repeatable; default all).")
+@click.option("--where", help="SQL filter on datasets, e.g. \"tissue = 'Cell line'\".")
+@click.option("--pooling", help="Pooling variant (model-specific; default the authors' choice).")
+@click.option("--batch-size", type=int, help="Forward mini-batch size.")
+@click.option("--device", help="cuda, cuda:1, cpu (default: CUDA when available).")
+@click.option("--option", "options", multiple=True, help="Extra embedder option KEY=VALUE (repeatable).")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@click.pass_context
+def embed(ctx: click.Context, model: str, checkpoint: Path | None, dataset_ids: tuple[str, ...], where: str | None,
+          pooling: str | None, batch_size: int | None, device: str | None, options: tuple[str, ...],
+          no_progress: bool) -> None:  # fmt: skip
+    """Embed the selected datasets with MODEL into the store (resumes after an interruption)."""
+    from embedder.runner import embed_datasets
+
+    opts: dict[str, Any] = {k: _coerce(v) for k, v in _parse_kv(options, "--option").items()}
+    for key, val in (("pooling", pooling), ("batch_size", batch_size), ("device", device)):
+        if val is not None:
+            opts[key] = val
+    r = embed_datasets(
+        _store(ctx),
+        model,
+        checkpoint=checkpoint,
+        datasets=list(dataset_ids) or None,
+        where=where,
+        options=opts,
+        progress=not no_progress,
+    )
+    click.echo(f"{r.model} revision {r.revision}: dim {r.dim}; {r.n_embedded_now} cells embedded now, {r.n_done} done; {r.status}")
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--model", required=True, help="Embedding model name.")
+@click.option("--revision", help="Embedding revision (default: latest of the model).")
+@click.option("--head", type=click.Choice(["mlp", "logreg", "lightgbm", "rf"]), default="mlp", show_default=True)
+@click.option("--protocol", type=click.Choice(["pooled", "cross"]), default="pooled", show_default=True)
+@click.option("--category", default="tissue", show_default=True, help="tissue, cancer_type, drug_class, regimen, …")
+@click.option("--value", help="Category value (default: every value with labelled cells).")
+@click.option("--group", "grouping", type=click.Choice(["sample", "cell"]), help="Pooled split unit (default sample when sample ids exist).")
+@click.option("--k", default=10, show_default=True, help="Pooled folds.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--positive", type=click.Choice(["sensitive", "resistant"]), default="sensitive", show_default=True)
+@click.option("--param", "params", multiple=True, help="Head hyper-parameter KEY=VALUE (e.g. epochs=20).")
+@click.option("--rerun", is_flag=True, help="Recompute even if the catalog holds this run.")
+@click.pass_context
+def evaluate(ctx: click.Context, params: tuple[str, ...], positive: str, **kw: Any) -> None:
+    """Train a head on frozen embeddings and evaluate it (pooled CV or leave-one-study-out)."""
+    from classify.evaluate import evaluate as run_eval
+    from classify.evaluate import summarise
+
+    st = _store(ctx)
+    head_params = {k: _coerce(v) for k, v in _parse_kv(params, "--param").items()}
+    outcomes = run_eval(st, positive_class=positive, head_params=head_params, **kw)
+    for o in outcomes:
+        click.echo(f"{o.run_id} {o.spec.category}={o.spec.value!r}: {o.n_cells} cells{' (from catalog)' if o.reused else ''}")
+    _print_summary(summarise(st, [o.run_id for o in outcomes]))
+
+
+def _print_summary(df) -> None:
+    if df.empty:
+        click.echo("(no results)")
+        return
+    df = df.copy()
+    df["mean±sd"] = [
+        "NULL" if m != m else f"{m:.3f} ± {0.0 if s != s else s:.3f}" for m, s in zip(df["mean"], df["sd"], strict=True)
+    ]
+    wide = df.pivot_table(
+        index=["model", "head", "protocol", "category", "value"], columns="metric", values="mean±sd", aggfunc="first"
+    ).reset_index()
+    cols = [c for c in ["model", "head", "protocol", "category", "value", "f1", "auroc", "auprc", "accuracy", "precision", "recall", "balanced_accuracy", "mcc"] if c in wide.columns]
+    _table(wide[cols])
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--where", help="SQL filter on eval_runs, e.g. \"model = 'pca' AND protocol = 'cross'\".")
+@click.option("--long", "long_format", is_flag=True, help="One row per run × metric.")
+@click.pass_context
+def results(ctx: click.Context, where: str | None, long_format: bool) -> None:
+    """Mean ± sd of every metric per evaluation run."""
+    from classify.evaluate import summarise
+
+    df = summarise(_store(ctx), where=where)
+    if long_format:
+        _table(df, max_rows=10_000)
+    else:
+        _print_summary(df)
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("query")
+@click.option("--limit", default=1000, show_default=True, help="Maximum rows printed.")
+@click.option("--csv", "as_csv", is_flag=True, help="Print CSV instead of a table.")
+@click.pass_context
+def sql(ctx: click.Context, query: str, limit: int, as_csv: bool) -> None:
+    """Run a read-only SQL query on the catalog (writes, files, extensions and attachments are refused)."""
+    df = _store(ctx).sql(query, limit=limit)
+    if as_csv:
+        click.echo(df.to_csv(index=False), nl=False)
+    else:
+        _table(df, max_rows=limit)
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option("--n-cells", default=3000, show_default=True, help="Total cells (default collection).")
+@click.option("--n-genes", default=2000, show_default=True, help="Genes per dataset.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--catalogue", type=click.Path(path_type=Path), help="Follow a catalogue CSV (scDrugMap layout).")
+@click.option("--scale", type=float, help="Cell-count scale factor with --catalogue (default 0.01).")
+def simulate(out_dir: Path, n_cells: int, n_genes: int, seed: int, catalogue: Path | None, scale: float | None) -> None:
+    """Write a simulated multi-study collection (h5ad per dataset + manifest.csv)."""
+    from store.simulate import simulate_collection
+
+    manifest = simulate_collection(out_dir, n_cells=n_cells, n_genes=n_genes, seed=seed, catalogue=catalogue, scale=scale)
+    click.echo(f"wrote {manifest}")
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--n-cells", default=3000, show_default=True, help="Cells in the simulated collection.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--heads", default="logreg,mlp", show_default=True, help="Comma-separated heads to evaluate.")
+@click.pass_context
+def demo(ctx: click.Context, n_cells: int, seed: int, heads: str) -> None:
+    """Simulate → ingest → embed pca → evaluate pooled and cross-data → results, in a fresh store."""
+    from classify.demo import run_demo
+
+    summary = run_demo(
+        ctx.obj["store"], n_cells=n_cells, seed=seed, heads=[h.strip() for h in heads.split(",") if h.strip()], echo=click.echo
+    )
+    _print_summary(summary)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
