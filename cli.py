@@ -77,7 +77,9 @@ def main(ctx: click.Context, store_path: Path, verbose: bool) -> None:
 
     Flow: ingest h5ad → embed (per model, into Zarr) → evaluate (pooled / cross-data) → results / sql.
     """
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s: %(message)s"
+    )
     ctx.ensure_object(dict)
     ctx.obj["store"] = store_path
 
@@ -85,7 +87,9 @@ def main(ctx: click.Context, store_path: Path, verbose: bool) -> None:
 @main.command(context_settings=CONTEXT)
 @click.argument("file", required=False, type=click.Path(path_type=Path))
 @click.option("--dataset-id", help="Catalog id of the dataset (letters, digits, . _ -).")
-@click.option("--manifest", type=click.Path(path_type=Path), help="CSV with one dataset per row (see README).")
+@click.option(
+    "--manifest", type=click.Path(path_type=Path), help="CSV with one dataset per row (see README)."
+)
 @click.option("--label-key", help="obs column with response labels (omit for unlabelled data).")
 @click.option("--sensitive", multiple=True, help="Label value meaning sensitive (repeatable).")
 @click.option("--resistant", multiple=True, help="Label value meaning resistant (repeatable).")
@@ -101,11 +105,16 @@ def main(ctx: click.Context, store_path: Path, verbose: bool) -> None:
 @click.option("--gene-key", help="var column with gene symbols/Ensembl ids (default: var_names).")
 @click.option("--min-genes", default=500, show_default=True, help="QC: keep cells with more detected genes.")
 @click.option("--max-pct-mito", default=10.0, show_default=True, help="QC: keep cells with less mito %.")
-@click.option("--meta", "meta", multiple=True, help="Dataset metadata FIELD=VALUE (tissue, cancer_type, drug, …).")
+@click.option(
+    "--meta", "meta", multiple=True, help="Dataset metadata FIELD=VALUE (tissue, cancer_type, drug, …)."
+)
 @click.pass_context
-def ingest(ctx: click.Context, file: Path | None, manifest: Path | None, meta: tuple[str, ...], **kw: Any) -> None:
+def ingest(
+    ctx: click.Context, file: Path | None, manifest: Path | None, meta: tuple[str, ...], **kw: Any
+) -> None:
     """Ingest FILE.h5ad (or every row of --manifest) into the store, with QC and gene mapping."""
-    from store.ingest import ingest_h5ad, ingest_manifest
+    from store.ingest import ingest_h5ad
+    from store.manifest import ingest_manifest
 
     if (file is None) == (manifest is None):
         raise click.UsageError("give either FILE.h5ad with --dataset-id, or --manifest FILE.csv")
@@ -160,7 +169,17 @@ def datasets(ctx: click.Context, where: str | None, filters: tuple[str, ...]) ->
             raise click.BadParameter(f"unknown field {k!r}", param_hint="--filter")
         conds.append(f"{k} = '{v.replace(chr(39), chr(39) * 2)}'")
     df = _store(ctx).datasets(" AND ".join(conds) or None)
-    cols = ["dataset_id", "study", "tissue", "cancer_type", "drug_class", "regimen", "source", "n_cells", "x_kind"]
+    cols = [
+        "dataset_id",
+        "study",
+        "tissue",
+        "cancer_type",
+        "drug_class",
+        "regimen",
+        "source",
+        "n_cells",
+        "x_kind",
+    ]
     _table(df[cols])
 
 
@@ -194,20 +213,33 @@ def embed(ctx: click.Context, model: str, checkpoint: Path | None, dataset_ids: 
         options=opts,
         progress=not no_progress,
     )
-    click.echo(f"{r.model} revision {r.revision}: dim {r.dim}; {r.n_embedded_now} cells embedded now, {r.n_done} done; {r.status}")
+    click.echo(
+        f"{r.model} revision {r.revision}: dim {r.dim}; {r.n_embedded_now} cells embedded now, {r.n_done} done; {r.status}"
+    )
 
 
 @main.command(context_settings=CONTEXT)
 @click.option("--model", required=True, help="Embedding model name.")
 @click.option("--revision", help="Embedding revision (default: latest of the model).")
-@click.option("--head", type=click.Choice(["mlp", "logreg", "lightgbm", "rf"]), default="mlp", show_default=True)
+@click.option(
+    "--head", type=click.Choice(["mlp", "logreg", "lightgbm", "rf"]), default="mlp", show_default=True
+)
 @click.option("--protocol", type=click.Choice(["pooled", "cross"]), default="pooled", show_default=True)
-@click.option("--category", default="tissue", show_default=True, help="tissue, cancer_type, drug_class, regimen, …")
+@click.option(
+    "--category", default="tissue", show_default=True, help="tissue, cancer_type, drug_class, regimen, …"
+)
 @click.option("--value", help="Category value (default: every value with labelled cells).")
-@click.option("--group", "grouping", type=click.Choice(["sample", "cell"]), help="Pooled split unit (default sample when sample ids exist).")
+@click.option(
+    "--group",
+    "grouping",
+    type=click.Choice(["sample", "cell"]),
+    help="Pooled split unit (default sample when sample ids exist).",
+)
 @click.option("--k", default=10, show_default=True, help="Pooled folds.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--positive", type=click.Choice(["sensitive", "resistant"]), default="sensitive", show_default=True)
+@click.option(
+    "--positive", type=click.Choice(["sensitive", "resistant"]), default="sensitive", show_default=True
+)
 @click.option("--param", "params", multiple=True, help="Head hyper-parameter KEY=VALUE (e.g. epochs=20).")
 @click.option("--rerun", is_flag=True, help="Recompute even if the catalog holds this run.")
 @click.pass_context
@@ -220,7 +252,9 @@ def evaluate(ctx: click.Context, params: tuple[str, ...], positive: str, **kw: A
     head_params = {k: _coerce(v) for k, v in _parse_kv(params, "--param").items()}
     outcomes = run_eval(st, positive_class=positive, head_params=head_params, **kw)
     for o in outcomes:
-        click.echo(f"{o.run_id} {o.spec.category}={o.spec.value!r}: {o.n_cells} cells{' (from catalog)' if o.reused else ''}")
+        click.echo(
+            f"{o.run_id} {o.spec.category}={o.spec.value!r}: {o.n_cells} cells{' (from catalog)' if o.reused else ''}"
+        )
     _print_summary(summarise(st, [o.run_id for o in outcomes]))
 
 
@@ -230,12 +264,34 @@ def _print_summary(df) -> None:
         return
     df = df.copy()
     df["mean±sd"] = [
-        "NULL" if m != m else f"{m:.3f} ± {0.0 if s != s else s:.3f}" for m, s in zip(df["mean"], df["sd"], strict=True)
+        "NULL" if m != m else f"{m:.3f} ± {0.0 if s != s else s:.3f}"
+        for m, s in zip(df["mean"], df["sd"], strict=True)
     ]
     wide = df.pivot_table(
-        index=["model", "head", "protocol", "category", "value"], columns="metric", values="mean±sd", aggfunc="first"
+        index=["model", "head", "protocol", "category", "value"],
+        columns="metric",
+        values="mean±sd",
+        aggfunc="first",
     ).reset_index()
-    cols = [c for c in ["model", "head", "protocol", "category", "value", "f1", "auroc", "auprc", "accuracy", "precision", "recall", "balanced_accuracy", "mcc"] if c in wide.columns]
+    cols = [
+        c
+        for c in [
+            "model",
+            "head",
+            "protocol",
+            "category",
+            "value",
+            "f1",
+            "auroc",
+            "auprc",
+            "accuracy",
+            "precision",
+            "recall",
+            "balanced_accuracy",
+            "mcc",
+        ]
+        if c in wide.columns
+    ]
     _table(wide[cols])
 
 
@@ -273,13 +329,19 @@ def sql(ctx: click.Context, query: str, limit: int, as_csv: bool) -> None:
 @click.option("--n-cells", default=3000, show_default=True, help="Total cells (default collection).")
 @click.option("--n-genes", default=2000, show_default=True, help="Genes per dataset.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--catalogue", type=click.Path(path_type=Path), help="Follow a catalogue CSV (scDrugMap layout).")
+@click.option(
+    "--catalogue", type=click.Path(path_type=Path), help="Follow a catalogue CSV (scDrugMap layout)."
+)
 @click.option("--scale", type=float, help="Cell-count scale factor with --catalogue (default 0.01).")
-def simulate(out_dir: Path, n_cells: int, n_genes: int, seed: int, catalogue: Path | None, scale: float | None) -> None:
+def simulate(
+    out_dir: Path, n_cells: int, n_genes: int, seed: int, catalogue: Path | None, scale: float | None
+) -> None:
     """Write a simulated multi-study collection (h5ad per dataset + manifest.csv)."""
     from store.simulate import simulate_collection
 
-    manifest = simulate_collection(out_dir, n_cells=n_cells, n_genes=n_genes, seed=seed, catalogue=catalogue, scale=scale)
+    manifest = simulate_collection(
+        out_dir, n_cells=n_cells, n_genes=n_genes, seed=seed, catalogue=catalogue, scale=scale
+    )
     click.echo(f"wrote {manifest}")
 
 
@@ -293,7 +355,11 @@ def demo(ctx: click.Context, n_cells: int, seed: int, heads: str) -> None:
     from classify.demo import run_demo
 
     summary = run_demo(
-        ctx.obj["store"], n_cells=n_cells, seed=seed, heads=[h.strip() for h in heads.split(",") if h.strip()], echo=click.echo
+        ctx.obj["store"],
+        n_cells=n_cells,
+        seed=seed,
+        heads=[h.strip() for h in heads.split(",") if h.strip()],
+        echo=click.echo,
     )
     _print_summary(summary)
 

@@ -71,7 +71,7 @@ def run_demo(
     """
     from classify.evaluate import evaluate, summarise
     from embedder.runner import embed_datasets
-    from store.ingest import ingest_manifest
+    from store.manifest import ingest_manifest
     from store.simulate import simulate_collection
 
     t0 = time.perf_counter()
@@ -79,7 +79,9 @@ def run_demo(
     manifest = simulate_collection(st.path / "demo_input", n_cells=n_cells, seed=seed)
     echo(f"[{time.perf_counter() - t0:5.1f}s] simulated collection: {manifest}")
     reports = ingest_manifest(st, manifest)
-    echo(f"[{time.perf_counter() - t0:5.1f}s] ingested {len(reports)} datasets, {sum(r.n_cells for r in reports)} cells after QC")
+    echo(
+        f"[{time.perf_counter() - t0:5.1f}s] ingested {len(reports)} datasets, {sum(r.n_cells for r in reports)} cells after QC"
+    )
     res = embed_datasets(st, "pca", progress=False)
     echo(f"[{time.perf_counter() - t0:5.1f}s] embedded pca (revision {res.revision}, {res.n_done} cells)")
     run_ids = []
@@ -87,6 +89,8 @@ def run_demo(
         for head in heads:
             outs = evaluate(st, model="pca", head=head, protocol=protocol, category=category, seed=seed)
             run_ids += [o.run_id for o in outs]
-            echo(f"[{time.perf_counter() - t0:5.1f}s] evaluated {head} {protocol} on {len(outs)} {category} values")
-    echo(f"store: {st.path} — try: scdrugmap --store {st.path} sql \"SELECT * FROM metrics LIMIT 5\"")
+            echo(
+                f"[{time.perf_counter() - t0:5.1f}s] evaluated {head} {protocol} on {len(outs)} {category} values"
+            )
+    echo(f'store: {st.path} — try: scdrugmap --store {st.path} sql "SELECT * FROM metrics LIMIT 5"')
     return summarise(st, run_ids)

@@ -76,7 +76,8 @@ def _embeddings_for(store: Store, model: str, revision: str, fs: FoldSet) -> tup
     missing = np.setdiff1d(uids, done["cell_uid"].to_numpy(dtype=np.int64))
     if missing.size:
         ds = store.query(
-            "SELECT DISTINCT dataset_id FROM cells WHERE list_contains(?, cell_uid) ORDER BY 1", [missing[:10000].tolist()]
+            "SELECT DISTINCT dataset_id FROM cells WHERE list_contains(?, cell_uid) ORDER BY 1",
+            [missing[:10000].tolist()],
         )["dataset_id"].tolist()
         msg = (
             f"{missing.size} cells of {fs.spec.category} = {fs.spec.value!r} have no {model} embedding "
@@ -115,13 +116,17 @@ def _run_folds(
 
 def _evaluate_one(store: Store, spec: RunSpec, fs: FoldSet, rerun: bool) -> RunOutcome:
     run_id = spec.run_id
-    old = store.query("SELECT n_cells, n_excluded FROM eval_runs WHERE run_id = ? AND status = 'complete'", [run_id])
+    old = store.query(
+        "SELECT n_cells, n_excluded FROM eval_runs WHERE run_id = ? AND status = 'complete'", [run_id]
+    )
     if not old.empty and not rerun:
         return RunOutcome(run_id, spec, True, int(old["n_cells"].iloc[0]), int(old["n_excluded"].iloc[0]))
     t0 = time.perf_counter()
     X, ok = _embeddings_for(store, spec.model, spec.revision, fs)
     if not ok.all():
-        log.warning("%d cells have a NaN %s embedding (no known genes) and are left out", int((~ok).sum()), spec.model)
+        log.warning(
+            "%d cells have a NaN %s embedding (no known genes) and are left out", int((~ok).sum()), spec.model
+        )
     cells = fs.cells.loc[ok].reset_index(drop=True)
     X = X[ok]
     y = (cells["label"] == spec.positive_class).to_numpy().astype(int)
@@ -132,7 +137,9 @@ def _evaluate_one(store: Store, spec: RunSpec, fs: FoldSet, rerun: bool) -> RunO
         {
             "run_id": run_id,
             "fold": np.concatenate([np.full(int((folds == f).sum()), f) for f in range(len(fs.fold_names))]),
-            "cell_uid": np.concatenate([cells.loc[folds == f, "cell_uid"].to_numpy() for f in range(len(fs.fold_names))]),
+            "cell_uid": np.concatenate(
+                [cells.loc[folds == f, "cell_uid"].to_numpy() for f in range(len(fs.fold_names))]
+            ),
             "probability": np.concatenate(probs),
         }
     )
@@ -165,7 +172,8 @@ def _evaluate_one(store: Store, spec: RunSpec, fs: FoldSet, rerun: bool) -> RunO
         for table in ("eval_runs", "metrics", "predictions"):
             con.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
         con.execute(
-            f"INSERT INTO eval_runs ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})", list(row.values())
+            f"INSERT INTO eval_runs ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})",
+            list(row.values()),
         )
         con.register("_m", metrics[["run_id", "fold", "metric", "value", "reason", "n_train", "n_test"]])
         con.execute("INSERT INTO metrics SELECT * FROM _m")
@@ -244,7 +252,9 @@ def evaluate(
     outcomes = []
     for v in values:
         try:
-            fs = get_fold_set(store, protocol=protocol, category=category, value=v, grouping=grouping, k=k, seed=seed)
+            fs = get_fold_set(
+                store, protocol=protocol, category=category, value=v, grouping=grouping, k=k, seed=seed
+            )
         except InputError as exc:
             if value is not None:
                 raise

@@ -170,7 +170,9 @@ def _compute(spec: FoldSpec, cells: pd.DataFrame) -> tuple[np.ndarray, list[str]
         if counts.min() < spec.k:
             msg = f"{spec.category} = {spec.value!r} has {counts.min()} cells in its smaller class, fewer than k = {spec.k}; use a smaller --k"
             raise InputError(msg)
-        splits = StratifiedKFold(n_splits=spec.k, shuffle=True, random_state=spec.seed).split(np.zeros(len(y)), y)
+        splits = StratifiedKFold(n_splits=spec.k, shuffle=True, random_state=spec.seed).split(
+            np.zeros(len(y)), y
+        )
     for i, (_, test) in enumerate(splits):
         folds[test] = i
     return folds, [f"fold{i}" for i in range(spec.k)]
@@ -235,7 +237,9 @@ def get_fold_set(
     fold_set_id = "fs-" + hashlib.sha256(key.encode()).hexdigest()[:16]
     stored = store.query("SELECT fold_names FROM fold_sets WHERE fold_set_id = ?", [fold_set_id])
     if not stored.empty:
-        folds = store.query("SELECT cell_uid, fold FROM folds WHERE fold_set_id = ? ORDER BY cell_uid", [fold_set_id])
+        folds = store.query(
+            "SELECT cell_uid, fold FROM folds WHERE fold_set_id = ? ORDER BY cell_uid", [fold_set_id]
+        )
         cells["fold"] = folds["fold"].to_numpy(dtype=np.int64)
         return FoldSet(fold_set_id, spec, cells, json.loads(stored["fold_names"].iloc[0]))
     fold, names = _compute(spec, cells)

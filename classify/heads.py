@@ -55,7 +55,9 @@ class HeadSpec:
         given = dict(params or {})
         unknown = sorted(set(given) - set(_DEFAULTS[name]))
         if unknown:
-            msg = f"unknown hyper-parameter(s) {unknown} for head {name!r}; allowed: {sorted(_DEFAULTS[name])}"
+            msg = (
+                f"unknown hyper-parameter(s) {unknown} for head {name!r}; allowed: {sorted(_DEFAULTS[name])}"
+            )
             raise InputError(msg)
         merged = {**_DEFAULTS[name], **given}
         return cls(name, tuple(sorted(merged.items())))
@@ -85,7 +87,9 @@ class _Scaled:
 class _MLP:
     """scDrugMap's MLP head in torch (see module docstring)."""
 
-    def __init__(self, *, hidden: int, lr: float, epochs: int, batch_size: int, weight_decay: float, seed: int):
+    def __init__(
+        self, *, hidden: int, lr: float, epochs: int, batch_size: int, weight_decay: float, seed: int
+    ):
         self.hidden, self.lr, self.epochs = hidden, lr, epochs
         self.batch_size, self.weight_decay, self.seed = batch_size, weight_decay, seed
 
@@ -97,7 +101,11 @@ class _MLP:
         torch.manual_seed(self.seed)
         d = X.shape[1]
         self.net = nn.Sequential(
-            nn.Linear(d, self.hidden), nn.ReLU(), nn.Linear(self.hidden, self.hidden), nn.ReLU(), nn.Linear(self.hidden, 2)
+            nn.Linear(d, self.hidden),
+            nn.ReLU(),
+            nn.Linear(self.hidden, self.hidden),
+            nn.ReLU(),
+            nn.Linear(self.hidden, 2),
         )
         opt = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         Xt = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))

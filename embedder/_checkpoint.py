@@ -226,7 +226,9 @@ def load_strict(module: Any, state_dict: Mapping[str, Any], *, source: str | Pat
     if missing:
         problems.append(f"missing keys {missing[:5]}{' …' if len(missing) > 5 else ''} ({len(missing)})")
     if unexpected:
-        problems.append(f"unexpected keys {unexpected[:5]}{' …' if len(unexpected) > 5 else ''} ({len(unexpected)})")
+        problems.append(
+            f"unexpected keys {unexpected[:5]}{' …' if len(unexpected) > 5 else ''} ({len(unexpected)})"
+        )
     if shapes:
         problems.append(f"shape mismatches {shapes[:3]}{' …' if len(shapes) > 3 else ''}")
     if problems:

@@ -288,4 +288,3 @@ def load_embedder(name: str, checkpoint: str | Path | None = None, **options: An
     """Create a registered embedder by name (see :meth:`Embedder.load`)."""
     cls = get_embedder_class(name)
     return cls.load(checkpoint, **options)
-

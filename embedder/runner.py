@@ -44,7 +44,9 @@ class EmbedResult:
     status: str
 
 
-def select_datasets(store: Store, datasets: list[str] | None = None, where: str | None = None) -> pd.DataFrame:
+def select_datasets(
+    store: Store, datasets: list[str] | None = None, where: str | None = None
+) -> pd.DataFrame:
     """Datasets with expression chosen by ids and/or a SQL ``WHERE`` on the datasets table.
 
     Raises
@@ -236,7 +238,11 @@ def embed_datasets(
         model=emb.name,
         revision=revision,
         dim=int(arr.shape[1]),
-        n_selected=int(len(store.query("SELECT 1 FROM cells WHERE list_contains(?, dataset_id)", [selection["dataset_id"].tolist()]))),
+        n_selected=len(
+            store.query(
+                "SELECT 1 FROM cells WHERE list_contains(?, dataset_id)", [selection["dataset_id"].tolist()]
+            )
+        ),
         n_embedded_now=n_now,
         n_done=n_done,
         status="complete" if n_done >= n_sel else "partial",

@@ -182,9 +182,7 @@ class Store:
             st.datasets_dir.mkdir(exist_ok=True)
             with st.connect() as con:
                 con.execute(SCHEMA)
-                con.execute(
-                    "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [SCHEMA_VERSION]
-                )
+                con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [SCHEMA_VERSION])
         return st
 
     # ---- connections --------------------------------------------------------------------

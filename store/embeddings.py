@@ -82,7 +82,9 @@ def ensure_array(
     if path in root:
         arr = root[path]
         if arr.shape[1] != dim:
-            msg = f"embedding array {path} has width {arr.shape[1]}, expected {dim}; the store is inconsistent"
+            msg = (
+                f"embedding array {path} has width {arr.shape[1]}, expected {dim}; the store is inconsistent"
+            )
             raise StoreError(msg)
         if arr.shape[0] < n_rows:
             arr.resize((n_rows, dim))

@@ -8,6 +8,7 @@ labels but no expression matrix is valid here). The embedding gets revision
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import pandas as pd
 from store.catalog import Store
 from store.embeddings import ensure_array, iter_chunks, write_rows
 from store.errors import InputError
-from store.ingest import IngestSpec, prepare, read_h5ad_checked, write_prepared
+from store.ingest import IngestSpec, file_sha256, prepare, read_h5ad_checked, write_prepared
 
 __all__ = ["ImportReport", "import_embeddings"]
 
@@ -120,24 +121,27 @@ def import_embeddings(
         write_prepared(store, [prepared])
         file_hash = prepared.content_hash
     else:
-        from store.ingest import _file_hash
-
-        file_hash = _file_hash(Path(path))
+        file_hash = file_sha256(Path(path))
     cells = store.query("SELECT cell_uid, obs_name FROM cells WHERE dataset_id = ?", [dataset_id])
     uid_of = pd.Series(cells["cell_uid"].to_numpy(), index=cells["obs_name"].astype(str))
     uids = uid_of.loc[adata.obs_names.astype(str)].to_numpy(dtype=np.int64)
-    revision = json.dumps({"model": model, "file": file_hash, "obsm": obsm_key}, sort_keys=True)
-    import hashlib
-
-    revision = hashlib.sha256(revision.encode()).hexdigest()[:16]
+    revision = hashlib.sha256(
+        json.dumps({"model": model, "file": file_hash, "obsm": obsm_key}, sort_keys=True).encode()
+    ).hexdigest()[:16]
     arr = ensure_array(store, model, revision, dim=emb.shape[1], n_rows=store.n_cells_total())
     order = np.argsort(uids)
     uids, emb = uids[order], emb[order]
-    bounds = np.searchsorted(uids, [c[1][0] for c in iter_chunks(uids, arr.chunks[0])] + [uids.max() + 1])
-    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-        write_rows(arr, uids[lo:hi], emb[lo:hi])
+    pos = 0
+    for _, part in iter_chunks(uids, arr.chunks[0]):
+        write_rows(arr, part, emb[pos : pos + part.size])
+        pos += part.size
     now = datetime.now(UTC).replace(tzinfo=None)
-    spec = {"imported_from": str(Path(path).resolve()), "obsm_key": obsm_key, "sha256": file_hash, "datasets": [dataset_id]}
+    spec = {
+        "imported_from": str(Path(path).resolve()),
+        "obsm_key": obsm_key,
+        "sha256": file_hash,
+        "datasets": [dataset_id],
+    }
     with store.transaction() as con:
         con.execute("DELETE FROM embedded_cells WHERE revision = ?", [revision])
         con.execute("DELETE FROM embeddings WHERE revision = ?", [revision])

@@ -1,6 +1,6 @@
 """Ingest h5ad files into the store: validate everything, then write in one transaction.
 
-Steps per file: read (anndata) → check obs names, X (finite; counts/lognorm/scaled) → map
+Manifests (many files at once) are read by :mod:`store.manifest`. Steps per file: read (anndata) → check obs names, X (finite; counts/lognorm/scaled) → map
 labels → harmonise genes (:mod:`store.genes`) → QC (:mod:`store.qc`) → assign ``cell_uid``
 → write the QC-filtered copy to ``datasets/<id>.h5ad`` and the ``datasets``/``cells``/``genes``
 rows. A batch of files (a manifest) is validated completely before anything is written and
@@ -36,8 +36,8 @@ __all__ = [
     "META_FIELDS",
     "IngestReport",
     "IngestSpec",
+    "file_sha256",
     "ingest_h5ad",
-    "ingest_manifest",
     "prepare",
     "read_h5ad_checked",
     "write_prepared",
@@ -152,7 +152,8 @@ class IngestReport:
     status: Literal["ingested", "unchanged"]
 
 
-def _file_hash(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """SHA-256 hex digest of a file's bytes."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(1 << 22):
@@ -258,7 +259,9 @@ def prepare(path: str | Path, spec: IngestSpec, *, require_x: bool = True) -> Pr
             msg = f"{name}: {what} {key!r} is not an obs column; available: {list(adata.obs.columns)}"
             raise InputError(msg)
     labels = (
-        map_labels(adata.obs[spec.label_key], key=spec.label_key, sensitive=spec.sensitive, resistant=spec.resistant)
+        map_labels(
+            adata.obs[spec.label_key], key=spec.label_key, sensitive=spec.sensitive, resistant=spec.resistant
+        )
         if spec.label_key
         else np.full(n_input, None, dtype=object)
     )
@@ -326,7 +329,7 @@ def prepare(path: str | Path, spec: IngestSpec, *, require_x: bool = True) -> Pr
         genes = pd.DataFrame(columns=["dataset_id", "var_index", "feature", "symbol", "ensembl_id", "match"])
     out.uns["scdrugmap"] = {"x_kind": row["x_kind"] or "none", "dataset_id": spec.dataset_id}
     row["n_cells"] = int(out.n_obs)
-    return Prepared(spec, path, _file_hash(path), out, row, genes)
+    return Prepared(spec, path, file_sha256(path), out, row, genes)
 
 
 def _check_existing(store: Store, items: Sequence[Prepared]) -> None:
@@ -336,7 +339,8 @@ def _check_existing(store: Store, items: Sequence[Prepared]) -> None:
         msg = f"dataset id(s) {dup} appear more than once; give each dataset its own id"
         raise InputError(msg)
     existing = store.query(
-        "SELECT dataset_id, content_hash, ingest_spec_hash FROM datasets WHERE list_contains(?, dataset_id)", [ids]
+        "SELECT dataset_id, content_hash, ingest_spec_hash FROM datasets WHERE list_contains(?, dataset_id)",
+        [ids],
     ).set_index("dataset_id")
     for p in items:
         if p.spec.dataset_id not in existing.index:
@@ -345,7 +349,9 @@ def _check_existing(store: Store, items: Sequence[Prepared]) -> None:
         if old["content_hash"] == p.content_hash and old["ingest_spec_hash"] == p.spec.hash():
             p.skip = True
             continue
-        what = "file content" if old["content_hash"] != p.content_hash else "ingest options (labels/metadata/QC)"
+        what = (
+            "file content" if old["content_hash"] != p.content_hash else "ingest options (labels/metadata/QC)"
+        )
         msg = (
             f"dataset id {p.spec.dataset_id!r} is already in the store with different {what} "
             f"(stored sha256 {old['content_hash'][:12]}…, new {p.content_hash[:12]}…); "
@@ -409,7 +415,16 @@ def write_prepared(store: Store, items: Sequence[Prepared]) -> list[IngestReport
                     [row[c] for c in cols],
                 )
                 cells = p.adata.obs.reset_index(names="obs_name")[
-                    ["cell_uid", "dataset_id", "obs_name", "sample_id", "label", "n_counts", "n_genes", "pct_mito"]
+                    [
+                        "cell_uid",
+                        "dataset_id",
+                        "obs_name",
+                        "sample_id",
+                        "label",
+                        "n_counts",
+                        "n_genes",
+                        "pct_mito",
+                    ]
                 ]
                 cells = cells.astype({"sample_id": object, "label": object})
                 con.register("_cells", cells)
@@ -474,66 +489,3 @@ def ingest_h5ad(
         meta=tuple(sorted((k, str(v)) for k, v in (meta or {}).items())),
     )
     return write_prepared(store, [prepare(path, spec)])[0]
-
-
-MANIFEST_COLUMNS = (
-    "path",
-    "dataset_id",
-    "label_key",
-    "sensitive",
-    "resistant",
-    "sample_key",
-    "input_type",
-    "layer",
-    "gene_key",
-    "min_genes",
-    "max_pct_mito",
-    *META_FIELDS,
-)
-
-
-def ingest_manifest(store: Store, manifest: str | Path) -> list[IngestReport]:
-    """Ingest every dataset of a manifest CSV, all or nothing.
-
-    The CSV has one row per dataset and the columns :data:`MANIFEST_COLUMNS` (``path`` and
-    ``dataset_id`` required; ``path`` relative to the manifest's folder; several label values
-    separated by ``|``).
-
-    Raises
-    ------
-    InputError
-        Missing/unknown columns, or any bad dataset (nothing is written then).
-    """
-    manifest = Path(manifest)
-    if not manifest.is_file():
-        msg = f"manifest not found: {str(manifest)!r}"
-        raise InputError(msg)
-    try:
-        df = pd.read_csv(manifest, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        msg = f"{manifest.name} is not a readable CSV: {exc}"
-        raise InputError(msg) from exc
-    unknown = [c for c in df.columns if c not in MANIFEST_COLUMNS]
-    missing = [c for c in ("path", "dataset_id") if c not in df.columns]
-    if unknown or missing:
-        msg = f"{manifest.name}: unknown columns {unknown}, missing {missing}; allowed columns: {', '.join(MANIFEST_COLUMNS)}"
-        raise InputError(msg)
-    items = []
-    for rec in df.to_dict("records"):
-        get = lambda k: (rec.get(k) or "").strip() or None  # noqa: E731
-        spec = IngestSpec(
-            dataset_id=get("dataset_id") or "",
-            label_key=get("label_key"),
-            sensitive=tuple(v for v in (get("sensitive") or "").split("|") if v),
-            resistant=tuple(v for v in (get("resistant") or "").split("|") if v),
-            sample_key=get("sample_key"),
-            input_type=get("input_type") or "auto",  # type: ignore[arg-type]
-            layer=get("layer"),
-            gene_key=get("gene_key"),
-            min_genes=int(get("min_genes") or 500),
-            max_pct_mito=float(get("max_pct_mito") or 10.0),
-            meta=tuple(sorted((k, rec[k].strip()) for k in META_FIELDS if (rec.get(k) or "").strip())),
-        )
-        path = Path(rec["path"])
-        items.append(prepare(path if path.is_absolute() else manifest.parent / path, spec))
-    return write_prepared(store, items)

@@ -48,16 +48,22 @@ def test_two_models_share_the_persisted_folds(store: Store) -> None:
 
 
 def test_grouped_folds_never_split_a_sample(store: Store) -> None:
-    fs = get_fold_set(store, protocol="pooled", category="tissue", value="Cell line", grouping="sample", seed=3)
+    fs = get_fold_set(
+        store, protocol="pooled", category="tissue", value="Cell line", grouping="sample", seed=3
+    )
     per_sample = fs.cells.groupby("group")["fold"].nunique()
     assert (per_sample == 1).all()
     assert fs.cells["fold"].nunique() == 10
     # cell-level folds (the paper's) do split samples, with a warning about leakage
-    cell = get_fold_set(store, protocol="pooled", category="tissue", value="Cell line", grouping="cell", seed=3)
+    cell = get_fold_set(
+        store, protocol="pooled", category="tissue", value="Cell line", grouping="cell", seed=3
+    )
     assert (cell.cells.groupby("group")["fold"].nunique() > 1).any()
 
 
-def test_cell_level_split_warns_on_sample_level_labels(store: Store, caplog: pytest.LogCaptureFixture) -> None:
+def test_cell_level_split_warns_on_sample_level_labels(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
     get_fold_set(store, protocol="pooled", category="tissue", value="Cell line", grouping="cell", seed=11)
     assert "cell-level splits on sample-level labels" in caplog.text
 
@@ -66,7 +72,9 @@ def test_cross_is_leave_one_study_out(store: Store) -> None:
     fs = get_fold_set(store, protocol="cross", category="tissue", value="Cell line")
     assert fs.fold_names == ["s0", "s1", "s2"]
     assert (fs.cells.groupby("study")["fold"].nunique() == 1).all()
-    out = evaluate(store, model="pca", head="logreg", protocol="cross", category="tissue", value="Cell line")[0]
+    out = evaluate(store, model="pca", head="logreg", protocol="cross", category="tissue", value="Cell line")[
+        0
+    ]
     folds = store.query("SELECT DISTINCT fold FROM metrics WHERE run_id = ? ORDER BY 1", [out.run_id])["fold"]
     assert folds.tolist() == [0, 1, 2]
 
@@ -95,10 +103,14 @@ def test_same_spec_answers_from_catalog_unless_rerun(store: Store) -> None:
     assert again.reused
     assert again.run_id == first.run_id
     assert store.snapshot() == n_before
-    redo = evaluate(store, model="pca", head="lightgbm", category="tissue", value="Cell line", k=5, rerun=True)[0]
+    redo = evaluate(
+        store, model="pca", head="lightgbm", category="tissue", value="Cell line", k=5, rerun=True
+    )[0]
     assert not redo.reused
     assert store.snapshot() == n_before  # replaced, not duplicated
-    other = evaluate(store, model="pca", head="lightgbm", category="tissue", value="Cell line", k=5, seed=1)[0]
+    other = evaluate(store, model="pca", head="lightgbm", category="tissue", value="Cell line", k=5, seed=1)[
+        0
+    ]
     assert other.run_id != first.run_id
 
 
@@ -116,7 +128,9 @@ def test_undefined_metrics_are_null_with_reason() -> None:
 def test_summary_and_bad_options(store: Store) -> None:
     evaluate(store, model="pca", head="logreg", category="tissue", value="Cell line")
     df = summarise(store, where="model = 'pca'")
-    assert {"f1", "auroc", "auprc", "accuracy", "precision", "recall", "balanced_accuracy", "mcc"} <= set(df["metric"])
+    assert {"f1", "auroc", "auprc", "accuracy", "precision", "recall", "balanced_accuracy", "mcc"} <= set(
+        df["metric"]
+    )
     with pytest.raises(InputError, match="unknown head"):
         evaluate(store, model="pca", head="svm", category="tissue")
     with pytest.raises(InputError, match="unknown category"):
@@ -132,7 +146,9 @@ def test_summary_and_bad_options(store: Store) -> None:
 def test_sql_is_read_only(store: Store, tmp_path: Path) -> None:
     runner = CliRunner()
     base = ["--store", str(store.path), "sql"]
-    res = runner.invoke(main, [*base, "SELECT run_id, fold, metric, value FROM metrics ORDER BY 1, 2 LIMIT 5"])
+    res = runner.invoke(
+        main, [*base, "SELECT run_id, fold, metric, value FROM metrics ORDER BY 1, 2 LIMIT 5"]
+    )
     assert res.exit_code == 0, res.output
     assert "auroc" in res.output or "accuracy" in res.output
     before = store.snapshot()
@@ -157,7 +173,9 @@ def test_sql_is_read_only(store: Store, tmp_path: Path) -> None:
 def test_cli_evaluate_and_results(store: Store) -> None:
     runner = CliRunner()
     base = ["--store", str(store.path)]
-    res = runner.invoke(main, [*base, "evaluate", "--model", "pca", "--head", "logreg", "--category", "tissue", "--k", "5"])
+    res = runner.invoke(
+        main, [*base, "evaluate", "--model", "pca", "--head", "logreg", "--category", "tissue", "--k", "5"]
+    )
     assert res.exit_code == 0, res.output
     assert "auroc" in res.output
     res = runner.invoke(main, [*base, "results", "--where", "head = 'logreg'"])

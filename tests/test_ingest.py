@@ -17,7 +17,9 @@ from store.labels import map_labels
 
 
 def _files(store: Path) -> list[str]:
-    return sorted(str(p.relative_to(store)) for p in store.rglob("*") if p.is_file() and p.name != "catalog.duckdb.wal")
+    return sorted(
+        str(p.relative_to(store)) for p in store.rglob("*") if p.is_file() and p.name != "catalog.duckdb.wal"
+    )
 
 
 def _ingest(store: Path, path: Path, *extra: str) -> object:
@@ -137,12 +139,30 @@ def _bad_cases(tmp_path: Path, good: Path) -> dict[str, tuple[list[str], str]]:
         "unmapped labels": ([str(good), "--dataset-id", "x", "--label-key", "resp01"], "--sensitive"),
         "duplicate obs names": ([str(dup_path), "--dataset-id", "x", *base_args], "duplicate obs names"),
         "nan in X": ([str(nan_path), "--dataset-id", "x", *base_args], "NaN/inf"),
-        "negative counts": ([str(neg_path), "--dataset-id", "x", *base_args, "--input-type", "counts"], "negative"),
-        "zero cells after QC": ([str(good), "--dataset-id", "x", "--label-key", "response", "--min-genes", "100000"], "no cell passes QC"),
-        "reingest different content": ([str(other), "--dataset-id", "d1", *base_args], "different file content"),
-        "reingest different options": ([str(good), "--dataset-id", "d1", "--label-key", "response", "--min-genes", "100"], "different ingest options"),
-        "bad metadata field": ([str(good), "--dataset-id", "x", "--meta", "colour=red"], "unknown metadata field"),
-        "bad label confidence": ([str(good), "--dataset-id", "x", "--meta", "label_confidence=5"], "1, 2 or 3"),
+        "negative counts": (
+            [str(neg_path), "--dataset-id", "x", *base_args, "--input-type", "counts"],
+            "negative",
+        ),
+        "zero cells after QC": (
+            [str(good), "--dataset-id", "x", "--label-key", "response", "--min-genes", "100000"],
+            "no cell passes QC",
+        ),
+        "reingest different content": (
+            [str(other), "--dataset-id", "d1", *base_args],
+            "different file content",
+        ),
+        "reingest different options": (
+            [str(good), "--dataset-id", "d1", "--label-key", "response", "--min-genes", "100"],
+            "different ingest options",
+        ),
+        "bad metadata field": (
+            [str(good), "--dataset-id", "x", "--meta", "colour=red"],
+            "unknown metadata field",
+        ),
+        "bad label confidence": (
+            [str(good), "--dataset-id", "x", "--meta", "label_confidence=5"],
+            "1, 2 or 3",
+        ),
         "bad dataset id": ([str(good), "--dataset-id", "a/b"], "bad dataset id"),
     }
 

@@ -29,13 +29,17 @@ def _ok(args: list[str]) -> str:
 @pytest.fixture(scope="module")
 def real_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     scad_dir = shared_path("data", "real", "scad_targets")
-    emb_file = shared_path("data", "real", "scfoundation_embeddings", "scFoundation50M_Target_120cells_Sorafenib_NVP.h5ad")
+    emb_file = shared_path(
+        "data", "real", "scfoundation_embeddings", "scFoundation50M_Target_120cells_Sorafenib_NVP.h5ad"
+    )
     pc9 = shared_path("data", "real", "pc9_erlotinib_d11", "GSE149214_PC9_D11_erlotinib_raw_counts.h5ad")
     tmp = tmp_path_factory.mktemp("real")
     manifest = tmp / "scad.csv"
     lines = ["path,dataset_id,label_key,collection,study,tissue,cancer_type,drug,drug_class,source"]
     for ds, (fname, key, drug, cancer) in SCAD.items():
-        lines.append(f"{scad_dir / fname},{ds},{key},scad,{ds},Cell line,{cancer},{drug},targeted therapy,cell line")
+        lines.append(
+            f"{scad_dir / fname},{ds},{key},scad,{ds},Cell line,{cancer},{drug},targeted therapy,cell line"
+        )
     manifest.write_text("\n".join(lines) + "\n")
     store = tmp / "store"
     base = ["--store", str(store)]

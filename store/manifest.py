@@ -1,0 +1,85 @@
+"""Ingest many datasets from a manifest CSV, all or nothing.
+
+One row per dataset; columns :data:`MANIFEST_COLUMNS`: ``path`` (relative to the manifest's
+folder, or absolute) and ``dataset_id`` are required; ``label_key``, ``sensitive`` /
+``resistant`` (several values separated by ``|``), ``sample_key``, ``input_type``, ``layer``,
+``gene_key``, ``min_genes``, ``max_pct_mito`` and the dataset metadata fields are optional.
+Every dataset is validated before anything is written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from store.catalog import Store
+from store.errors import InputError
+from store.ingest import META_FIELDS, IngestReport, IngestSpec, prepare, write_prepared
+
+__all__ = ["MANIFEST_COLUMNS", "ingest_manifest"]
+
+MANIFEST_COLUMNS = (
+    "path",
+    "dataset_id",
+    "label_key",
+    "sensitive",
+    "resistant",
+    "sample_key",
+    "input_type",
+    "layer",
+    "gene_key",
+    "min_genes",
+    "max_pct_mito",
+    *META_FIELDS,
+)
+
+
+def ingest_manifest(store: Store, manifest: str | Path) -> list[IngestReport]:
+    """Ingest every dataset of a manifest CSV, all or nothing.
+
+    The CSV has one row per dataset and the columns :data:`MANIFEST_COLUMNS` (``path`` and
+    ``dataset_id`` required; ``path`` relative to the manifest's folder; several label values
+    separated by ``|``).
+
+    Raises
+    ------
+    InputError
+        Missing/unknown columns, or any bad dataset (nothing is written then).
+    """
+    manifest = Path(manifest)
+    if not manifest.is_file():
+        msg = f"manifest not found: {str(manifest)!r}"
+        raise InputError(msg)
+    try:
+        df = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        msg = f"{manifest.name} is not a readable CSV: {exc}"
+        raise InputError(msg) from exc
+    unknown = [c for c in df.columns if c not in MANIFEST_COLUMNS]
+    missing = [c for c in ("path", "dataset_id") if c not in df.columns]
+    if unknown or missing:
+        msg = f"{manifest.name}: unknown columns {unknown}, missing {missing}; allowed columns: {', '.join(MANIFEST_COLUMNS)}"
+        raise InputError(msg)
+    items = []
+    for rec in df.to_dict("records"):
+
+        def get(key: str, rec: dict[str, str] = rec) -> str | None:
+            return (rec.get(key) or "").strip() or None
+
+        spec = IngestSpec(
+            dataset_id=get("dataset_id") or "",
+            label_key=get("label_key"),
+            sensitive=tuple(v for v in (get("sensitive") or "").split("|") if v),
+            resistant=tuple(v for v in (get("resistant") or "").split("|") if v),
+            sample_key=get("sample_key"),
+            input_type=get("input_type") or "auto",  # type: ignore[arg-type]
+            layer=get("layer"),
+            gene_key=get("gene_key"),
+            min_genes=int(get("min_genes") or 500),
+            max_pct_mito=float(get("max_pct_mito") or 10.0),
+            meta=tuple(sorted((k, rec[k].strip()) for k in META_FIELDS if (rec.get(k) or "").strip())),
+        )
+        path = Path(rec["path"])
+        items.append(prepare(path if path.is_absolute() else manifest.parent / path, spec))
+    return write_prepared(store, items)
