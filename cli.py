@@ -6,7 +6,9 @@ Every command parses options, calls one function and prints. Errors raised on pu
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,19 @@ def _store(ctx: click.Context, *, create: bool = False):
     from store import Store
 
     return Store.open(ctx.obj["store"], create=create)
+
+
+@contextlib.contextmanager
+def _new_store_guard(ctx: click.Context):
+    """Remove a store this command created if the command fails (nothing half-written)."""
+    path = Path(ctx.obj["store"])
+    existed = path.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed and path.exists():
+            shutil.rmtree(path)
+        raise
 
 
 def _parse_kv(items: tuple[str, ...], what: str) -> dict[str, str]:
@@ -118,13 +133,14 @@ def ingest(
 
     if (file is None) == (manifest is None):
         raise click.UsageError("give either FILE.h5ad with --dataset-id, or --manifest FILE.csv")
-    st = _store(ctx, create=True)
-    if manifest is not None:
-        reports = ingest_manifest(st, manifest)
-    else:
-        if not kw["dataset_id"]:
-            raise click.UsageError("--dataset-id is required with FILE.h5ad")
-        reports = [ingest_h5ad(st, file, meta=_parse_kv(meta, "--meta"), **kw)]
+    if manifest is None and not kw["dataset_id"]:
+        raise click.UsageError("--dataset-id is required with FILE.h5ad")
+    with _new_store_guard(ctx):
+        st = _store(ctx, create=True)
+        if manifest is not None:
+            reports = ingest_manifest(st, manifest)
+        else:
+            reports = [ingest_h5ad(st, file, meta=_parse_kv(meta, "--meta"), **kw)]
     for r in reports:
         click.echo(
             f"{r.dataset_id}: {r.status}; {r.n_cells}/{r.n_cells_input} cells after QC"
@@ -148,7 +164,8 @@ def import_embeddings_cmd(ctx: click.Context, file: Path, meta: tuple[str, ...],
     """Store precomputed embeddings (obsm) of FILE.h5ad; ingests the file's cells when the dataset is new."""
     from store.imports import import_embeddings
 
-    r = import_embeddings(_store(ctx, create=True), file, meta=_parse_kv(meta, "--meta"), **kw)
+    with _new_store_guard(ctx):
+        r = import_embeddings(_store(ctx, create=True), file, meta=_parse_kv(meta, "--meta"), **kw)
     click.echo(
         f"{r.model} revision {r.revision}: {r.n_rows} × {r.dim} rows for {r.dataset_id}"
         f"{' (dataset ingested from the file)' if r.dataset_ingested else ''}"
@@ -184,7 +201,19 @@ def datasets(ctx: click.Context, where: str | None, filters: tuple[str, ...]) ->
 
 
 @main.command(context_settings=CONTEXT)
-@click.option("--model", required=True, help="Embedder name (pca, hvg, geneformer, tgpt, …).")
+def models() -> None:
+    """List the registered embedders (name, input, LoRA targets)."""
+    from embedder import available_models, get_embedder_class
+
+    for name in available_models():
+        cls = get_embedder_class(name)
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        lora = ",".join(cls.lora_targets) or "-"
+        click.echo(f"{name:14s} input={cls.input_kind:6s} lora={lora:32s} {doc}")
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--model", required=True, help="Embedder name; `scdrugmap models` lists them.")
 @click.option("--checkpoint", type=click.Path(path_type=Path), help="Checkpoint directory (original layout).")
 @click.option("--datasets", "dataset_ids", multiple=True, help="Dataset ids (repeatable; default all).")
 @click.option("--where", help="SQL filter on datasets, e.g. \"tissue = 'Cell line'\".")
