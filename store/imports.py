@@ -24,10 +24,9 @@ from store.catalog import Store
 from store.embeddings import ensure_array, iter_chunks, write_rows
 from store.errors import InputError
 from store.ingest import IngestSpec, file_sha256, prepare, read_h5ad_checked, write_prepared
+from store.metadata import check_identifier
 
 __all__ = ["ImportReport", "import_embeddings"]
-
-_NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
 
 @dataclass(frozen=True)
@@ -82,9 +81,7 @@ def import_embeddings(
         Missing file / obsm key, non-finite values, obs names that are not cells of an
         existing dataset; nothing is written then.
     """
-    if not model or not set(model) <= _NAME_OK:
-        msg = f"bad model name {model!r}: use letters, digits, '.', '_' or '-'"
-        raise InputError(msg)
+    check_identifier(model, what="model name")
     adata = read_h5ad_checked(path)
     if obsm_key not in adata.obsm:
         msg = f"{Path(path).name}: obsm key {obsm_key!r} not found; available: {list(adata.obsm.keys())}"

@@ -30,6 +30,7 @@ from store.catalog import Store
 from store.errors import InputError
 from store.genes import pick_gene_identifiers
 from store.labels import map_labels
+from store.metadata import META_FIELDS, check_identifier, clean_meta
 from store.qc import check_finite, detect_x_kind, run_qc
 
 __all__ = [
@@ -45,29 +46,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-META_FIELDS = (
-    "collection",
-    "study",
-    "accession",
-    "tissue",
-    "cancer_type",
-    "drug",
-    "drug_class",
-    "regimen",
-    "source",
-    "technology",
-    "organism",
-    "pmid",
-    "label_confidence",
-)
-DRUG_CLASSES = {
-    "targeted": "targeted therapy",
-    "targeted therapy": "targeted therapy",
-    "chemotherapy": "chemotherapy",
-    "chemo": "chemotherapy",
-    "immunotherapy": "immunotherapy",
-}
-_ID_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 InputType = Literal["auto", "counts", "lognorm", "scaled"]
 
 
@@ -161,12 +139,6 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _check_id(dataset_id: str) -> None:
-    if not dataset_id or not set(dataset_id) <= _ID_OK or dataset_id[0] in "._-":
-        msg = f"bad dataset id {dataset_id!r}: use letters, digits, '.', '_' or '-' (starting with a letter or digit)"
-        raise InputError(msg)
-
-
 def read_h5ad_checked(path: str | Path) -> ad.AnnData:
     """Read an h5ad file, turning every failure into one clear :class:`InputError`."""
     path = Path(path)
@@ -183,38 +155,6 @@ def read_h5ad_checked(path: str | Path) -> ad.AnnData:
     except Exception as exc:  # anndata raises many types for malformed files
         msg = f"{str(path)!r} could not be read as AnnData: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
         raise InputError(msg) from exc
-
-
-def _clean_meta(meta: Mapping[str, Any], dataset_id: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in meta.items():
-        if key not in META_FIELDS:
-            msg = f"unknown metadata field {key!r}; allowed: {', '.join(META_FIELDS)}"
-            raise InputError(msg)
-        if value is None or (isinstance(value, float) and np.isnan(value)) or str(value).strip() == "":
-            continue
-        text = str(value).strip()
-        if key == "label_confidence":
-            try:
-                num = int(float(text))
-            except ValueError:
-                num = -1
-            if num not in (1, 2, 3):
-                msg = f"label_confidence must be 1, 2 or 3 (stars), got {text!r}"
-                raise InputError(msg)
-            out[key] = num
-            continue
-        if key == "drug_class":
-            norm = DRUG_CLASSES.get(text.lower())
-            if norm is None:
-                msg = f"drug_class {text!r} unknown; use targeted therapy, chemotherapy or immunotherapy"
-                raise InputError(msg)
-            text = norm
-        if key == "pmid" and text.endswith(".0"):
-            text = text[:-2]
-        out[key] = text
-    out.setdefault("study", dataset_id)
-    return out
 
 
 def prepare(path: str | Path, spec: IngestSpec, *, require_x: bool = True) -> Prepared:
@@ -241,10 +181,10 @@ def prepare(path: str | Path, spec: IngestSpec, *, require_x: bool = True) -> Pr
         names, NaN/inf in X, negative values declared as counts, zero cells after QC, bad
         metadata.
     """
-    _check_id(spec.dataset_id)
+    check_identifier(spec.dataset_id, what="dataset id")
     path = Path(path)
     name = path.name
-    meta = _clean_meta(dict(spec.meta), spec.dataset_id)
+    meta = clean_meta(dict(spec.meta), dataset_id=spec.dataset_id)
     adata = read_h5ad_checked(path)
     n_input = adata.n_obs
     if n_input == 0:
