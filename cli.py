@@ -325,6 +325,40 @@ def _print_summary(df) -> None:
 
 
 @main.command(context_settings=CONTEXT)
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--head", "run_id", required=True, help="Run id of an evaluation run whose head to apply.")
+@click.option("--out", type=click.Path(path_type=Path), help="Output h5ad (default ./<stem>.scdrugmap.h5ad).")
+@click.option(
+    "--calibration", type=click.Choice(["platt", "isotonic", "none"]), default="platt", show_default=True
+)
+@click.option(
+    "--abstain", help="LOW,HIGH: abstain on cells whose probability is in this band (e.g. 0.4,0.6)."
+)
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="Embedder checkpoint, if it moved.")
+@click.option("--gene-key", help="var column with gene identifiers.")
+@click.option(
+    "--min-coverage", default=0.5, show_default=True, help="Minimum fraction of the model's genes present."
+)
+@click.pass_context
+def predict(ctx: click.Context, file: Path, run_id: str, abstain: str | None, **kw: Any) -> None:
+    """Apply a trained head to FILE.h5ad: per-cell probability and label written into obs."""
+    from classify.calibrate import parse_band
+    from classify.predict import predict_file
+
+    r = predict_file(_store(ctx), run_id, file, abstain=parse_band(abstain), **kw)
+    click.echo(
+        f"wrote {r.out}: {r.n_scored}/{r.n_cells} cells scored; {r.n_sensitive} sensitive, {r.n_resistant} resistant, "
+        f"{r.n_abstained} abstained"
+        + (f"; recorded for dataset {r.dataset_id}" if r.dataset_id else "")
+        + (
+            f"; accuracy on answered labelled cells {r.accuracy_answered:.3f}"
+            if r.accuracy_answered is not None
+            else ""
+        )
+    )
+
+
+@main.command(context_settings=CONTEXT)
 @click.option("--where", help="SQL filter on eval_runs, e.g. \"model = 'pca' AND protocol = 'cross'\".")
 @click.option("--long", "long_format", is_flag=True, help="One row per run × metric.")
 @click.pass_context

@@ -20,7 +20,7 @@ import numpy as np
 
 from store.errors import InputError
 
-__all__ = ["HEADS", "HeadName", "HeadSpec", "make_head"]
+__all__ = ["HEADS", "HeadName", "HeadSpec", "MLPHead", "ScaledHead", "make_head"]
 
 HeadName = Literal["mlp", "logreg", "lightgbm", "rf"]
 HEADS: tuple[str, ...] = ("mlp", "logreg", "lightgbm", "rf")
@@ -67,13 +67,13 @@ class HeadSpec:
         return dict(self.params)
 
 
-class _Scaled:
+class ScaledHead:
     """Standardise with training-fold mean/std, then delegate."""
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
 
-    def fit(self, X: np.ndarray, y: np.ndarray) -> _Scaled:
+    def fit(self, X: np.ndarray, y: np.ndarray) -> ScaledHead:
         self.mean = X.mean(axis=0)
         std = X.std(axis=0)
         self.std = np.where(std > 0, std, 1.0)
@@ -84,7 +84,7 @@ class _Scaled:
         return self.inner.predict_proba(((X - self.mean) / self.std).astype(np.float32))[:, 1]
 
 
-class _MLP:
+class MLPHead:
     """scDrugMap's MLP head in torch (see module docstring)."""
 
     def __init__(
@@ -93,7 +93,7 @@ class _MLP:
         self.hidden, self.lr, self.epochs = hidden, lr, epochs
         self.batch_size, self.weight_decay, self.seed = batch_size, weight_decay, seed
 
-    def fit(self, X: np.ndarray, y: np.ndarray) -> _MLP:
+    def fit(self, X: np.ndarray, y: np.ndarray) -> MLPHead:
         import torch
         from torch import nn
 
@@ -143,15 +143,15 @@ def make_head(spec: HeadSpec, *, seed: int) -> Any:
     """
     p = spec.as_dict()
     if spec.name == "mlp":
-        return _Scaled(_MLP(seed=seed, **p))
+        return ScaledHead(MLPHead(seed=seed, **p))
     if spec.name == "logreg":
         from sklearn.linear_model import LogisticRegression
 
-        return _Scaled(LogisticRegression(C=p["C"], max_iter=p["max_iter"], random_state=seed))
+        return ScaledHead(LogisticRegression(C=p["C"], max_iter=p["max_iter"], random_state=seed))
     if spec.name == "lightgbm":
         from lightgbm import LGBMClassifier
 
-        return _Scaled(
+        return ScaledHead(
             LGBMClassifier(
                 n_estimators=p["n_estimators"],
                 learning_rate=p["learning_rate"],
@@ -165,7 +165,7 @@ def make_head(spec: HeadSpec, *, seed: int) -> Any:
         )
     from sklearn.ensemble import RandomForestClassifier
 
-    return _Scaled(
+    return ScaledHead(
         RandomForestClassifier(
             n_estimators=p["n_estimators"], max_features=p["max_features"], random_state=seed, n_jobs=-1
         )

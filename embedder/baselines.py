@@ -103,20 +103,32 @@ class _HVGBase(Embedder):
             return ens != ""
         return np.isin(ens, self.genes)
 
-    def _dense_on_genes(self, adata: AnnData, genes: np.ndarray) -> np.ndarray:
+    def coverage(self, adata: AnnData) -> dict[str, float]:
+        """Once fitted: fraction of the fitted genes present in ``adata`` (``genes``) and
+        fraction of its expression on them (``counts``); before fitting: the base rule."""
+        if self.genes is None:
+            return super().coverage(adata)
+        ens = adata.var["ensembl_id"].astype(str).to_numpy()
+        on = np.isin(ens, self.genes)
+        col = np.asarray(abs(adata.X).sum(axis=0)).ravel()
+        total = float(col.sum())
+        return {
+            "genes": float(np.isin(self.genes, ens).mean()),
+            "counts": float(col[on].sum() / total) if total > 0 else 0.0,
+        }
+
+    def _dense_on_genes(self, adata: AnnData, genes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Normalised expression on ``genes`` (dense) and a bool mask of genes the data has."""
         ens = adata.var["ensembl_id"].astype(str).to_numpy()
         pos = {g: i for i, g in enumerate(ens) if g}
         cols = np.array([pos.get(g, -1) for g in genes])
-        if (cols < 0).any():
-            missing = genes[cols < 0][:5].tolist()
-            msg = (
-                f"dataset lacks {int((cols < 0).sum())} genes the {self.name} fit uses (e.g. {missing}); "
-                "embed it together with the datasets it was fitted on"
-            )
-            raise StoreError(msg)
+        present = cols >= 0
         Xn = normalise_log(adata.X, _x_kind(adata))
-        sub = Xn[:, cols]
-        return sub.toarray() if sp.issparse(sub) else np.asarray(sub)
+        out = np.zeros((adata.n_obs, genes.size), dtype=np.float32)
+        if present.any():
+            sub = Xn[:, cols[present]]
+            out[:, present] = sub.toarray() if sp.issparse(sub) else np.asarray(sub)
+        return out, present
 
     def fit(self, adatas: Sequence[AnnData]) -> None:
         """Fit shared-gene HVG selection and standardisation (and PCA) on the selection.
@@ -152,7 +164,7 @@ class _HVGBase(Embedder):
             rows = np.arange(a.n_obs)
             if keep_frac < 1.0:
                 rows = np.sort(rng.choice(a.n_obs, size=max(1, round(a.n_obs * keep_frac)), replace=False))
-            blocks.append(self._dense_on_genes(a[rows], genes))
+            blocks.append(self._dense_on_genes(a[rows], genes)[0])
         X = np.vstack(blocks).astype(np.float32)
         n_top = min(self.n_top_genes, genes.size)
         if n_top < genes.size:
@@ -179,7 +191,10 @@ class _HVGBase(Embedder):
         if self.genes is None:
             msg = f"{self.name} embedder is not fitted; the runner fits it on the selection first"
             raise StoreError(msg)
-        return self._standardise_dense(self._dense_on_genes(adata, self.genes))
+        X, present = self._dense_on_genes(adata, self.genes)
+        Z = self._standardise_dense(X)
+        Z[:, ~present] = 0.0  # a gene the data lacks sits at the fitted mean (z = 0); see coverage()
+        return Z
 
     def get_state(self) -> dict[str, np.ndarray]:
         """Fitted arrays (genes as unicode, no pickles)."""

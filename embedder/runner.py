@@ -26,7 +26,7 @@ from store.catalog import Store
 from store.embeddings import ensure_array, iter_chunks, write_rows
 from store.errors import InputError, StoreError
 
-__all__ = ["EmbedResult", "embed_datasets", "select_datasets"]
+__all__ = ["EmbedResult", "embed_datasets", "restore_embedder", "select_datasets"]
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +90,22 @@ def _fit_state(store: Store, emb: Embedder, revision: str, selection: pd.DataFra
     os.replace(tmp, path)
 
 
-def _register(store: Store, emb: Embedder, revision: str, selection: pd.DataFrame, checkpoint: Any) -> None:
+def _register(
+    store: Store,
+    emb: Embedder,
+    revision: str,
+    selection: pd.DataFrame,
+    checkpoint: Any,
+    options: dict[str, Any],
+) -> None:
     now = datetime.now(UTC).replace(tzinfo=None)
-    spec = {"model": emb.name, "spec": emb.spec(), "checkpoint": str(checkpoint) if checkpoint else None}
+    spec = {
+        "model": emb.name,
+        "spec": emb.spec(),
+        "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None,
+        "options": {k: v for k, v in options.items() if k not in ("device", "batch_size")},
+        "content_hashes": sorted(selection["content_hash"]) if emb.requires_fit else [],
+    }
     with store.transaction() as con:
         row = con.execute("SELECT spec FROM embeddings WHERE revision = ?", [revision]).fetchone()
         if row is None:
@@ -190,7 +203,7 @@ def embed_datasets(
     arr = ensure_array(
         store, emb.name, revision, dim=int(emb.dim), n_rows=store.n_cells_total(), chunk_rows=chunk_rows
     )
-    _register(store, emb, revision, selection, checkpoint)
+    _register(store, emb, revision, selection, checkpoint, options or {})
     pending_all = store.query(
         "SELECT c.dataset_id, c.cell_uid FROM cells c WHERE list_contains(?, c.dataset_id) "
         "AND c.cell_uid NOT IN (SELECT cell_uid FROM embedded_cells WHERE revision = ?) ORDER BY c.cell_uid",
@@ -247,3 +260,51 @@ def embed_datasets(
         n_done=n_done,
         status="complete" if n_done >= n_sel else "partial",
     )
+
+
+def restore_embedder(store: Store, revision: str, *, checkpoint: str | Path | None = None) -> Embedder:
+    """Rebuild the embedder that produced ``revision`` (for embedding new cells the same way).
+
+    Parameters
+    ----------
+    store
+        The store.
+    revision
+        An embedding revision made by :func:`embed_datasets`.
+    checkpoint
+        Checkpoint directory, when it moved since the embedding run.
+
+    Returns
+    -------
+    Embedder
+        Loaded with the recorded options (and fitted state for pca/hvg).
+
+    Raises
+    ------
+    InputError
+        When the revision was imported (no embedder), or the checkpoint/options now give a
+        different revision (the model changed).
+    """
+    row = store.query("SELECT model, spec FROM embeddings WHERE revision = ?", [revision])
+    if row.empty:
+        msg = f"embedding revision {revision!r} is not in the store"
+        raise StoreError(msg)
+    spec = json.loads(row["spec"].iloc[0])
+    if "imported_from" in spec:
+        msg = f"revision {revision} was imported from {spec['imported_from']}; it has no embedder to apply to new cells"
+        raise InputError(msg)
+    emb = load_embedder(
+        str(row["model"].iloc[0]), checkpoint or spec.get("checkpoint"), **spec.get("options", {})
+    )
+    if emb.requires_fit:
+        path = store.fits_dir / f"{revision}.npz"
+        with np.load(path, allow_pickle=False) as z:
+            emb.set_state({k: z[k] for k in z.files})
+    now = emb.revision(spec.get("content_hashes", []))
+    if now != revision:
+        msg = (
+            f"the {emb.name} checkpoint/options now give revision {now}, not {revision}: the model differs from the "
+            "one the head was trained on; give the original --checkpoint"
+        )
+        raise InputError(msg)
+    return emb
