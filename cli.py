@@ -19,8 +19,43 @@ from store.errors import ScDrugMapError
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
 
+#: commands defined in other modules, imported only when used: name → "module:attribute"
+LAZY_COMMANDS: dict[str, str] = {
+    "serve": "classify.service.commands:serve",
+    "report": "classify.report:report",
+    "finetune": "classify.finetune:finetune_command",
+    "analyze": "classify.analyze.commands:analyze",
+    "genesets": "classify.analyze.commands:genesets",
+    "prompt": "classify.prompting.commands:prompt",
+}
+
+
 class _Group(click.Group):
-    """Turns ScDrugMapError into a one-line ``Error: ...`` and exit code 1."""
+    """Turns ScDrugMapError into a one-line ``Error: ...`` and exit code 1; loads lazy commands."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        import importlib.util
+
+        def present(module: str) -> bool:
+            try:
+                return importlib.util.find_spec(module) is not None
+            except ModuleNotFoundError:
+                return False
+
+        lazy = [n for n, target in LAZY_COMMANDS.items() if present(target.split(":")[0])]
+        return sorted({*super().list_commands(ctx), *lazy})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        cmd = super().get_command(ctx, name)
+        if cmd is None and name in LAZY_COMMANDS:
+            import importlib
+
+            module, attr = LAZY_COMMANDS[name].split(":")
+            try:
+                cmd = getattr(importlib.import_module(module), attr)
+            except ModuleNotFoundError:
+                return None
+        return cmd
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
