@@ -3,7 +3,9 @@
 For each dataset the runner reads the store's copy, records gene coverage, and embeds the
 cells that the catalog does not yet list as done, one Zarr chunk at a time: compute the rows,
 write the chunk (read-modify-write, one writer), then record the rows in ``embedded_cells``
-in one transaction. A crash (even ``kill -9``) leaves at worst a chunk whose rows are not yet
+in one transaction. Models whose cells attend to each other (``attends_across_cells``, e.g.
+CellPLM) embed a dataset's cells all at once, in ``cell_uid`` order, so the batch composition
+follows the model's recorded rule even when a run resumes. A crash (even ``kill -9``) leaves at worst a chunk whose rows are not yet
 recorded; the next run recomputes exactly those rows, so nothing is duplicated or missing.
 """
 
@@ -228,8 +230,16 @@ def embed_datasets(
                 dataset_id,
             )
         row_of = pd.Series(np.arange(adata.n_obs), index=adata.obs["cell_uid"].to_numpy())
+        whole = None
+        if getattr(emb, "attends_across_cells", False):
+            # cells attend to each other (CellPLM): embed the whole dataset in cell_uid order so the
+            # batches follow the model's recorded rule whatever was done before an interruption
+            whole = np.asarray(emb.embed(adata), dtype=np.float32)
         for _, uids in iter_chunks(part["cell_uid"].to_numpy(), arr.chunks[0]):
-            values = np.asarray(emb.embed(adata[row_of.loc[uids].to_numpy()]), dtype=np.float32)
+            rows = row_of.loc[uids].to_numpy()
+            values = (
+                whole[rows] if whole is not None else np.asarray(emb.embed(adata[rows]), dtype=np.float32)
+            )
             if values.shape != (uids.size, arr.shape[1]):
                 msg = f"{emb.name} returned shape {values.shape}, expected {(uids.size, arr.shape[1])}"
                 raise StoreError(msg)

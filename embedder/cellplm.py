@@ -1,0 +1,480 @@
+"""CellPLM adapter: each cell is one token; flow attention runs across the cells of a batch.
+
+Follows ``OmicsML/CellPLM@b59ee7688b1bd2a745856a610248b46f15019a22``: ``pipeline/__init__.py``
+(``load_pretrain``: ``<name>.config.json`` + ``<name>.best.ckpt['model_state_dict']``),
+``pipeline/cell_embedding.py`` (``CellEmbeddingPipeline``), ``model/cellformer.py``
+(``OmicsFormer``), ``embedder/omics.py``, ``layer/flowformer.py`` and ``latent/autoencoders.py``
+(GMVAE). Forward: ``log1p(counts) @ gene_emb`` → Linear, ReLU, norm → pre-norm Flowformer
+layers whose tokens are the *cells of the batch* → LayerNorm → GMVAE: ``y`` = hard
+Gumbel-softmax sample of ``q(y|x)``, embedding = mean of ``q(z|x, y)``.
+
+Because cells attend to each other, an embedding depends on its batch-mates. The batches
+are a fixed rule, recorded in :meth:`CellPLMEmbedder.spec`: cells are grouped by
+``obs['sample_id']`` (the original groups by ``obs['batch']``), kept in input order, and each
+group is cut into ``ceil(n / cell_batch_size)`` contiguous chunks of near-equal size (the
+original cuts chunks of exactly ``batch_size`` and a remainder, which can leave a lone cell).
+The default ``cell_batch_size`` is the config's ``max_batch_size`` (4,000 for the release: the
+largest batch seen in pre-training). Cells without any expressed in-vocabulary gene are left
+out of the batches and get NaN rows.
+
+The Gumbel noise is seeded per cell: ``numpy`` ``SeedSequence([seed, cell_uid])`` (row number
+when ``obs['cell_uid']`` is absent), so a run is reproducible; ``latent_y="argmax"`` uses the
+most likely cluster instead (not the original). ``pooling="prelatent"`` returns the
+deterministic encoder output (``enc_hid`` wide) instead of the GMVAE mean.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from torch import nn
+
+from embedder._checkpoint import load_state_dict, load_strict, require_dir, require_files
+from embedder._performer import require_counts
+from embedder._torch import PaddingReport, autocast_context, pick_device
+from embedder.base import Embedder, hash_files, register
+from store.errors import CheckpointError, InputError
+
+__all__ = ["CellPLMEmbedder", "CellPLMModel", "CellPLMTokens"]
+
+log = logging.getLogger(__name__)
+
+EXPECTED = (
+    "<name>.config.json (OmicsFormer kwargs incl. gene_list)",
+    "<name>.best.ckpt ({'model_state_dict'})",
+)
+IGNORED_PREFIXES = ("decoder.",)  # the pre-training decoder; CellEmbeddingPipeline drops it too
+POOLINGS = ("latent", "prelatent")
+
+
+def _norm(kind: str, dim: int) -> nn.Module:
+    if kind == "groupnorm":
+        return nn.GroupNorm(4, dim)
+    if kind == "layernorm":
+        return nn.LayerNorm(dim)
+    msg = f"CellPLM norm {kind!r} is not supported (the release uses 'groupnorm')"
+    raise CheckpointError(msg)
+
+
+class _Holder(nn.Module):
+    """A module holding children/parameters under release key names."""
+
+    def __init__(self, **children: nn.Module | nn.Parameter):
+        super().__init__()
+        for key, value in children.items():
+            setattr(self, key, value)
+
+
+class FlowAttention(nn.Module):
+    """Flow attention (Flowformer) over the ``L`` tokens of one sequence ``(1, L, dim)``."""
+
+    def __init__(self, dim: int, heads: int, eps: float = 1e-6):
+        super().__init__()
+        self.heads, self.eps = heads, eps
+        self.query_projection = nn.Linear(dim, dim)
+        self.key_projection = nn.Linear(dim, dim)
+        self.value_projection = nn.Linear(dim, dim)
+        self.out_projection = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = (
+            p(x).view(b, n, self.heads, -1).transpose(1, 2)
+            for p in (self.query_projection, self.key_projection, self.value_projection)
+        )
+        q, k, eps = torch.sigmoid(q), torch.sigmoid(k), self.eps
+        sink_in = 1.0 / torch.einsum("bhld,bhd->bhl", q + eps, k.sum(dim=2) + eps)
+        source_out = 1.0 / torch.einsum("bhld,bhd->bhl", k + eps, q.sum(dim=2) + eps)
+        cons_sink = torch.einsum("bhld,bhd->bhl", q + eps, (k * source_out[..., None]).sum(dim=2) + eps)
+        cons_source = torch.einsum("bhld,bhd->bhl", k + eps, (q * sink_in[..., None]).sum(dim=2) + eps)
+        cons_source = cons_source.clamp(min=-1.0, max=1.0)
+        allocation = torch.sigmoid(cons_sink)  # × L/S = 1 for self-attention
+        competition = torch.softmax(cons_source, dim=-1) * float(n)
+        kv = torch.einsum("bhld,bhlm->bhdm", k, v * competition[..., None])
+        out = torch.einsum("bhld,bhdm->bhlm", q * sink_in[..., None], kv) * allocation[..., None]
+        return self.out_projection(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class FlowformerLayer(nn.Module):
+    """Pre-LayerNorm block: ``x + attn(norm1(x))``, ``x + ff(norm2(x))`` (FF width ``2·dim``)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.self_attn = FlowAttention(dim, heads)
+        self._ff_block = nn.Sequential(
+            nn.Linear(dim, dim * 2), nn.GELU(), nn.Dropout(0.0), nn.Linear(dim * 2, dim), nn.Dropout(0.0)
+        )
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.norm1(x).unsqueeze(0))[0]
+        return x + self._ff_block(self.norm2(x))
+
+
+class CellPLMModel(nn.Module):
+    """OmicsFormer's embedding path (embedder, Flowformer encoder, pre-latent norm, GMVAE inference).
+
+    State-dict keys equal the release's ``OmicsFormer(head_type='embedder')`` keys; ``norm0``, the
+    positional-encoding table (PE is 0 in the release), ``y_mu``/``y_var`` and ``var`` are kept
+    for strict loading but do not affect the embedding.
+    """
+
+    def __init__(self, config: dict):
+        super().__init__()
+        hid, n_genes = int(config["enc_hid"]), len(config["gene_list"])
+        post, k = int(config["post_latent_dim"]), int(config["num_clusters"])
+        norm = config.get("norm", "layernorm")
+        embedder = _Holder(
+            norm0=_norm(norm, hid),
+            extra_linear=nn.Sequential(nn.Linear(hid, hid), nn.ReLU(), nn.Dropout(0.0), _norm(norm, hid)),
+        )
+        if config.get("pe_type", "sin") is not None:
+            table = nn.Embedding(10000, hid)
+            table.weight.requires_grad_(False)
+            embedder.pe_enc = _Holder(missing_pe=nn.Parameter(torch.zeros(hid)), pe_enc=table)
+        embedder.feat_enc = _Holder(emb=nn.Parameter(torch.zeros(n_genes, hid)))
+        self.embedder = embedder
+        heads = int(config.get("enc_head", 8))
+        self.encoder = _Holder(
+            layers=nn.ModuleList(FlowformerLayer(hid, heads) for _ in range(int(config["enc_layers"])))
+        )
+        gaussian = _Holder(mu=nn.Linear(512, post), var=nn.Linear(512, post))
+        inference = _Holder(
+            inference_qyx=nn.ModuleList([_Holder(logits=nn.Linear(hid, k))]),
+            inference_qzyx=nn.ModuleList([nn.Linear(hid + k, 512), nn.ReLU(), gaussian]),
+            y_mu=nn.Linear(k, post),
+            y_var=nn.Linear(k, post),
+        )
+        self.latent = _Holder(layers=nn.ModuleList([nn.Identity(), _Holder(inference=inference)]))
+        self.pre_latent_norm = _Holder(norm=nn.LayerNorm(hid))
+
+    def encode(self, counts: torch.Tensor, gene_index: torch.Tensor) -> torch.Tensor:
+        """Pre-latent cell states ``(n, enc_hid)`` of ONE attention batch.
+
+        ``counts``: raw counts ``(n, g)`` (sparse CSR or dense); ``gene_index``: int64 ``(g,)``.
+        """
+        emb = self.embedder.feat_enc.emb[gene_index]
+        with torch.autocast(emb.device.type, enabled=False):  # sparse products stay in float32
+            x = torch.log1p(counts.float())
+            h = torch.sparse.mm(x, emb.float()) if x.layout != torch.strided else x @ emb.float()
+        h = self.embedder.extra_linear(h)
+        for layer in self.encoder.layers:
+            h = layer(h)
+        return self.pre_latent_norm.norm(h)
+
+    def cluster_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """``q(y|x)`` logits ``(n, num_clusters)``."""
+        return self.latent.layers[1].inference.inference_qyx[0].logits(h)
+
+    def latent_mean(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mean of ``q(z|x, y)``, ``(n, post_latent_dim)``."""
+        qzyx = self.latent.layers[1].inference.inference_qzyx
+        return qzyx[2].mu(qzyx[1](qzyx[0](torch.cat([h, y], dim=1))))
+
+
+def hard_gumbel(logits: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """The original's hard Gumbel-softmax (temperature 1) with given uniform noise ``U``.
+
+    ``y = softmax(logits − log(−log(U + 1e-20) + 1e-20))``; returns ``(one_hot(argmax y) − y) + y``.
+    """
+    y = torch.softmax(logits - torch.log(-torch.log(uniform + 1e-20) + 1e-20), dim=-1)
+    hard = torch.zeros_like(y).scatter_(1, y.argmax(dim=-1, keepdim=True), 1.0)
+    return (hard - y).detach() + y
+
+
+@dataclass
+class CellPLMTokens:
+    """Counts of the in-vocabulary genes and the attention batches.
+
+    Attributes
+    ----------
+    counts
+        float32 CSR ``(n, g)`` raw counts of the kept genes (dataset column order).
+    gene_index
+        int64 ``(g,)`` index of each kept gene in the model's ``gene_list``.
+    batches
+        Row indices of each attention batch (usable cells only).
+    uids
+        int64 ``(n,)`` per-cell Gumbel seeds (``obs['cell_uid']`` or the row number).
+    """
+
+    counts: sp.csr_matrix
+    gene_index: np.ndarray
+    batches: list[np.ndarray]
+    uids: np.ndarray
+
+    def __len__(self) -> int:
+        return self.counts.shape[0]
+
+
+@register
+class CellPLMEmbedder(Embedder):
+    """CellPLM (OmicsFormer, ``20230926_85M``) with a deterministic cell-batching rule.
+
+    Load with :meth:`load`; the checkpoint directory holds ``<name>.config.json`` and
+    ``<name>.best.ckpt``. Raw counts in; genes are matched on ``var['ensembl_id']``.
+    """
+
+    name: ClassVar[str] = "cellplm"
+    input_kind: ClassVar[Literal["counts", "any"]] = "counts"
+    lora_targets: ClassVar[tuple[str, ...]] = ("query_projection", "key_projection", "value_projection")
+    #: a cell's embedding depends on the other cells passed to the same ``embed`` call
+    attends_across_cells: ClassVar[bool] = True
+
+    def __init__(self, *, model: CellPLMModel, config: dict, files: list[Path], options: dict):
+        self.model, self.config, self.files, self.options = model, config, files, options
+        self.device = options["device"]
+        self.batch_size = options["batch_size"]
+        self._lookup = {g: i for i, g in enumerate(config["gene_list"])}
+        self.padding_report = PaddingReport()  # one token per cell: nothing is ever padded
+
+    @classmethod
+    def load(
+        cls,
+        checkpoint: str | Path | None = None,
+        *,
+        device: str | None = None,
+        batch_size: int = 32,
+        precision: Literal["fp32", "bf16", "fp16"] = "fp32",
+        pooling: Literal["latent", "prelatent"] = "latent",
+        seed: int = 0,
+        cell_batch_size: int | None = None,
+        latent_y: Literal["gumbel", "argmax"] = "gumbel",
+        prefix: str | None = None,
+        **unknown: Any,
+    ) -> CellPLMEmbedder:
+        """Read a CellPLM checkpoint directory.
+
+        ``batch_size`` is accepted for uniformity but unused: a forward pass is one attention
+        batch of ``cell_batch_size`` cells. ``prefix`` picks ``<prefix>.config.json`` when the
+        directory holds several.
+
+        Raises
+        ------
+        CheckpointError
+            Missing/ambiguous files, unsupported config, mismatching weights.
+        InputError
+            Unknown or bad options.
+        """
+        bad = sorted(unknown)
+        if pooling not in POOLINGS:
+            bad.append(f"pooling={pooling!r} (choose {', '.join(POOLINGS)})")
+        if latent_y not in ("gumbel", "argmax"):
+            bad.append(f"latent_y={latent_y!r} (choose gumbel, argmax)")
+        if precision not in ("fp32", "bf16", "fp16"):
+            bad.append(f"precision={precision!r}")
+        if cell_batch_size is not None and (not isinstance(cell_batch_size, int) or cell_batch_size < 1):
+            bad.append(f"cell_batch_size={cell_batch_size!r} (a positive integer)")
+        if bad:
+            msg = f"bad or unknown cellplm option(s): {', '.join(bad)}"
+            raise InputError(msg)
+        root = require_dir(checkpoint, model=cls.name, expected=EXPECTED)
+        config_path, ckpt_path = _find_files(root, prefix)
+        config = _read_config(config_path)
+        model = CellPLMModel(config)
+        state = load_state_dict(ckpt_path)
+        state = state.get("model_state_dict", state) if isinstance(state, dict) else state
+        state = {k: v for k, v in state.items() if not k.startswith(IGNORED_PREFIXES)}
+        load_strict(model, state, source=ckpt_path)
+        dev = pick_device(device)
+        model.to(dev).eval()
+        options = {
+            "device": dev,
+            "batch_size": batch_size,
+            "precision": precision,
+            "pooling": pooling,
+            "seed": int(seed),
+            "cell_batch_size": int(cell_batch_size or config.get("max_batch_size", 4000)),
+            "latent_y": latent_y,
+        }
+        return cls(model=model, config=config, files=[config_path, ckpt_path], options=options)
+
+    @property
+    def dim(self) -> int:
+        key = "post_latent_dim" if self.options["pooling"] == "latent" else "enc_hid"
+        return int(self.config[key])
+
+    def spec(self) -> dict[str, Any]:
+        arch = {
+            k: self.config.get(k)
+            for k in ("enc_hid", "enc_layers", "post_latent_dim", "num_clusters", "norm")
+        }
+        return {
+            "files": hash_files(self.files),
+            "config": arch
+            | {"enc_head": int(self.config.get("enc_head", 8)), "n_genes": len(self.config["gene_list"])},
+            "tokenizer": {"gene_key": "ensembl_id", "input": "log1p(raw counts) @ gene embedding"},
+            "cell_batching": {
+                "group_by": "obs['sample_id'] (whole input when absent), groups in order of first appearance",
+                "order": "input order within a group; cells without expressed in-vocabulary genes excluded",
+                "split": "ceil(n / cell_batch_size) contiguous chunks of near-equal size",
+                "cell_batch_size": self.options["cell_batch_size"],
+            },
+            "latent_y": self.options["latent_y"],
+            "gumbel_noise": "float32 uniform from numpy SeedSequence([seed, cell_uid or row])",
+            "pooling": self.options["pooling"],
+            "precision": self.options["precision"],
+            "seed": self.options["seed"],
+        }
+
+    def in_vocabulary(self, var: Any) -> np.ndarray:
+        return np.array([bool(e) and e in self._lookup for e in var["ensembl_id"].astype(str)], dtype=bool)
+
+    def vocabulary(self) -> pd.DataFrame:
+        """The genes the model knows: columns ``symbol`` and ``ensembl_id`` (one row per gene)."""
+        return pd.DataFrame({"symbol": "", "ensembl_id": list(self.config["gene_list"])})
+
+    def torch_module(self) -> torch.nn.Module:
+        """The :class:`CellPLMModel` (LoRA targets: the flow-attention q/k/v projections)."""
+        return self.model
+
+    def tokenize(self, adata) -> CellPLMTokens:
+        """Select in-vocabulary genes and form the attention batches (see the module docstring)."""
+        require_counts(adata, self.name)
+        keep = np.flatnonzero(self.in_vocabulary(adata.var))
+        counts = sp.csr_matrix(adata.X, dtype=np.float32)[:, keep]
+        counts.eliminate_zeros()
+        gene_index = np.array([self._lookup[e] for e in adata.var["ensembl_id"].astype(str).to_numpy()[keep]])
+        usable = np.diff(counts.indptr) > 0
+        if not usable.all():
+            log.warning(
+                "cellplm: %d cell(s) express no in-vocabulary gene; their rows are NaN", int((~usable).sum())
+            )
+        groups = (
+            adata.obs["sample_id"].astype(str).to_numpy()
+            if "sample_id" in adata.obs
+            else np.zeros(len(usable))
+        )
+        size = self.options["cell_batch_size"]
+        batches = []
+        for g in dict.fromkeys(groups):
+            rows = np.flatnonzero((groups == g) & usable)
+            if len(rows):
+                batches.extend(np.array_split(rows, math.ceil(len(rows) / size)))
+        uids = adata.obs["cell_uid"].to_numpy(np.int64) if "cell_uid" in adata.obs else np.arange(len(usable))
+        return CellPLMTokens(counts, gene_index.astype(np.int64), batches, uids)
+
+    def _batch_counts(self, tokens: CellPLMTokens, rows: np.ndarray) -> torch.Tensor:
+        sub = tokens.counts[rows].tocoo()
+        indices = torch.from_numpy(np.vstack([sub.row, sub.col]).astype(np.int64))
+        return torch.sparse_coo_tensor(
+            indices, torch.from_numpy(sub.data), size=sub.shape, check_invariants=True
+        ).to(self.device)
+
+    def _noise(self, uids: np.ndarray) -> torch.Tensor:
+        k, seed = int(self.config["num_clusters"]), self.options["seed"]
+        rows = [np.random.default_rng([seed, int(u) % 2**63]).random(k, dtype=np.float32) for u in uids]
+        return torch.from_numpy(np.stack(rows)).to(self.device)
+
+    def embed_tensor(
+        self, tokens: CellPLMTokens, batch: int, categorical_y: torch.Tensor | None = None
+    ) -> dict:
+        """Run one attention batch with gradients enabled (for LoRA fine-tuning).
+
+        Returns
+        -------
+        dict
+            ``prelatent (m, enc_hid)``, ``logits (m, K)``, ``y (m, K)``, ``latent (m, post_latent_dim)``
+            for the cells ``tokens.batches[batch]``; ``categorical_y`` overrides the sampled ``y``.
+        """
+        rows = tokens.batches[batch]
+        gene_index = torch.from_numpy(tokens.gene_index).to(self.device)
+        h = self.model.encode(self._batch_counts(tokens, rows), gene_index)
+        logits = self.model.cluster_logits(h)
+        if categorical_y is not None:
+            y = categorical_y.to(h.device, h.dtype)
+        elif self.options["latent_y"] == "argmax":
+            y = torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).to(h.dtype)
+        else:
+            y = hard_gumbel(logits.float(), self._noise(tokens.uids[rows])).to(h.dtype)
+        return {"prelatent": h, "logits": logits, "y": y, "latent": self.model.latent_mean(h, y)}
+
+    def forward(
+        self, tokens: CellPLMTokens, *, categorical_y: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """All attention batches (no gradients) → dict of CPU float32 tensors, rows in input order.
+
+        ``categorical_y`` ``(n, K)`` replaces the Gumbel draw (test hook for the original's draw).
+        Unusable cells are NaN.
+
+        Raises
+        ------
+        InputError
+            On CUDA out-of-memory: the batch composition is part of the spec, so it is not
+            shrunk silently; lower ``cell_batch_size``.
+        """
+        n, k = len(tokens), int(self.config["num_clusters"])
+        widths = {"prelatent": int(self.config["enc_hid"]), "logits": k, "y": k}
+        widths["latent"] = int(self.config["post_latent_dim"])
+        out = {key: torch.full((n, w), float("nan")) for key, w in widths.items()}
+        for b, rows in enumerate(tokens.batches):
+            y = None if categorical_y is None else categorical_y[torch.from_numpy(rows)]
+            try:
+                with torch.no_grad(), autocast_context(self.device, self.options["precision"]):
+                    res = self.embed_tensor(tokens, b, y)
+            except torch.OutOfMemoryError as exc:
+                msg = f"cellplm: out of GPU memory on a batch of {len(rows)} cells; load with a smaller cell_batch_size"
+                raise InputError(msg) from exc
+            idx = torch.from_numpy(rows)
+            for key in out:
+                out[key][idx] = res[key].float().cpu()
+        return out
+
+    def pool(self, hidden: dict[str, torch.Tensor], tokens: CellPLMTokens) -> np.ndarray:
+        """The GMVAE mean (``pooling="latent"``) or the pre-latent state, float32 ``(n, dim)``."""
+        return hidden[self.options["pooling"]].numpy().astype(np.float32, copy=False)
+
+
+def _find_files(root: Path, prefix: str | None) -> tuple[Path, Path]:
+    if prefix is None:
+        found = sorted(root.glob("*.config.json"))
+        if len(found) != 1:
+            what = (
+                "no *.config.json"
+                if not found
+                else f"several configs ({', '.join(p.name for p in found)}); pass prefix="
+            )
+            msg = f"checkpoint {str(root)!r} for 'cellplm' has {what}; expected: {', '.join(EXPECTED)}"
+            raise CheckpointError(msg)
+        prefix = found[0].name.removesuffix(".config.json")
+    names = [f"{prefix}.config.json", f"{prefix}.best.ckpt"]
+    require_files(root, names, model="cellplm", expected=EXPECTED)
+    return root / names[0], root / names[1]
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        msg = f"cannot read CellPLM config {path}: {exc}"
+        raise CheckpointError(msg) from exc
+    need = ("gene_list", "enc_hid", "enc_layers", "post_latent_dim", "num_clusters")
+    missing = [k for k in need if k not in config]
+    wrong = {
+        k: config.get(k, default)
+        for k, want, default in (
+            ("enc_mod", "flowformer", None),
+            ("latent_mod", "gmvae", "vae"),
+            ("cat_pe", False, True),
+            ("dsbn", False, False),
+            ("input_covariate", False, False),
+        )
+        if config.get(k, default) != want
+    }
+    if missing or wrong:
+        msg = (
+            f"{path} is not a supported CellPLM config (needs enc_mod=flowformer, latent_mod=gmvae, cat_pe=false, "
+            f"dsbn=false, input_covariate=false): missing {missing}, unsupported {wrong}"
+        )
+        raise CheckpointError(msg)
+    return config
