@@ -305,6 +305,12 @@ def embed(ctx: click.Context, model: str, checkpoint: Path | None, dataset_ids: 
     "--positive", type=click.Choice(["sensitive", "resistant"]), default="sensitive", show_default=True
 )
 @click.option("--param", "params", multiple=True, help="Head hyper-parameter KEY=VALUE (e.g. epochs=20).")
+@click.option(
+    "--shots",
+    default=0,
+    show_default=True,
+    help="Few-shot: K labelled cells per class of each held-out side train too.",
+)
 @click.option("--rerun", is_flag=True, help="Recompute even if the catalog holds this run.")
 @click.pass_context
 def evaluate(ctx: click.Context, params: tuple[str, ...], positive: str, **kw: Any) -> None:

@@ -21,7 +21,7 @@ import pandas as pd
 
 from classify.folds import FoldSet, Grouping, Protocol, category_values, get_fold_set
 from classify.heads import HeadSpec, make_head
-from classify.metrics import METRICS, fold_metrics
+from classify.runs import run_folds, write_run
 from embedder.base import spec_hash
 from store.catalog import Store
 from store.embeddings import open_array, read_rows, resolve_revision
@@ -48,6 +48,7 @@ class RunSpec:
     k: int
     seed: int
     positive_class: Literal["sensitive", "resistant"]
+    shots: int = 0
 
     @property
     def run_id(self) -> str:
@@ -89,31 +90,6 @@ def _embeddings_for(store: Store, model: str, revision: str, fs: FoldSet) -> tup
     return X, ok
 
 
-def _run_folds(
-    X: np.ndarray, y: np.ndarray, folds: np.ndarray, n_folds: int, head: HeadSpec, seed: int
-) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
-    metric_rows: list[dict[str, Any]] = []
-    probs: list[np.ndarray] = []
-    for f in range(n_folds):
-        test, train = folds == f, folds != f
-        n_train, n_test = int(train.sum()), int(test.sum())
-        prob = np.full(n_test, np.nan)
-        if np.unique(y[train]).size < 2:
-            vals = dict.fromkeys(METRICS, (None, "training side has one class"))
-        elif n_test == 0:
-            vals = dict.fromkeys(METRICS, (None, "empty test fold"))
-        else:
-            model = make_head(head, seed=seed + f).fit(X[train], y[train])
-            prob = model.predict_proba(X[test])
-            vals = fold_metrics(y[test], prob)
-        for m, (v, reason) in vals.items():
-            metric_rows.append(
-                {"fold": f, "metric": m, "value": v, "reason": reason, "n_train": n_train, "n_test": n_test}
-            )
-        probs.append(prob)
-    return metric_rows, probs
-
-
 def _evaluate_one(store: Store, spec: RunSpec, fs: FoldSet, rerun: bool) -> RunOutcome:
     run_id = spec.run_id
     old = store.query(
@@ -130,21 +106,14 @@ def _evaluate_one(store: Store, spec: RunSpec, fs: FoldSet, rerun: bool) -> RunO
     cells = fs.cells.loc[ok].reset_index(drop=True)
     X = X[ok]
     y = (cells["label"] == spec.positive_class).to_numpy().astype(int)
-    folds = cells["fold"].to_numpy()
-    metric_rows, probs = _run_folds(X, y, folds, len(fs.fold_names), spec.head, spec.seed)
-    metrics = pd.DataFrame(metric_rows).assign(run_id=run_id)
-    preds = pd.DataFrame(
-        {
-            "run_id": run_id,
-            "fold": np.concatenate([np.full(int((folds == f).sum()), f) for f in range(len(fs.fold_names))]),
-            "cell_uid": np.concatenate(
-                [cells.loc[folds == f, "cell_uid"].to_numpy() for f in range(len(fs.fold_names))]
-            ),
-            "probability": np.concatenate(probs),
-        }
-    )
-    preds = preds[np.isfinite(preds["probability"])]
-    now = datetime.now(UTC).replace(tzinfo=None)
+
+    def fit_predict(train: np.ndarray, test: np.ndarray, fold: int) -> np.ndarray:
+        return make_head(spec.head, seed=spec.seed + fold).fit(X[train], y[train]).predict_proba(X[test])
+
+    metrics, preds = run_folds(
+        cells["cell_uid"].to_numpy(), y, cells["fold"].to_numpy(), len(fs.fold_names), fit_predict,
+        shots=spec.shots, seed=spec.seed,
+    )  # fmt: skip
     row = {
         "run_id": run_id,
         "model": spec.model,
@@ -165,20 +134,10 @@ def _evaluate_one(store: Store, spec: RunSpec, fs: FoldSet, rerun: bool) -> RunO
         "n_cells": len(cells),
         "n_excluded": int((~ok).sum()),
         "status": "complete",
-        "created_at": now,
+        "created_at": datetime.now(UTC).replace(tzinfo=None),
         "duration_s": time.perf_counter() - t0,
     }
-    with store.transaction() as con:
-        for table in ("eval_runs", "metrics", "predictions"):
-            con.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
-        con.execute(
-            f"INSERT INTO eval_runs ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})",
-            list(row.values()),
-        )
-        con.register("_m", metrics[["run_id", "fold", "metric", "value", "reason", "n_train", "n_test"]])
-        con.execute("INSERT INTO metrics SELECT * FROM _m")
-        con.register("_p", preds[["run_id", "fold", "cell_uid", "probability"]])
-        con.execute("INSERT INTO predictions SELECT * FROM _p")
+    write_run(store, row, metrics, preds)
     return RunOutcome(run_id, spec, False, len(cells), int((~ok).sum()))
 
 
@@ -202,6 +161,7 @@ def evaluate(
     positive_class: Literal["sensitive", "resistant"] = "sensitive",
     revision: str | None = None,
     head_params: dict[str, Any] | None = None,
+    shots: int = 0,
     rerun: bool = False,
 ) -> list[RunOutcome]:
     """Evaluate ``model``'s frozen embedding with a head on one or all values of a category.
@@ -225,6 +185,9 @@ def evaluate(
         Pooled folds and seed (fold assignment, head initialisation).
     positive_class
         Class whose probability is stored and scored (default ``sensitive``, as scDrugMap).
+    shots
+        Few-shot: K labelled cells per class of each held-out side join the training side
+        (and are not evaluated); 0 = zero-shot / plain CV.
     rerun
         Recompute even when the catalog holds this run.
 
@@ -240,6 +203,9 @@ def evaluate(
     StoreError
         Missing embeddings for the selected cells.
     """
+    if shots < 0:
+        msg = f"--shots must be ≥ 0, got {shots}"
+        raise InputError(msg)
     if positive_class not in ("sensitive", "resistant"):
         msg = f"positive class must be sensitive or resistant, got {positive_class!r}"
         raise InputError(msg)
@@ -273,6 +239,7 @@ def evaluate(
             k=fs.spec.k,
             seed=seed,
             positive_class=positive_class,
+            shots=int(shots),
         )
         outcomes.append(_evaluate_one(store, spec, fs, rerun))
     if not outcomes:

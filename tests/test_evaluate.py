@@ -187,3 +187,27 @@ def test_cli_evaluate_and_results(store: Store) -> None:
     res = runner.invoke(main, [*base, "evaluate", "--model", "nope"])
     assert res.exit_code == 1
     assert "no embeddings of model 'nope'" in res.output
+
+
+def test_few_shot_moves_k_cells_per_class_into_training(store: Store) -> None:
+    zero = evaluate(
+        store, model="pca", head="logreg", protocol="cross", category="tissue", value="Cell line"
+    )[0]
+    few = evaluate(
+        store, model="pca", head="logreg", protocol="cross", category="tissue", value="Cell line", shots=5
+    )[0]
+    assert few.run_id != zero.run_id
+    n0 = store.query(
+        "SELECT fold, n_test, n_train FROM metrics WHERE run_id = ? AND metric = 'f1' ORDER BY 1",
+        [zero.run_id],
+    )
+    n5 = store.query(
+        "SELECT fold, n_test, n_train FROM metrics WHERE run_id = ? AND metric = 'f1' ORDER BY 1",
+        [few.run_id],
+    )
+    assert (n0["n_test"] - n5["n_test"] == 10).all()
+    assert (n5["n_train"] - n0["n_train"] == 10).all()
+    assert (
+        store.query("SELECT COUNT(*) AS n FROM predictions WHERE run_id = ?", [few.run_id])["n"].iloc[0]
+        == n5["n_test"].sum()
+    )

@@ -1,0 +1,132 @@
+"""Fold loop and catalog writing shared by every training strategy (frozen heads, LoRA).
+
+:func:`run_folds` trains/scores one model per persisted fold through a ``fit_predict``
+callback and computes per-fold metrics; :func:`write_run` stores the run row, its metrics and
+its predictions in one transaction (replacing an earlier run with the same id).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from classify.metrics import METRICS, fold_metrics
+from store.catalog import Store
+
+__all__ = ["completed_run", "fold_masks", "run_folds", "write_run"]
+
+FitPredict = Callable[[np.ndarray, np.ndarray, int], np.ndarray]
+
+
+def fold_masks(
+    folds: np.ndarray, y: np.ndarray, fold: int, *, shots: int = 0, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Train/test masks of one fold; with ``shots`` K, K cells per class of the test side train too.
+
+    Few-shot adaptation (scDrugMap's cross-data setting extended): the K labelled cells per class
+    are drawn from the held-out side with ``numpy.random.default_rng(seed + fold)`` and removed
+    from the evaluated cells.
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        bool ``(n_cells,)`` train and test masks.
+    """
+    test = folds == fold
+    train = ~test
+    if shots > 0:
+        rng = np.random.default_rng(seed + fold)
+        for cls in (0, 1):
+            idx = np.flatnonzero(test & (y == cls))
+            take = rng.choice(idx, size=min(shots, idx.size), replace=False) if idx.size else idx
+            train[take] = True
+            test[take] = False
+    return train, test
+
+
+def run_folds(
+    cell_uids: np.ndarray,
+    y: np.ndarray,
+    folds: np.ndarray,
+    n_folds: int,
+    fit_predict: FitPredict,
+    *,
+    shots: int = 0,
+    seed: int = 0,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Train and score per fold.
+
+    Parameters
+    ----------
+    cell_uids
+        int64 ``(n_cells,)``.
+    y
+        0/1 ``(n_cells,)`` (1 = positive class).
+    folds
+        ``(n_cells,)`` test-fold index of each cell.
+    n_folds
+        Number of folds.
+    fit_predict
+        ``(train_index, test_index, fold) -> probability (len(test_index),)``.
+    shots, seed
+        Few-shot cells per class moved from the test side (see :func:`fold_masks`).
+
+    Returns
+    -------
+    tuple of pandas.DataFrame
+        metrics (fold, metric, value, reason, n_train, n_test) and predictions
+        (fold, cell_uid, probability). Folds whose training side has one class get NULL
+        metrics with that reason and no predictions.
+    """
+    metric_rows: list[dict[str, Any]] = []
+    pred_parts: list[pd.DataFrame] = []
+    for f in range(n_folds):
+        train, test = fold_masks(folds, y, f, shots=shots, seed=seed)
+        n_train, n_test = int(train.sum()), int(test.sum())
+        if np.unique(y[train]).size < 2:
+            vals = dict.fromkeys(METRICS, (None, "training side has one class"))
+        elif n_test == 0:
+            vals = dict.fromkeys(METRICS, (None, "empty test fold"))
+        else:
+            prob = np.asarray(fit_predict(np.flatnonzero(train), np.flatnonzero(test), f), dtype=float)
+            vals = fold_metrics(y[test], prob)
+            pred_parts.append(pd.DataFrame({"fold": f, "cell_uid": cell_uids[test], "probability": prob}))
+        for m, (v, reason) in vals.items():
+            metric_rows.append(
+                {"fold": f, "metric": m, "value": v, "reason": reason, "n_train": n_train, "n_test": n_test}
+            )
+    preds = (
+        pd.concat(pred_parts, ignore_index=True)
+        if pred_parts
+        else pd.DataFrame({"fold": [], "cell_uid": [], "probability": []})
+    )
+    return pd.DataFrame(metric_rows), preds
+
+
+def completed_run(store: Store, run_id: str) -> pd.Series | None:
+    """The ``eval_runs`` row of a complete run, or None."""
+    old = store.query("SELECT * FROM eval_runs WHERE run_id = ? AND status = 'complete'", [run_id])
+    return None if old.empty else old.iloc[0]
+
+
+def write_run(store: Store, row: dict[str, Any], metrics: pd.DataFrame, preds: pd.DataFrame) -> None:
+    """Replace run ``row['run_id']`` with this row, metrics and predictions, in one transaction."""
+    run_id = row["run_id"]
+    metrics = metrics.assign(run_id=run_id)[
+        ["run_id", "fold", "metric", "value", "reason", "n_train", "n_test"]
+    ]
+    preds = preds.assign(run_id=run_id)[["run_id", "fold", "cell_uid", "probability"]]
+    with store.transaction() as con:
+        for table in ("eval_runs", "metrics", "predictions"):
+            con.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
+        con.execute(
+            f"INSERT INTO eval_runs ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})",
+            list(row.values()),
+        )
+        con.register("_m", metrics)
+        con.execute("INSERT INTO metrics SELECT * FROM _m")
+        con.register("_p", preds)
+        con.execute("INSERT INTO predictions SELECT * FROM _p")
