@@ -338,7 +338,7 @@ def _print_summary(df) -> None:
         for m, s in zip(df["mean"], df["sd"], strict=True)
     ]
     wide = df.pivot_table(
-        index=["model", "head", "protocol", "category", "value"],
+        index=["model", "strategy", "head", "protocol", "category", "value"],
         columns="metric",
         values="mean±sd",
         aggfunc="first",
@@ -347,6 +347,7 @@ def _print_summary(df) -> None:
         c
         for c in [
             "model",
+            "strategy",
             "head",
             "protocol",
             "category",

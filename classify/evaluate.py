@@ -263,7 +263,7 @@ def summarise(store: Store, run_ids: list[str] | None = None, *, where: str | No
     Returns
     -------
     pandas.DataFrame
-        Columns ``run_id, model, head, protocol, category, value, metric, mean, sd, n_folds,
+        Columns ``run_id, model, strategy, head, protocol, category, value, metric, mean, sd, n_folds,
         n_undefined``.
     """
     conds = ["TRUE"]
@@ -272,9 +272,9 @@ def summarise(store: Store, run_ids: list[str] | None = None, *, where: str | No
         conds.append("list_contains(?, r.run_id)")
         params.append(list(run_ids))
     if where:
-        conds.append(f"({where})")
+        conds.append(f"r.run_id IN (SELECT run_id FROM eval_runs WHERE {where})")
     sql = (
-        "SELECT r.run_id, r.model, r.head, r.protocol, r.category, r.value, m.metric, "
+        "SELECT r.run_id, r.model, r.strategy, r.head, r.protocol, r.category, r.value, m.metric, "
         "AVG(m.value) AS mean, STDDEV_SAMP(m.value) AS sd, COUNT(m.value) AS n_folds, "
         "COUNT(*) - COUNT(m.value) AS n_undefined "
         f"FROM eval_runs r JOIN metrics m USING (run_id) WHERE {' AND '.join(conds)} "

@@ -93,13 +93,12 @@ class MLPHead:
         self.hidden, self.lr, self.epochs = hidden, lr, epochs
         self.batch_size, self.weight_decay, self.seed = batch_size, weight_decay, seed
 
-    def fit(self, X: np.ndarray, y: np.ndarray) -> MLPHead:
+    def build(self, d: int) -> None:
+        """Create the (seeded) network for ``d`` input features."""
         import torch
         from torch import nn
 
-        gen = torch.Generator().manual_seed(self.seed)
         torch.manual_seed(self.seed)
-        d = X.shape[1]
         self.net = nn.Sequential(
             nn.Linear(d, self.hidden),
             nn.ReLU(),
@@ -107,6 +106,13 @@ class MLPHead:
             nn.ReLU(),
             nn.Linear(self.hidden, 2),
         )
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> MLPHead:
+        import torch
+        from torch import nn
+
+        gen = torch.Generator().manual_seed(self.seed)
+        self.build(X.shape[1])
         opt = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         Xt = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
         yt = torch.from_numpy(np.asarray(y, dtype=np.int64))

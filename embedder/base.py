@@ -111,6 +111,9 @@ class Embedder(ABC):
     input_kind: ClassVar[Literal["counts", "any"]] = "any"
     requires_fit: ClassVar[bool] = False
     lora_targets: ClassVar[tuple[str, ...]] = ()
+    lora_target_parameters: ClassVar[tuple[str, ...]] = ()
+    #: set on a fine-tuned instance (hash of its LoRA adapter): gives it its own revision
+    adapter_hash: str | None = None
 
     @classmethod
     @abstractmethod
@@ -164,6 +167,8 @@ class Embedder(ABC):
             16 hex characters.
         """
         payload: dict[str, Any] = {"name": self.name, "spec": self.spec(), "versions": self.versions()}
+        if self.adapter_hash:
+            payload["adapter"] = self.adapter_hash
         if self.requires_fit:
             payload["selection"] = sorted(selection)
         return spec_hash(payload)
@@ -228,6 +233,27 @@ class Embedder(ABC):
         """Reduce hidden states to one float32 vector per cell, ``(n_cells, dim)``."""
         msg = f"embedder {self.name!r} does not implement pool()"
         raise NotImplementedError(msg)
+
+    def torch_module(self) -> Any:
+        """The underlying ``torch.nn.Module`` (LoRA is injected into it).
+
+        Raises
+        ------
+        InputError
+            For embedders without a neural network (pca, hvg).
+        """
+        msg = f"model {self.name!r} has no neural network to fine-tune"
+        raise InputError(msg)
+
+    def embed_tensor(self, tokens: Any) -> Any:
+        """Differentiable cell embeddings ``torch.Tensor (n_cells, dim)`` for fine-tuning.
+
+        The default chains ``hidden_states`` and ``pool_torch`` when the adapter has them.
+        """
+        if hasattr(self, "hidden_states") and hasattr(self, "pool_torch"):
+            return self.pool_torch(self.hidden_states(tokens), tokens)
+        msg = f"model {self.name!r} does not support fine-tuning (no differentiable embedding)"
+        raise InputError(msg)
 
     def embed(self, adata: AnnData) -> np.ndarray:
         """Embed a batch of cells.
