@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +20,8 @@ from typing import Any, Literal
 import numpy as np
 
 from store.errors import InputError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "CellSource",
@@ -83,7 +86,18 @@ class LoraSpec:
         if not targets and not params:
             msg = f"model {emb.name!r} declares no LoRA targets; give --target-modules"
             raise InputError(msg)
-        return replace(self, targets=targets, target_parameters=params)
+        dropout = self.dropout
+        if params and dropout:
+            # peft's parameter-level LoRA (ParamWrapper) has no dropout: record 0 instead of failing
+            log.warning("LoRA on raw parameters %s has no dropout in peft; dropout set to 0", params)
+            dropout = 0.0
+        return replace(self, targets=targets, target_parameters=params, dropout=dropout)
+
+
+def _layer_limits(emb: Any) -> dict[str, Any]:
+    """peft ``layers_to_transform`` when the pooled state skips the last layers (Geneformer)."""
+    layers = emb.lora_layers() if hasattr(emb, "lora_layers") else None
+    return {} if layers is None else {"layers_to_transform": layers, "layers_pattern": "layer"}
 
 
 def attach_lora(emb: Any, spec: LoraSpec, *, seed: int) -> list[Any]:
@@ -110,6 +124,7 @@ def attach_lora(emb: Any, spec: LoraSpec, *, seed: int) -> list[Any]:
         target_modules=list(spec.targets) or None,
         target_parameters=list(spec.target_parameters) or None,
         bias="none",
+        **_layer_limits(emb),
     )
     torch.manual_seed(seed)
     try:

@@ -376,7 +376,7 @@ class CellPLMEmbedder(Embedder):
         rows = [np.random.default_rng([seed, int(u) % 2**63]).random(k, dtype=np.float32) for u in uids]
         return torch.from_numpy(np.stack(rows)).to(self.device)
 
-    def embed_tensor(
+    def embed_batch_tensor(
         self, tokens: CellPLMTokens, batch: int, categorical_y: torch.Tensor | None = None
     ) -> dict:
         """Run one attention batch with gradients enabled (for LoRA fine-tuning).
@@ -398,6 +398,22 @@ class CellPLMEmbedder(Embedder):
         else:
             y = hard_gumbel(logits.float(), self._noise(tokens.uids[rows])).to(h.dtype)
         return {"prelatent": h, "logits": logits, "y": y, "latent": self.model.latent_mean(h, y)}
+
+    def embed_tensor(self, tokens: CellPLMTokens) -> torch.Tensor:
+        """Differentiable pooled embeddings ``(n_cells, dim)`` in input order (all attention batches).
+
+        Cells without any usable gene are NaN rows (as in :meth:`forward`).
+        """
+        parts, rows_all = [], []
+        for b, rows in enumerate(tokens.batches):
+            parts.append(self.embed_batch_tensor(tokens, b)[self.options["pooling"]].float())
+            rows_all.append(rows)
+        dim = parts[0].shape[1] if parts else int(self.dim)
+        out = torch.full((len(tokens), dim), float("nan"), device=self.device)
+        if parts:
+            idx = torch.from_numpy(np.concatenate(rows_all)).to(self.device)
+            out = out.index_put((idx,), torch.cat(parts))
+        return out
 
     def forward(
         self, tokens: CellPLMTokens, *, categorical_y: torch.Tensor | None = None
@@ -421,7 +437,7 @@ class CellPLMEmbedder(Embedder):
             y = None if categorical_y is None else categorical_y[torch.from_numpy(rows)]
             try:
                 with torch.no_grad(), autocast_context(self.device, self.options["precision"]):
-                    res = self.embed_tensor(tokens, b, y)
+                    res = self.embed_batch_tensor(tokens, b, y)
             except torch.OutOfMemoryError as exc:
                 msg = f"cellplm: out of GPU memory on a batch of {len(rows)} cells; load with a smaller cell_batch_size"
                 raise InputError(msg) from exc

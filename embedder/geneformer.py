@@ -218,6 +218,14 @@ class GeneformerEmbedder(HFEmbedder):
             return int(self._module.config.num_hidden_layers) - 1
         return None
 
+    def lora_layers(self) -> list[int] | None:
+        """Encoder layers whose output reaches the pooled state (LoRA elsewhere would be inert).
+
+        With the default penultimate-layer pooling the last layer is skipped.
+        """
+        idx = self._hidden_index()
+        return None if idx is None else list(range(idx))
+
     def _tokenizer_spec(self) -> dict[str, Any]:
         return {
             "scheme": "rank_value",

@@ -119,7 +119,7 @@ def test_lora_gradients(fx):
     assert emb.lora_targets == ("query_projection", "key_projection", "value_projection")
     cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(emb.lora_targets), init_lora_weights=False)
     peft.inject_adapter_in_model(cfg, emb.torch_module())
-    out = emb.embed_tensor(emb.tokenize(adata), 0)
+    out = emb.embed_batch_tensor(emb.tokenize(adata), 0)
     out["latent"].pow(2).sum().backward()
     lora = {n: p for n, p in emb.torch_module().named_parameters() if "lora_" in n}
     assert len(lora) == 2 * 3 * 2  # A and B × q/k/v × 2 layers
