@@ -48,16 +48,16 @@ def save_head(model: ScaledHead, spec: HeadSpec, directory: Path, *, extra: dict
     from safetensors.numpy import save_file
 
     tensors: dict[str, np.ndarray] = {
-        "scaler.mean": np.asarray(model.mean, dtype=np.float64),
-        "scaler.std": np.asarray(model.std, dtype=np.float64),
+        "scaler.mean": np.ascontiguousarray(model.mean),  # dtypes kept: bit-identical reload
+        "scaler.std": np.ascontiguousarray(model.std),
     }
     inner = model.inner
     if spec.name == "mlp":
         for k, v in inner.net.state_dict().items():
             tensors[f"net.{k}"] = v.detach().cpu().numpy()
     elif spec.name == "logreg":
-        tensors["coef"] = inner.coef_.astype(np.float64)
-        tensors["intercept"] = inner.intercept_.astype(np.float64)
+        tensors["coef"] = np.ascontiguousarray(inner.coef_)
+        tensors["intercept"] = np.ascontiguousarray(inner.intercept_)
         tensors["classes"] = inner.classes_.astype(np.int64)
     elif spec.name != "lightgbm":
         msg = f"{spec.name!r} heads cannot be saved without pickle; train the run with --head mlp, logreg or lightgbm"
