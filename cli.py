@@ -256,10 +256,12 @@ def models() -> None:
 @click.option("--batch-size", type=int, help="Forward mini-batch size.")
 @click.option("--device", help="cuda, cuda:1, cpu (default: CUDA when available).")
 @click.option("--option", "options", multiple=True, help="Extra embedder option KEY=VALUE (repeatable).")
+@click.option("--lora", "lora_run", help="Embed with the fine-tuned backbone of this LoRA run (with --fold).")
+@click.option("--fold", "lora_fold", default=0, show_default=True, help="Fold of the LoRA run.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @click.pass_context
 def embed(ctx: click.Context, model: str, checkpoint: Path | None, dataset_ids: tuple[str, ...], where: str | None,
-          pooling: str | None, batch_size: int | None, device: str | None, options: tuple[str, ...],
+          pooling: str | None, batch_size: int | None, device: str | None, options: tuple[str, ...], lora_run: str | None, lora_fold: int,
           no_progress: bool) -> None:  # fmt: skip
     """Embed the selected datasets with MODEL into the store (resumes after an interruption)."""
     from embedder.runner import embed_datasets
@@ -268,9 +270,16 @@ def embed(ctx: click.Context, model: str, checkpoint: Path | None, dataset_ids: 
     for key, val in (("pooling", pooling), ("batch_size", batch_size), ("device", device)):
         if val is not None:
             opts[key] = val
+    st = _store(ctx)
+    emb = None
+    if lora_run:
+        from classify.finetune import finetuned_embedder
+
+        emb, _ = finetuned_embedder(st, lora_run, lora_fold, checkpoint=checkpoint)
     r = embed_datasets(
-        _store(ctx),
+        st,
         model,
+        embedder=emb,
         checkpoint=checkpoint,
         datasets=list(dataset_ids) or None,
         where=where,

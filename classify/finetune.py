@@ -27,6 +27,7 @@ from classify.lora import CellSource, LoraSpec, attach_lora, build_head, embed_c
 from classify.runs import completed_run, run_folds, write_run
 from embedder.base import spec_hash
 from store.catalog import Store
+from store.errors import InputError
 
 __all__ = ["finetune", "finetune_command"]
 
@@ -268,3 +269,45 @@ def finetune_command(ctx: click.Context, ranks: str | None, rank: int, alpha: fl
         run_ids.append(finetune(st, lora=spec, options=opts, **kw))
         click.echo(f"{run_ids[-1]} rank {r}")
     _print_summary(summarise(st, run_ids))
+
+
+def finetuned_embedder(store: Store, run_id: str, fold: int, *, checkpoint: str | Path | None = None) -> Any:
+    """The backbone of a LoRA run's fold with its adapter loaded (own revision: base + adapter hash).
+
+    Parameters
+    ----------
+    store
+        The store holding the run.
+    run_id, fold
+        A ``strategy = 'lora'`` run and one of its folds.
+    checkpoint
+        Base checkpoint directory, if it moved since fine-tuning.
+
+    Returns
+    -------
+    tuple
+        ``(embedder, head)``: the embedder embeds like the fine-tuned model (use it with
+        :func:`embedder.runner.embed_datasets`); the head is the fold's trained MLP.
+
+    Raises
+    ------
+    InputError
+        Unknown run/fold, or a base checkpoint that no longer matches the run's revision.
+    """
+    from classify.lora import load_adapter
+    from embedder.base import load_embedder
+
+    directory = store.path / "lora" / run_id / f"fold{fold}"
+    if not (directory / "lora.json").exists():
+        msg = f"no saved adapter for run {run_id!r} fold {fold}; see `scdrugmap sql \"SELECT run_id FROM eval_runs WHERE strategy = 'lora'\"`"
+        raise InputError(msg)
+    meta = json.loads((directory / "lora.json").read_text())
+    emb = load_embedder(meta["model"], checkpoint or meta["checkpoint"], **meta["options"])
+    if emb.revision() != meta["revision"]:
+        msg = f"the base checkpoint now gives revision {emb.revision()}, not {meta['revision']}; give the original --checkpoint"
+        raise InputError(msg)
+    head = load_adapter(emb, directory, spec=LoraSpec(**{**meta["lora"], "targets": tuple(meta["lora"]["targets"]),
+                        "target_parameters": tuple(meta["lora"]["target_parameters"])}), seed=int(meta["seed"]) + fold)  # fmt: skip
+    emb.torch_module().eval()
+    head.eval()
+    return emb, head
