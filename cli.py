@@ -390,6 +390,9 @@ def _print_summary(df) -> None:
 @click.option(
     "--min-coverage", default=0.5, show_default=True, help="Minimum fraction of the model's genes present."
 )
+@click.option(
+    "--fold", default=0, show_default=True, help="LoRA runs: whose fold's adapter and head to apply."
+)
 @click.pass_context
 def predict(ctx: click.Context, file: Path, run_id: str, abstain: str | None, **kw: Any) -> None:
     """Apply a trained head to FILE.h5ad: per-cell probability and label written into obs."""

@@ -52,10 +52,23 @@ def _run_row(store: Store, run_id: str) -> pd.Series:
         msg = f'no evaluation run {run_id!r}; list runs with `scdrugmap sql "SELECT run_id, model, head FROM eval_runs"`'
         raise InputError(msg)
     row = df.iloc[0]
-    if row["strategy"] != "frozen":
-        msg = f"run {run_id} has strategy {row['strategy']!r}; predict applies frozen-embedding heads"
+    if row["strategy"] not in ("frozen", "lora"):
+        msg = f"run {run_id} has strategy {row['strategy']!r}; predict applies frozen-embedding or LoRA heads"
         raise InputError(msg)
     return row
+
+
+def _calibrators(store: Store, run_id: str, positive_class: str) -> dict[str, dict[str, object]]:
+    """Platt and isotonic maps fitted on the run's out-of-fold predictions."""
+    oof = store.query(
+        "SELECT p.probability, c.label FROM predictions p JOIN cells c USING (cell_uid) WHERE p.run_id = ?",
+        [run_id],
+    )
+    y_oof = (oof["label"] == positive_class).to_numpy().astype(int)
+    return {
+        m: fit_calibrator(oof["probability"].to_numpy(), y_oof, method=m).to_dict()
+        for m in ("platt", "isotonic")
+    }
 
 
 def final_head(store: Store, run_id: str) -> tuple[Any, dict[str, Any]]:
@@ -84,15 +97,7 @@ def final_head(store: Store, run_id: str) -> tuple[Any, dict[str, Any]]:
     y = (cells["label"] == row["positive_class"]).to_numpy().astype(int)
     spec = HeadSpec.create(row["head"], json.loads(row["head_params"]))
     head = make_head(spec, seed=int(row["seed"])).fit(X[ok], y[ok])
-    oof = store.query(
-        "SELECT p.probability, c.label FROM predictions p JOIN cells c USING (cell_uid) WHERE p.run_id = ?",
-        [run_id],
-    )
-    y_oof = (oof["label"] == row["positive_class"]).to_numpy().astype(int)
-    calibrators = {
-        m: fit_calibrator(oof["probability"].to_numpy(), y_oof, method=m).to_dict()
-        for m in ("platt", "isotonic")
-    }
+    calibrators = _calibrators(store, run_id, row["positive_class"])
     extra = {
         "run_id": run_id,
         "model": row["model"],
@@ -103,6 +108,23 @@ def final_head(store: Store, run_id: str) -> tuple[Any, dict[str, Any]]:
     }
     save_head(head, spec, directory, extra=extra)
     return load_head(directory)
+
+
+def _lora_scorer(store: Store, run_id: str, fold: int, checkpoint: str | Path | None):
+    """(embedder, scoring function, metadata) of one fold of a LoRA run."""
+    from classify.finetune import finetuned_embedder, predict_cells
+    from classify.lora import CellSource
+
+    row = _run_row(store, run_id)
+    emb, net = finetuned_embedder(store, run_id, fold, checkpoint=checkpoint)
+
+    def score(a: Any) -> np.ndarray:
+        src = CellSource({"x": a}, np.full(a.n_obs, "x"), np.arange(a.n_obs))
+        return predict_cells(emb, net, src, np.arange(a.n_obs), batch_size=16)
+
+    meta = {"revision": row["revision"], "positive_class": row["positive_class"]}
+    meta["calibrators"] = _calibrators(store, run_id, row["positive_class"])
+    return emb, score, meta
 
 
 def _catalog_dataset(store: Store, path: Path) -> str | None:
@@ -124,6 +146,7 @@ def predict_file(
     gene_key: str | None = None,
     min_coverage: float = 0.5,
     batch_size: int = 2048,
+    fold: int = 0,
 ) -> PredictResult:
     """Score every cell of an h5ad with a run's head; write probabilities and labels into ``obs``.
 
@@ -152,6 +175,8 @@ def predict_file(
         Refuse when the embedder knows less than this fraction of its genes in the file.
     batch_size
         Cells embedded at a time.
+    fold
+        For a LoRA run: whose fold's adapter and head to apply.
 
     Raises
     ------
@@ -162,8 +187,20 @@ def predict_file(
     from store.ingest import IngestSpec, prepare, read_h5ad_checked
 
     path = Path(path)
-    head, meta = final_head(store, run_id)
-    emb = restore_embedder(store, meta["revision"], checkpoint=checkpoint)
+    if _run_row(store, run_id)["strategy"] == "lora":
+        emb, score, meta = _lora_scorer(store, run_id, fold, checkpoint)
+    else:
+        head, meta = final_head(store, run_id)
+        emb = restore_embedder(store, meta["revision"], checkpoint=checkpoint)
+
+        def score(a: Any) -> np.ndarray:
+            X = emb.embed(a)
+            raw = np.full(a.n_obs, np.nan)
+            ok = np.isfinite(X).all(axis=1)
+            if ok.any():
+                raw[ok] = head.predict_proba(X[ok])
+            return raw
+
     prepared = prepare(
         path, IngestSpec(dataset_id="predict", gene_key=gene_key, min_genes=0, max_pct_mito=100.0)
     )
@@ -179,10 +216,8 @@ def predict_file(
             "or lower --min-coverage"
         )
         raise InputError(msg)
-    X = np.vstack([emb.embed(adata[i : i + batch_size]) for i in range(0, adata.n_obs, batch_size)])
-    ok = np.isfinite(X).all(axis=1)
-    raw = np.full(adata.n_obs, np.nan)
-    raw[ok] = head.predict_proba(X[ok])
+    raw = np.concatenate([score(adata[i : i + batch_size]) for i in range(0, adata.n_obs, batch_size)])
+    ok = np.isfinite(raw)
     cal = (
         Calibrator("none")
         if calibration == "none"

@@ -120,3 +120,21 @@ def test_rank_ablation_and_bad_targets(collection: tuple[Path, Path]) -> None:
     assert res.exit_code == 0, res.output
     ranks = Store.open(store).query("SELECT head_params FROM eval_runs WHERE strategy = 'lora' AND k = 2")
     assert sorted('"rank": 2' in p or '"rank": 4' in p for p in ranks["head_params"]) == [True, True]
+
+
+def test_predict_with_a_lora_head(collection: tuple[Path, Path], tmp_path: Path) -> None:
+    import anndata as ad
+
+    store, tiny = collection
+    st = Store.open(store)
+    run = st.query("SELECT run_id FROM eval_runs WHERE strategy = 'lora' AND protocol = 'cross'")[
+        "run_id"
+    ].iloc[0]
+    src = next((store.parent / "sim").glob("SIM02*.h5ad"))
+    out = tmp_path / "p.h5ad"
+    res = CliRunner().invoke(main, ["--store", str(store), "predict", str(src), "--head", run, "--fold", "1",
+                                    "--checkpoint", str(tiny), "--out", str(out)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    scored = ad.read_h5ad(out).obs
+    assert scored["scdrugmap_probability"].between(0, 1).mean() > 0.9
+    assert "recorded for dataset SIM02" in res.output
