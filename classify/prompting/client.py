@@ -84,6 +84,11 @@ class ClientSettings:
         if not self.base_url.startswith(("http://", "https://")):
             msg = f"--base-url must start with http:// or https://, got {self.base_url!r}"
             raise InputError(msg)
+        from urllib.parse import urlsplit
+
+        if urlsplit(self.base_url).username is not None:
+            msg = "--base-url must not contain credentials (it is stored with the run); put the key in the API key variable"
+            raise InputError(msg)
         if self.timeout_s <= 0 or self.retries < 0 or self.concurrency < 1 or self.backoff_s < 0:
             msg = "need --timeout > 0, --retries ≥ 0, --concurrency ≥ 1 and a non-negative back-off"
             raise InputError(msg)
