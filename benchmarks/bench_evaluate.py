@@ -51,7 +51,9 @@ def main() -> None:
     print(f"collection: {total} cells; evaluating {args.category} = {value!r} ({n} labelled cells), 10 folds")
     for head in args.heads.split(","):
         t = time.perf_counter()
-        evaluate(st, model="pca", head=head, protocol="pooled", category=args.category, value=value, rerun=True)
+        evaluate(
+            st, model="pca", head=head, protocol="pooled", category=args.category, value=value, rerun=True
+        )
         dt = time.perf_counter() - t
         print(f"{head:8s} pooled 10-fold: {dt:7.1f} s  {n / dt:9.0f} cells/s")
 

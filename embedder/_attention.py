@@ -47,9 +47,8 @@ from torch import nn
 from embedder._torch import (
     PaddingReport,
     autocast_context,
-    length_sorted_order,
+    embed_length_sorted,
     pick_device,
-    run_with_oom_backoff,
 )
 from embedder.base import Embedder, hash_files
 from store.errors import InputError
@@ -421,28 +420,8 @@ class MHAEmbedder(Embedder):
             cells without any in-vocabulary expressed gene.
         """
         tokens = self.tokenize(adata)
-        out = np.full((len(tokens), self.dim), np.nan, dtype=np.float32)
-        valid = np.flatnonzero(np.asarray(tokens.n_genes) > 0)
-        if len(valid) < len(tokens):
-            log.warning(
-                "%s: %d of %d cells have no in-vocabulary expressed gene; their embeddings are NaN",
-                self.name,
-                len(tokens) - len(valid),
-                len(tokens),
-            )
-        if len(valid) == 0:
-            return out
-        lengths = tokens.lengths[valid]
-        order = length_sorted_order(lengths, window=len(lengths))
-        self.padding_report.add(lengths, order, self.batch_size)
-
-        def run(batch: Sequence[int]) -> list[np.ndarray]:
-            sub = tokens.subset(valid[np.asarray(batch)])
-            return list(self.pool(self.forward(sub), sub))
-
-        res, self.batch_size = run_with_oom_backoff(run, order, batch_size=self.batch_size)
-        out[valid[order]] = res
-        return out
+        usable = np.asarray(tokens.n_genes) > 0
+        return embed_length_sorted(self, tokens, lengths=tokens.lengths, usable=usable, logger=log)
 
     def _tokenizer_spec(self) -> dict[str, Any]:
         raise NotImplementedError

@@ -29,17 +29,23 @@ import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, ClassVar, Literal
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 import torch
 from torch import nn
 
-from embedder._torch import length_sorted_order, run_with_oom_backoff
+from embedder._checkpoint import load_strict
+from embedder._torch import PaddingReport, autocast_context, embed_length_sorted, pick_device
+from embedder.base import Embedder, hash_files
 from store.errors import CheckpointError, InputError
 
 __all__ = [
+    "PerformerEmbedder",
     "PerformerLM",
+    "build_performer",
     "check_position_table",
     "embed_in_batches",
     "infer_performer_config",
@@ -444,23 +450,108 @@ def embed_in_batches(adapter, tokens, *, lengths: np.ndarray, usable: np.ndarray
     numpy.ndarray
         float32 ``(n, adapter.dim)`` in input order.
     """
-    out = np.full((len(lengths), adapter.dim), np.nan, dtype=np.float32)
-    ok = np.flatnonzero(usable)
-    if len(ok) < len(lengths):
-        log.warning(
-            "%s: %d cell(s) express no in-vocabulary gene; their rows are NaN",
-            adapter.name,
-            len(lengths) - len(ok),
-        )
-    if len(ok) == 0:
-        return out
-    order = length_sorted_order(lengths[ok], window=len(ok))
-    adapter.padding_report.add(np.asarray(lengths[ok]), order, adapter.batch_size)
+    return embed_length_sorted(
+        adapter,
+        tokens,
+        lengths=lengths,
+        usable=usable,
+        logger=log,
+        warning="%(name)s: %(missing)d cell(s) express no in-vocabulary gene; their rows are NaN",
+    )
 
-    def run(batch):
-        sub = tokens.subset(ok[np.asarray(batch)])
-        return list(adapter.pool(adapter.forward(sub), sub))
 
-    res, adapter.batch_size = run_with_oom_backoff(run, order, batch_size=adapter.batch_size)
-    out[ok[order]] = res
-    return out
+def build_performer(
+    config: dict, state: dict, *, weights: Path, gene2vec: np.ndarray, gene2vec_path: Path, device: str | None
+) -> tuple[PerformerLM, torch.device]:
+    """Build a :class:`PerformerLM`, load ``state`` strictly, check its position table, move it to ``device``.
+
+    Returns
+    -------
+    tuple
+        ``(model in eval mode, torch.device)``.
+    """
+    model = PerformerLM(**config)
+    load_strict(model, state, source=weights)
+    check_position_table(model, gene2vec, gene2vec_path)
+    dev = pick_device(device)
+    model.to(dev).eval()
+    return model, dev
+
+
+def performer_options(dev, *, batch_size: int, precision: str, pooling: str, seed: int) -> dict[str, Any]:
+    """The ``options`` dict of a :class:`PerformerEmbedder`."""
+    return {"device": dev, "batch_size": batch_size, "precision": precision, "pooling": pooling, "seed": seed}
+
+
+class PerformerEmbedder(Embedder):
+    """What scBERT and CellLM share: a :class:`PerformerLM` over a gene panel matched on symbols.
+
+    Subclasses set ``name``, implement ``load``, ``spec``, ``tokenize``, ``_tensors`` (model
+    inputs of a token batch), ``pool_tensor`` and ``embed``.
+    """
+
+    input_kind: ClassVar[Literal["counts", "any"]] = "counts"
+    lora_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v")
+
+    def __init__(
+        self, *, model: PerformerLM, config: dict, panel: list[str], files: list[Path], options: dict
+    ):
+        self.model = model
+        self.config = config
+        self.panel = panel
+        self._lookup = {g: i for i, g in enumerate(panel)}
+        self.files = files
+        self.options = options
+        self.device = options["device"]
+        self.batch_size = options["batch_size"]
+        self.padding_report = PaddingReport()
+
+    @property
+    def dim(self) -> int:
+        return self.config["dim"]
+
+    def _spec(self, tokenizer: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "files": hash_files(self.files),
+            "config": self.config,
+            "tokenizer": tokenizer,
+            "attention": "FAVOR+ with per-cell key stabiliser (= original run one cell per forward)",
+            "pooling": self.options["pooling"],
+            "precision": self.options["precision"],
+            "seed": self.options["seed"],
+        }
+
+    def in_vocabulary(self, var: Any) -> np.ndarray:
+        return np.array([bool(s) and s in self._lookup for s in var["symbol"].astype(str)], dtype=bool)
+
+    def vocabulary(self) -> pd.DataFrame:
+        """The genes the model knows: columns ``symbol`` and ``ensembl_id`` (one row per gene)."""
+        return pd.DataFrame({"symbol": self.panel, "ensembl_id": ""})
+
+    def torch_module(self) -> torch.nn.Module:
+        """The PerformerLM (LoRA targets: ``to_q``, ``to_k``, ``to_v``)."""
+        return self.model
+
+    def _panel_values(self, adata) -> sp.csr_matrix:
+        """Cells placed on the panel and log2-normalised, CSR ``(n, gene_num)``."""
+        require_counts(adata, self.name)
+        cols = panel_columns(adata.var["symbol"].astype(str).tolist(), self.panel)
+        return log2_normalise_on_panel(adata.X, cols, len(self.panel))
+
+    def _tensors(self, tokens) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def pool_tensor(self, hidden: torch.Tensor, tokens) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, tokens) -> torch.Tensor:
+        """Final-norm encodings ``(n, positions, dim)`` of the batch's model inputs (no gradients)."""
+        with torch.no_grad(), autocast_context(self.device, self.options["precision"]):
+            return self.model(**self._tensors(tokens))
+
+    def embed_tensor(self, tokens) -> torch.Tensor:
+        """Cell embeddings ``(n, dim)`` with gradients enabled (for LoRA fine-tuning)."""
+        return self.pool_tensor(self.model(**self._tensors(tokens)), tokens)
+
+    def pool(self, hidden: torch.Tensor, tokens) -> np.ndarray:
+        return self.pool_tensor(hidden, tokens).float().cpu().numpy()

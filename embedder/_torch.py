@@ -16,6 +16,7 @@ import numpy as np
 __all__ = [
     "PaddingReport",
     "autocast_context",
+    "embed_length_sorted",
     "length_sorted_order",
     "masked_mean",
     "pick_device",
@@ -154,3 +155,60 @@ def run_with_oom_backoff(
     if not out:
         return np.zeros((0, 0), dtype=np.float32), bs
     return np.stack(out).astype(np.float32, copy=False), bs
+
+
+#: ``embed_length_sorted``'s default warning (fields ``name``, ``missing``, ``total``)
+NAN_ROWS_WARNING = (
+    "%(name)s: %(missing)d of %(total)d cells have no in-vocabulary expressed gene; their embeddings are NaN"
+)
+
+
+def embed_length_sorted(
+    adapter,
+    tokens,
+    *,
+    lengths: np.ndarray,
+    usable: np.ndarray,
+    logger: logging.Logger = log,
+    warning: str = NAN_ROWS_WARNING,
+) -> np.ndarray:
+    """Run ``adapter.forward`` / ``adapter.pool`` over length-sorted batches with OOM back-off.
+
+    Parameters
+    ----------
+    adapter
+        An embedder with ``dim``, ``name``, ``batch_size``, ``padding_report``, ``forward`` and
+        ``pool``; ``adapter.batch_size`` is updated to the batch size that fitted.
+    tokens
+        Tokenized cells offering ``subset(indices)``.
+    lengths
+        Token length of every cell ``(n,)``.
+    usable
+        bool ``(n,)``; False rows (no in-vocabulary gene expressed) are NaN.
+    logger, warning
+        Where and what to log when some rows are NaN; ``warning`` is %-formatted with the
+        mapping ``name``, ``missing``, ``total``.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 ``(n, adapter.dim)`` in input order.
+    """
+    n = len(lengths)
+    out = np.full((n, adapter.dim), np.nan, dtype=np.float32)
+    ok = np.flatnonzero(usable)
+    if len(ok) < n:
+        logger.warning(warning, {"name": adapter.name, "missing": n - len(ok), "total": n})
+    if len(ok) == 0:
+        return out
+    ok_lengths = np.asarray(lengths)[ok]
+    order = length_sorted_order(ok_lengths, window=len(ok))
+    adapter.padding_report.add(ok_lengths, order, adapter.batch_size)
+
+    def run(batch: Sequence[int]) -> list[np.ndarray]:
+        sub = tokens.subset(ok[np.asarray(batch)])
+        return list(adapter.pool(adapter.forward(sub), sub))
+
+    res, adapter.batch_size = run_with_oom_backoff(run, order, batch_size=adapter.batch_size)
+    out[ok[order]] = res
+    return out

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
@@ -108,12 +109,12 @@ class _HVGBase(Embedder):
         fraction of its expression on them (``counts``); before fitting: the base rule."""
         if self.genes is None:
             return super().coverage(adata)
-        ens = adata.var["ensembl_id"].astype(str).to_numpy()
-        on = np.isin(ens, self.genes)
+        ens = pd.Index(adata.var["ensembl_id"].astype(str))
+        on = ens.isin(self.genes)
         col = np.asarray(abs(adata.X).sum(axis=0)).ravel()
         total = float(col.sum())
         return {
-            "genes": float(np.isin(self.genes, ens).mean()),
+            "genes": float(pd.Index(self.genes).isin(ens).mean()),
             "counts": float(col[on].sum() / total) if total > 0 else 0.0,
         }
 

@@ -29,25 +29,21 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from embedder._checkpoint import load_state_dict, load_strict, require_dir, require_files
+from embedder._checkpoint import load_state_dict, require_dir, require_files
 from embedder._performer import (
-    PerformerLM,
-    check_position_table,
+    PerformerEmbedder,
+    build_performer,
     embed_in_batches,
     infer_performer_config,
     load_gene2vec,
-    log2_normalise_on_panel,
-    panel_columns,
-    require_counts,
+    performer_options,
     unwrap_state_dict,
     validate_options,
 )
-from embedder._torch import PaddingReport, autocast_context, pick_device
-from embedder.base import Embedder, hash_files, register
+from embedder.base import register
 from store.errors import CheckpointError
 
 __all__ = ["CellLMEmbedder", "CellLMTokens"]
@@ -127,7 +123,7 @@ class CellLMTokens:
 
 
 @register
-class CellLMEmbedder(Embedder):
+class CellLMEmbedder(PerformerEmbedder):
     """CellLM (``PerformerLM_CellLM``) over its gene panel.
 
     Load with :meth:`load`; the checkpoint directory holds ``checkpoint4_fixed.pth``
@@ -137,21 +133,6 @@ class CellLMEmbedder(Embedder):
     """
 
     name: ClassVar[str] = "celllm"
-    input_kind: ClassVar[Literal["counts", "any"]] = "counts"
-    lora_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v")
-
-    def __init__(
-        self, *, model: PerformerLM, config: dict, panel: list[str], files: list[Path], options: dict
-    ):
-        self.model = model
-        self.config = config
-        self.panel = panel
-        self._lookup = {g: i for i, g in enumerate(panel)}
-        self.files = files
-        self.options = options
-        self.device = options["device"]
-        self.batch_size = options["batch_size"]
-        self.padding_report = PaddingReport()
 
     @classmethod
     def load(
@@ -201,71 +182,38 @@ class CellLMEmbedder(Embedder):
                 f"{config['num_positions']} positions (genes + CLS + PAD)"
             )
             raise CheckpointError(msg)
-        gene2vec = load_gene2vec(root / layout["gene2vec"], rows=len(panel), dim=config["dim"])
-        model = PerformerLM(**config)
-        load_strict(model, state, source=weights)
-        check_position_table(model, gene2vec, root / layout["gene2vec"])
-        dev = pick_device(device)
-        model.to(dev).eval()
+        gene2vec_path = root / layout["gene2vec"]
+        gene2vec = load_gene2vec(gene2vec_path, rows=len(panel), dim=config["dim"])
+        model, dev = build_performer(
+            config, state, weights=weights, gene2vec=gene2vec, gene2vec_path=gene2vec_path, device=device
+        )
         config = {**config, "max_seq_len": layout["max_seq_len"]}
-        options = {
-            "device": dev,
-            "batch_size": batch_size,
-            "precision": precision,
-            "pooling": pooling,
-            "seed": seed,
-        }
+        options = performer_options(
+            dev, batch_size=batch_size, precision=precision, pooling=pooling, seed=seed
+        )
         files = [weights, root / layout["gene2vec"], root / GENE_LIST] + (
             [root / CONFIG] if (root / CONFIG).is_file() else []
         )
         return cls(model=model, config=config, panel=panel, files=files, options=options)
 
-    @property
-    def dim(self) -> int:
-        return self.config["dim"]
-
     def spec(self) -> dict[str, Any]:
-        return {
-            "files": hash_files(self.files),
-            "config": self.config,
-            "tokenizer": {
+        return self._spec(
+            {
                 "panel_genes": len(self.panel),
                 "gene_key": "symbol",
                 "normalise": "counts re-indexed to the panel; normalize_total(target_sum=1e4); log1p(base=2)",
                 "tokens": "CLS + genes with value > 0 in panel order, min(value, 5) truncated to int",
                 "max_seq_len": self.config["max_seq_len"],
-            },
-            "attention": "FAVOR+ with per-cell key stabiliser (= original run one cell per forward)",
-            "pooling": self.options["pooling"],
-            "precision": self.options["precision"],
-            "seed": self.options["seed"],
-        }
-
-    def in_vocabulary(self, var: Any) -> np.ndarray:
-        return np.array([bool(s) and s in self._lookup for s in var["symbol"].astype(str)], dtype=bool)
-
-    def vocabulary(self) -> pd.DataFrame:
-        """The genes the model knows: columns ``symbol`` and ``ensembl_id`` (one row per gene)."""
-        return pd.DataFrame({"symbol": self.panel, "ensembl_id": ""})
-
-    def torch_module(self) -> torch.nn.Module:
-        """The PerformerLM (LoRA targets: ``to_q``, ``to_k``, ``to_v``)."""
-        return self.model
+            }
+        )
 
     def tokenize(self, adata) -> CellLMTokens:
         """Place cells on the panel and log2-normalise them; token ids are built per batch."""
-        require_counts(adata, self.name)
-        cols = panel_columns(adata.var["symbol"].astype(str).tolist(), self.panel)
-        values = log2_normalise_on_panel(adata.X, cols, len(self.panel))
+        values = self._panel_values(adata)
         return CellLMTokens(values, self.config["num_tokens"], self.config["max_seq_len"])
 
     def _tensors(self, tokens: CellLMTokens) -> dict[str, torch.Tensor]:
         return {k: torch.from_numpy(v).to(self.device) for k, v in tokens.compact().items()}
-
-    def forward(self, tokens: CellLMTokens) -> torch.Tensor:
-        """Final-norm encodings ``(n, L + 1, dim)`` of the compact layout (no gradients)."""
-        with torch.no_grad(), autocast_context(self.device, self.options["precision"]):
-            return self.model(**self._tensors(tokens))
 
     def pool_tensor(self, hidden: torch.Tensor, tokens: CellLMTokens) -> torch.Tensor:
         """Pool compact encodings → ``(n, dim)`` (differentiable)."""
@@ -276,13 +224,6 @@ class CellLMEmbedder(Embedder):
         first = 1 if self.options["pooling"] == "masked_mean" else 0
         m = ((cols >= first) & (cols < lengths[:, None])).to(hidden.dtype).unsqueeze(-1)
         return (hidden * m).sum(dim=1) / m.sum(dim=1)
-
-    def embed_tensor(self, tokens: CellLMTokens) -> torch.Tensor:
-        """Cell embeddings ``(n, dim)`` with gradients enabled (for LoRA fine-tuning)."""
-        return self.pool_tensor(self.model(**self._tensors(tokens)), tokens)
-
-    def pool(self, hidden: torch.Tensor, tokens: CellLMTokens) -> np.ndarray:
-        return self.pool_tensor(hidden, tokens).float().cpu().numpy()
 
     def embed(self, adata) -> np.ndarray:
         """Embed cells (float32 ``(n_obs, dim)``, input order; NaN rows for cells with no panel gene)."""

@@ -25,25 +25,21 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from embedder._checkpoint import load_state_dict, load_strict, require_dir, require_files
+from embedder._checkpoint import load_state_dict, require_dir, require_files
 from embedder._performer import (
-    PerformerLM,
-    check_position_table,
+    PerformerEmbedder,
+    build_performer,
     embed_in_batches,
     infer_performer_config,
     load_gene2vec,
-    log2_normalise_on_panel,
-    panel_columns,
-    require_counts,
+    performer_options,
     unwrap_state_dict,
     validate_options,
 )
-from embedder._torch import PaddingReport, autocast_context, pick_device
-from embedder.base import Embedder, hash_files, register
+from embedder.base import register
 from store.errors import CheckpointError
 
 __all__ = ["ScBertEmbedder", "ScBertTokens"]
@@ -100,7 +96,7 @@ class ScBertTokens:
 
 
 @register
-class ScBertEmbedder(Embedder):
+class ScBertEmbedder(PerformerEmbedder):
     """scBERT (PerformerLM over the Panglao gene panel).
 
     Load with :meth:`load`; the checkpoint directory holds the release files
@@ -110,21 +106,6 @@ class ScBertEmbedder(Embedder):
     """
 
     name: ClassVar[str] = "scbert"
-    input_kind: ClassVar[Literal["counts", "any"]] = "counts"
-    lora_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v")
-
-    def __init__(
-        self, *, model: PerformerLM, config: dict, panel: list[str], files: list[Path], options: dict
-    ):
-        self.model = model
-        self.config = config
-        self.panel = panel
-        self._lookup = {g: i for i, g in enumerate(panel)}
-        self.files = files
-        self.options = options
-        self.device = options["device"]
-        self.batch_size = options["batch_size"]
-        self.padding_report = PaddingReport()
 
     @classmethod
     def load(
@@ -167,72 +148,38 @@ class ScBertEmbedder(Embedder):
             msg = f"{root / PANEL} lists {len(panel)} genes but {weights.name} has {config['num_positions']} positions (genes + 1)"
             raise CheckpointError(msg)
         gene2vec = load_gene2vec(root / GENE2VEC, rows=len(panel), dim=config["dim"])
-        model = PerformerLM(**config)
-        load_strict(model, state, source=weights)
-        check_position_table(model, gene2vec, root / GENE2VEC)
-        dev = pick_device(device)
-        model.to(dev).eval()
-        options = {
-            "device": dev,
-            "batch_size": batch_size,
-            "precision": precision,
-            "pooling": pooling,
-            "seed": seed,
-        }
+        model, dev = build_performer(
+            config, state, weights=weights, gene2vec=gene2vec, gene2vec_path=root / GENE2VEC, device=device
+        )
+        options = performer_options(
+            dev, batch_size=batch_size, precision=precision, pooling=pooling, seed=seed
+        )
         files = [weights, root / GENE2VEC, root / PANEL] + (
             [root / CONFIG] if (root / CONFIG).is_file() else []
         )
         return cls(model=model, config=config, panel=panel, files=files, options=options)
 
     @property
-    def dim(self) -> int:
-        return self.config["dim"]
-
-    @property
     def bin_num(self) -> int:
         return self.config["num_tokens"] - 2
 
     def spec(self) -> dict[str, Any]:
-        return {
-            "files": hash_files(self.files),
-            "config": self.config,
-            "tokenizer": {
+        return self._spec(
+            {
                 "panel_genes": len(self.panel),
                 "gene_key": "symbol",
                 "normalise": "counts re-indexed to the panel; normalize_total(target_sum=1e4); log1p(base=2)",
                 "tokens": f"min(value, {self.bin_num}) truncated to int; one 0 token appended",
                 "filter_cells_min_genes": None,
-            },
-            "attention": "FAVOR+ with per-cell key stabiliser (= original run one cell per forward)",
-            "pooling": self.options["pooling"],
-            "precision": self.options["precision"],
-            "seed": self.options["seed"],
-        }
-
-    def in_vocabulary(self, var: Any) -> np.ndarray:
-        return np.array([bool(s) and s in self._lookup for s in var["symbol"].astype(str)], dtype=bool)
-
-    def vocabulary(self) -> pd.DataFrame:
-        """The genes the model knows: columns ``symbol`` and ``ensembl_id`` (one row per gene)."""
-        return pd.DataFrame({"symbol": self.panel, "ensembl_id": ""})
-
-    def torch_module(self) -> torch.nn.Module:
-        """The PerformerLM (LoRA targets: ``to_q``, ``to_k``, ``to_v``)."""
-        return self.model
+            }
+        )
 
     def tokenize(self, adata) -> ScBertTokens:
         """Place cells on the panel and log2-normalise them (``values`` CSR ``(n, gene_num)``)."""
-        require_counts(adata, self.name)
-        cols = panel_columns(adata.var["symbol"].astype(str).tolist(), self.panel)
-        return ScBertTokens(log2_normalise_on_panel(adata.X, cols, len(self.panel)), self.bin_num)
+        return ScBertTokens(self._panel_values(adata), self.bin_num)
 
     def _tensors(self, tokens: ScBertTokens) -> dict[str, torch.Tensor]:
         return {"tokens": torch.from_numpy(tokens.token_ids()).to(self.device)}
-
-    def forward(self, tokens: ScBertTokens) -> torch.Tensor:
-        """Final-norm encodings ``(n, gene_num + 1, dim)`` (no gradients)."""
-        with torch.no_grad(), autocast_context(self.device, self.options["precision"]):
-            return self.model(**self._tensors(tokens))
 
     def pool_tensor(self, hidden: torch.Tensor, tokens: ScBertTokens) -> torch.Tensor:
         """Pool encodings ``(n, gene_num + 1, dim)`` → ``(n, dim)`` (differentiable)."""
@@ -244,13 +191,6 @@ class ScBertEmbedder(Embedder):
         mask = torch.from_numpy(tokens.expressed()).to(hidden.device)
         m = mask.to(hidden.dtype).unsqueeze(-1)
         return (hidden[:, :-1] * m).sum(dim=1) / m.sum(dim=1)
-
-    def embed_tensor(self, tokens: ScBertTokens) -> torch.Tensor:
-        """Cell embeddings ``(n, dim)`` with gradients enabled (for LoRA fine-tuning)."""
-        return self.pool_tensor(self.model(**self._tensors(tokens)), tokens)
-
-    def pool(self, hidden: torch.Tensor, tokens: ScBertTokens) -> np.ndarray:
-        return self.pool_tensor(hidden, tokens).float().cpu().numpy()
 
     def embed(self, adata) -> np.ndarray:
         """Embed cells (float32 ``(n_obs, dim)``, input order; NaN rows for cells with no panel gene)."""

@@ -224,8 +224,15 @@ class Store:
             con.execute("COMMIT")
 
     def query(self, sql: str, params: list[Any] | None = None) -> pd.DataFrame:
-        """Run a read-only query and return a DataFrame."""
-        with self.connect(read_only=True) as con:
+        """Run one of the package's own queries and return a DataFrame.
+
+        Uses the same connection configuration as writers (DuckDB refuses two configurations of
+        one file in a process); user SQL goes through :meth:`sql`, which is locked down.
+        """
+        if not self.catalog_path.exists():
+            msg = f"no catalog at {str(self.catalog_path)!r}; ingest data first"
+            raise StoreError(msg)
+        with self.connect() as con:
             return con.execute(sql, params or []).df()
 
     def sql(self, sql: str, *, limit: int | None = 10_000) -> pd.DataFrame:
@@ -270,10 +277,10 @@ class Store:
 
     def n_cells_total(self) -> int:
         """Number of rows every embedding array must have (max cell_uid + 1)."""
-        with self.connect(read_only=True) as con:
+        with self.connect() as con:
             return self.next_cell_uid(con)
 
     def snapshot(self) -> dict[str, int]:
         """Row counts per table (used by tests to show nothing was half-written)."""
-        with self.connect(read_only=True) as con:
+        with self.connect() as con:
             return {t: int(con.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]) for t in TABLES}

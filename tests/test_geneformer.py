@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from adapter_checks import assert_oov_cell_is_nan, check_pc9_runner, link_tiny, lora_hf_gradients
 from conftest import fixture_adata, model_fixture
 
 from embedder import load_embedder
@@ -63,14 +63,6 @@ def emb(fixture_dir):
     return load_embedder("geneformer", fixture_dir / "tiny", device="cpu")
 
 
-def _copy_tiny(fixture_dir: Path, dest: Path, skip: tuple[str, ...] = ()) -> Path:
-    dest.mkdir()
-    for f in (fixture_dir / "tiny").iterdir():
-        if f.name not in skip:
-            (dest / f.name).symlink_to(f)
-    return dest
-
-
 def test_golden_tokens(emb, adata, expected):
     ids, mask = emb.tokenize(adata).padded()
     np.testing.assert_array_equal(ids, expected["input_ids"])
@@ -106,7 +98,7 @@ def test_legacy_release_bin(fixture_dir, tmp_path, adata, expected):
     sd["bert.embeddings.position_ids"] = torch.arange(2048).unsqueeze(0)
     sd["cls.predictions.decoder.weight"] = sd["bert.embeddings.word_embeddings.weight"].clone()
     sd["cls.predictions.decoder.bias"] = sd["cls.predictions.bias"].clone()
-    ckpt = _copy_tiny(fixture_dir, tmp_path / "ckpt", skip=("model.safetensors",))
+    ckpt = link_tiny(fixture_dir, tmp_path / "ckpt", skip=("model.safetensors",))
     torch.save(sd, ckpt / "pytorch_model.bin")
     out = load_embedder("geneformer", ckpt, device="cpu").embed(adata)
     np.testing.assert_allclose(out, expected["cell_embeddings"], rtol=0, atol=1e-5)
@@ -144,16 +136,7 @@ def test_batch_invariance_and_order(fixture_dir, adata):
 
 
 def test_cell_without_vocabulary_genes_is_nan(emb, adata, caplog):
-    sub = adata[:3].copy()
-    oov = ~emb.in_vocabulary(sub.var)
-    sub.X = sub.X.toarray()
-    sub.X[1] = 0
-    sub.X[1, oov] = 5
-    with caplog.at_level(logging.WARNING):
-        out = emb.embed(sub)
-    assert np.isnan(out[1]).all()
-    assert not np.isnan(out[[0, 2]]).any()
-    assert "no in-vocabulary" in caplog.text
+    assert_oov_cell_is_nan(emb, adata, caplog, check_padding=False)
 
 
 def test_requires_counts(emb, adata):
@@ -200,14 +183,14 @@ def test_bad_options(fixture_dir):
 
 @pytest.mark.parametrize("missing", ["token_dictionary.pkl", "gene_median_dictionary.pkl", "config.json"])
 def test_missing_file(fixture_dir, tmp_path, missing):
-    ckpt = _copy_tiny(fixture_dir, tmp_path / "ckpt", skip=(missing,))
+    ckpt = link_tiny(fixture_dir, tmp_path / "ckpt", skip=(missing,))
     with pytest.raises(CheckpointError, match=missing.replace(".", r"\.")) as err:
         load_embedder("geneformer", ckpt)
     assert "gene_name_id_dict.pkl" in str(err.value)  # lists the expected layout
 
 
 def test_missing_weights_and_dir(fixture_dir, tmp_path):
-    ckpt = _copy_tiny(fixture_dir, tmp_path / "ckpt", skip=("model.safetensors",))
+    ckpt = link_tiny(fixture_dir, tmp_path / "ckpt", skip=("model.safetensors",))
     with pytest.raises(CheckpointError, match=r"model\.safetensors.*pytorch_model\.bin"):
         load_embedder("geneformer", ckpt)
     with pytest.raises(CheckpointError, match="does not exist"):
@@ -219,7 +202,7 @@ def test_missing_weights_and_dir(fixture_dir, tmp_path):
 def test_wrong_shapes_and_keys(fixture_dir, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    ckpt = _copy_tiny(fixture_dir, tmp_path / "ckpt", skip=("config.json",))
+    ckpt = link_tiny(fixture_dir, tmp_path / "ckpt", skip=("config.json",))
     config = json.loads((fixture_dir / "tiny" / "config.json").read_text())
     (ckpt / "config.json").write_text(json.dumps({**config, "intermediate_size": 48}))
     with pytest.raises(CheckpointError, match="shape mismatches"):
@@ -229,7 +212,7 @@ def test_wrong_shapes_and_keys(fixture_dir, tmp_path):
     with pytest.raises(CheckpointError, match="model_type"):
         load_embedder("geneformer", ckpt)
 
-    ckpt2 = _copy_tiny(fixture_dir, tmp_path / "ckpt2", skip=("model.safetensors",))
+    ckpt2 = link_tiny(fixture_dir, tmp_path / "ckpt2", skip=("model.safetensors",))
     sd = load_file(str(fixture_dir / "tiny" / "model.safetensors"))
     sd["bert.pooler.dense.bias"] = torch.zeros(32)
     save_file(sd, str(ckpt2 / "model.safetensors"))
@@ -240,49 +223,18 @@ def test_wrong_shapes_and_keys(fixture_dir, tmp_path):
 def test_unsafe_pickle_refused(fixture_dir, tmp_path):
     import pickle
 
-    ckpt = _copy_tiny(fixture_dir, tmp_path / "ckpt", skip=("token_dictionary.pkl",))
+    ckpt = link_tiny(fixture_dir, tmp_path / "ckpt", skip=("token_dictionary.pkl",))
     (ckpt / "token_dictionary.pkl").write_bytes(pickle.dumps({"<pad>": 0, "x": Path("/")}))
     with pytest.raises(CheckpointError, match="refusing"):
         load_embedder("geneformer", ckpt)
 
 
 def test_lora_gradients(fixture_dir, adata):
-    from peft import LoraConfig, get_peft_model
-
     emb = load_embedder("geneformer", fixture_dir / "tiny", device="cpu", pooling="last_mean")
-    torch.manual_seed(0)
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=list(emb.lora_targets), init_lora_weights=False)
-    peft_model = get_peft_model(emb.torch_module(), lora)
-    tokens = emb.tokenize(adata[:4])
-    emb.pool_torch(emb.hidden_states(tokens), tokens).pow(2).sum().backward()
-    params = {n: p for n, p in peft_model.named_parameters() if "lora_" in n}
-    assert len(params) == 2 * 3 * 2  # A and B x query/key/value x 2 layers
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params.values())
+    lora_hf_gradients(emb, adata, 2 * 3 * 2)  # A and B x query/key/value x 2 layers
 
 
 @pytest.mark.slow
 def test_real_pc9_through_runner(tmp_path, fixture_dir):
     """Real raw counts (PC9, erlotinib day 11): ingest 40 cells, embed via the runner, coverage recorded."""
-    import anndata as ad
-    from conftest import shared_path
-
-    from embedder.runner import embed_datasets
-    from store.catalog import Store
-    from store.embeddings import open_embeddings
-    from store.ingest import ingest_h5ad
-
-    raw = ad.read_h5ad(
-        shared_path("data", "real", "pc9_erlotinib_d11", "GSE149214_PC9_D11_erlotinib_raw_counts.h5ad")
-    )
-    raw[np.flatnonzero(np.diff(raw.X.indptr) >= 600)[:40]].copy().write_h5ad(tmp_path / "pc9.h5ad")
-    store = Store.open(tmp_path / "store", create=True)
-    ingest_h5ad(store, tmp_path / "pc9.h5ad", dataset_id="pc9_d11")
-    res = embed_datasets(
-        store, "geneformer", checkpoint=fixture_dir / "tiny", options={"device": "cpu"}, progress=False
-    )
-    assert res.status == "complete"
-    assert res.n_done == 40
-    cov = store.query("SELECT * FROM coverage WHERE revision = ?", [res.revision])
-    assert len(cov) == 1
-    assert 0.3 < cov["frac_genes"].iloc[0] <= 1
-    assert np.isfinite(open_embeddings(store, "geneformer", revision=res.revision).values).all()
+    check_pc9_runner(tmp_path, "geneformer", fixture_dir / "tiny", min_frac_genes=0.3)

@@ -207,6 +207,8 @@ def test_manifest_is_all_or_nothing(base: tuple[Path, Path], tmp_path: Path) -> 
 
 def test_failed_ingest_into_new_store_leaves_nothing(tmp_path: Path) -> None:
     store = tmp_path / "fresh"
-    res = CliRunner().invoke(main, ["--store", str(store), "ingest", str(tmp_path / "nope.h5ad"), "--dataset-id", "x"])
+    res = CliRunner().invoke(
+        main, ["--store", str(store), "ingest", str(tmp_path / "nope.h5ad"), "--dataset-id", "x"]
+    )
     assert res.exit_code == 1
     assert not store.exists()

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from adapter_checks import check_pc9_runner, lora_hf_gradients
 
 from embedder import load_embedder
 from embedder.llm import write_tiny_checkpoint
@@ -168,44 +169,16 @@ def test_bad_checkpoints(ckpt, tmp_path):
 
 
 def test_lora_gradients(ckpt, adata):
-    from peft import LoraConfig, get_peft_model
-
     emb = load_embedder("llm", ckpt, device="cpu")
-    torch.manual_seed(0)
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=list(emb.lora_targets), init_lora_weights=False)
-    peft_model = get_peft_model(emb.torch_module(), lora)
-    tokens = emb.tokenize(adata[:4])
-    emb.pool_torch(emb.hidden_states(tokens), tokens).pow(2).sum().backward()
-    params = {n: p for n, p in peft_model.named_parameters() if "lora_" in n}
-    assert len(params) == 2 * 3 * 2  # A and B x q/k/v x 2 layers
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params.values())
+    lora_hf_gradients(emb, adata, 2 * 3 * 2)  # A and B x q/k/v x 2 layers
 
 
 @pytest.mark.slow
 def test_real_pc9_through_runner(tmp_path):
     """Real raw counts (PC9, erlotinib day 11): ingest 40 cells, embed via the runner, coverage recorded."""
-    import anndata as ad
-    from conftest import shared_path
-
-    from embedder.runner import embed_datasets
-    from store.catalog import Store
-    from store.embeddings import open_embeddings
-    from store.ingest import ingest_h5ad
-
-    raw = ad.read_h5ad(
-        shared_path("data", "real", "pc9_erlotinib_d11", "GSE149214_PC9_D11_erlotinib_raw_counts.h5ad")
+    check_pc9_runner(
+        tmp_path, "llm", lambda genes: write_tiny_checkpoint(tmp_path / "llm", genes), min_frac_genes=0.5
     )
-    raw[np.flatnonzero(np.diff(raw.X.indptr) >= 600)[:40]].copy().write_h5ad(tmp_path / "pc9.h5ad")
-    store = Store.open(tmp_path / "store", create=True)
-    ingest_h5ad(store, tmp_path / "pc9.h5ad", dataset_id="pc9_d11")
-    ckpt = write_tiny_checkpoint(tmp_path / "llm", list(raw.var_names))
-    res = embed_datasets(store, "llm", checkpoint=ckpt, options={"device": "cpu"}, progress=False)
-    assert res.status == "complete"
-    assert res.n_done == 40
-    cov = store.query("SELECT * FROM coverage WHERE revision = ?", [res.revision])
-    assert len(cov) == 1
-    assert 0.5 < cov["frac_genes"].iloc[0] <= 1
-    assert np.isfinite(open_embeddings(store, "llm", revision=res.revision).values).all()
 
 
 def test_legacy_rotary_buffers_ignored(ckpt, tmp_path, emb, adata):

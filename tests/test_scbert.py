@@ -8,6 +8,16 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from adapter_checks import (
+    assert_batch_invariant,
+    assert_lora_gradients,
+    check_pc9_two_samples,
+    copy_tiny,
+    inject_lora,
+    module_shapes,
+    pc9_two_sample_store,
+    release_shapes,
+)
 from conftest import fixture_adata, model_fixture
 
 import embedder
@@ -56,12 +66,12 @@ def test_batch_invariance(fx):
     root, _, adata = fx
     emb = _load(root)
     sub = adata[:8]
-    results = []
-    for bs in (1, 7, 32):
+
+    def embed(bs):
         emb.batch_size = bs
-        results.append(emb.embed(sub))
-    np.testing.assert_allclose(results[0], results[1], atol=1e-5, rtol=0)
-    np.testing.assert_allclose(results[0], results[2], atol=1e-5, rtol=0)
+        return emb.embed(sub)
+
+    assert_batch_invariant(embed)
 
 
 def test_nan_row_for_cell_without_panel_genes(fx, caplog):
@@ -86,34 +96,21 @@ def test_state_dict_matches_release():
             depth=cfg["depth"],
             heads=cfg["heads"],
         )
-    ours = {k: list(v.shape) for k, v in model.state_dict().items()}
-    release = {t["key"]: t["shape"] for t in meta["tensors"]}
-    assert ours == release
+    assert module_shapes(model) == release_shapes(meta)
 
 
 def test_lora_gradients(fx):
-    peft = pytest.importorskip("peft")
     root, _, adata = fx
     emb = _load(root)
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(emb.lora_targets), init_lora_weights=False)
-    module = peft.inject_adapter_in_model(cfg, emb.torch_module())
+    module = inject_lora(emb)
     tokens = torch.from_numpy(emb.tokenize(adata[:2]).token_ids()[:, :2000])  # a prefix keeps the test fast
     module(tokens).pow(2).sum().backward()
-    lora = {n: p for n, p in emb.torch_module().named_parameters() if "lora_" in n}
-    assert len(lora) == 2 * 3 * 2  # A and B × q/k/v × 2 layers
-    for name, p in lora.items():
-        assert p.grad is not None, name
-        assert p.grad.abs().sum() > 0, name
+    assert_lora_gradients(emb.torch_module(), 2 * 3 * 2)  # A and B × q/k/v × 2 layers
 
 
 @pytest.fixture
 def tiny_copy(tmp_path):
-    dst = tmp_path / "scbert"
-    shutil.copytree(model_fixture("scbert") / "tiny", dst)
-    dst.chmod(0o755)
-    for p in dst.iterdir():
-        p.chmod(0o644)
-    return dst
+    return copy_tiny("scbert", tmp_path / "scbert")
 
 
 @pytest.mark.parametrize("missing", ["gene2vec_16906.npy", "panglao_10000.h5ad", "panglao_pretrain_tiny.pth"])
@@ -182,41 +179,8 @@ def test_spec_records_settings(fx):
 @pytest.fixture(scope="module")
 def pc9_store(tmp_path_factory):
     """5 + 5 real PC9 cells (two replicates = two samples) ingested into a fresh store."""
-    import anndata as ad
-    from conftest import shared_path
-
-    from store import Store
-    from store.ingest import ingest_h5ad
-
-    src = shared_path("data", "real", "pc9_erlotinib_d11", "GSE149214_PC9_D11_erlotinib_raw_counts.h5ad")
-    full = ad.read_h5ad(src)
-    rich = np.flatnonzero(full.obs["n_genes"].to_numpy() >= 800)
-    batch = full.obs["batch"].to_numpy()
-    pick = np.concatenate([rich[batch[rich] == b][:5] for b in ("Day11_Erlotinib", "Day11_control")])
-    tmp = tmp_path_factory.mktemp("pc9")
-    full[pick].copy().write_h5ad(tmp / "pc9.h5ad")
-    store = Store.open(tmp / "store", create=True)
-    ingest_h5ad(store, tmp / "pc9.h5ad", dataset_id="pc9", sample_key="batch")
-    return store
+    return pc9_two_sample_store(tmp_path_factory, 5)
 
 
 def test_real_pc9_through_runner(pc9_store):
-    from embedder.runner import embed_datasets
-    from store.embeddings import open_embeddings
-
-    res = embed_datasets(
-        pc9_store,
-        "scbert",
-        checkpoint=model_fixture("scbert") / "tiny",
-        options={"device": "cpu"},
-        progress=False,
-    )
-    assert res.status == "complete"
-    cov = pc9_store.query("SELECT * FROM coverage WHERE revision = ?", [res.revision])
-    assert len(cov) == 1
-    assert 0 < cov["frac_genes"].iloc[0] <= 1
-    assert 0 < cov["frac_counts"].iloc[0] <= 1
-    uids = pc9_store.query("SELECT cell_uid FROM cells WHERE dataset_id = 'pc9'")["cell_uid"].to_numpy()
-    values = open_embeddings(pc9_store, "scbert", revision=res.revision).sel(cell=uids).values
-    assert values.shape == (len(uids), res.dim)
-    assert np.isfinite(values).all()
+    check_pc9_two_samples(pc9_store, "scbert")

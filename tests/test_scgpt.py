@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 
 import numpy as np
 import pytest
 import torch
+from adapter_checks import assert_oov_cell_is_nan, check_pc9_runner, lora_attention_gradients
 from conftest import fixture_adata, model_fixture
 
 from embedder import load_embedder
@@ -115,23 +115,10 @@ def test_state_dict_matches_release_layout(fx):
 
 
 def test_lora_on_attention_projections_gets_gradients(fx):
-    peft = pytest.importorskip("peft")
     d, _ = fx
     emb = _load(d)
-    cfg = peft.LoraConfig(
-        r=2,
-        target_modules=list(emb.lora_targets),
-        target_parameters=list(emb.lora_target_parameters),
-        init_lora_weights=False,
-    )
-    model = peft.get_peft_model(emb.torch_module(), cfg)
-    tokens = emb.tokenize(fixture_adata("scgpt")[:4].copy())
-    pooled = emb.pool_torch(emb.hidden_states(tokens), tokens)
-    (pooled * torch.randn_like(pooled)).sum().backward()
-    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    lora = lora_attention_gradients(emb, fixture_adata("scgpt")[:4].copy(), 8)
     assert sum("out_proj" in n for n in lora) == 4
-    assert len(lora) == 8
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora.values())
 
 
 def test_torch_mha_out_proj_lora_is_inert():
@@ -170,52 +157,11 @@ def test_bad_checkpoints(fx, tmp_path):
 def test_cell_without_vocabulary_genes_is_nan(fx, caplog):
     d, _ = fx
     emb = _load(d)
-    sub = fixture_adata("scgpt")[:3].copy()
-    sub.X = sub.X.toarray()
-    oov = ~emb.in_vocabulary(sub.var)
-    sub.X[1] = 0
-    sub.X[1, oov] = 5
-    with caplog.at_level(logging.WARNING):
-        out = emb.embed(sub)
-    assert np.isnan(out[1]).all()
-    assert not np.isnan(out[[0, 2]]).any()
-    assert "no in-vocabulary" in caplog.text
-    assert emb.padding_report.padded_sorted <= emb.padding_report.padded_unsorted
-
-
-def _pc9_store(tmp_path, n_cells=40):
-    """40 real PC9 cells (≥ 600 genes) ingested into a fresh store (default QC)."""
-    import anndata as ad
-    from conftest import shared_path
-
-    from store.catalog import Store
-    from store.ingest import ingest_h5ad
-
-    raw = ad.read_h5ad(
-        shared_path("data", "real", "pc9_erlotinib_d11", "GSE149214_PC9_D11_erlotinib_raw_counts.h5ad")
-    )
-    raw[np.flatnonzero(np.diff(raw.X.indptr) >= 600)[:n_cells]].copy().write_h5ad(tmp_path / "pc9.h5ad")
-    store = Store.open(tmp_path / "store", create=True)
-    ingest_h5ad(store, tmp_path / "pc9.h5ad", dataset_id="pc9_d11")
-    return store
+    assert_oov_cell_is_nan(emb, fixture_adata("scgpt"), caplog)
 
 
 @pytest.mark.slow
 def test_real_pc9_through_runner(fx, tmp_path):
     """Real raw counts (PC9, erlotinib day 11) → ingest → runner with the tiny checkpoint → coverage recorded."""
-    from embedder.runner import embed_datasets
-    from store.embeddings import open_embeddings
-
     d, _ = fx
-    store = _pc9_store(tmp_path)
-    res = embed_datasets(
-        store, "scgpt", checkpoint=d / "tiny", options={"device": "cpu", **{}}, progress=False
-    )
-    assert res.status == "complete"
-    assert res.n_done == 40
-    cov = store.query("SELECT * FROM coverage WHERE revision = ?", [res.revision])
-    assert len(cov) == 1
-    assert 0 < cov["frac_genes"].iloc[0] <= 1
-    values = open_embeddings(store, "scgpt", revision=res.revision).values
-    assert values.shape == (40, 32)
-    assert np.isfinite(values).all()
+    check_pc9_runner(tmp_path, "scgpt", d / "tiny", dim=32)

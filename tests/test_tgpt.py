@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from adapter_checks import check_pc9_runner, link_tiny, lora_hf_gradients
 from conftest import fixture_adata, model_fixture
 
 from embedder import load_embedder
@@ -37,14 +38,6 @@ def adata():
 @pytest.fixture(scope="module")
 def emb(fixture_dir):
     return load_embedder("tgpt", fixture_dir / "tiny", device="cpu")
-
-
-def _copy_tiny(fixture_dir: Path, dest: Path, skip: tuple[str, ...] = ()) -> Path:
-    dest.mkdir()
-    for f in (fixture_dir / "tiny").iterdir():
-        if f.name not in skip:
-            (dest / f.name).symlink_to(f)
-    return dest
 
 
 def test_golden_tokens(emb, adata, expected):
@@ -93,7 +86,7 @@ def test_safetensors_without_legacy_buffers(fixture_dir, tmp_path, adata, expect
     sd = torch.load(fixture_dir / "tiny" / "pytorch_model.bin", map_location="cpu", weights_only=True)
     legacy = re.compile(r"transformer\.h\.\d+\.attn\.(bias|masked_bias)|lm_head\.weight")
     sd = {k: v for k, v in sd.items() if not legacy.fullmatch(k)}
-    ckpt = _copy_tiny(fixture_dir, tmp_path / "ckpt", skip=("pytorch_model.bin",))
+    ckpt = link_tiny(fixture_dir, tmp_path / "ckpt", skip=("pytorch_model.bin",))
     save_file(sd, str(ckpt / "model.safetensors"))
     out = load_embedder("tgpt", ckpt, device="cpu").embed(adata)
     np.testing.assert_allclose(out, expected["cell_embeddings"], rtol=0, atol=1e-5)
@@ -171,19 +164,19 @@ def test_bad_options(fixture_dir):
 
 @pytest.mark.parametrize("missing", ["tokenizer.json", "special_tokens_map.json", "config.json"])
 def test_missing_file(fixture_dir, tmp_path, missing):
-    ckpt = _copy_tiny(fixture_dir, tmp_path / "ckpt", skip=(missing,))
+    ckpt = link_tiny(fixture_dir, tmp_path / "ckpt", skip=(missing,))
     with pytest.raises(CheckpointError, match=missing.replace(".", r"\.")):
         load_embedder("tgpt", ckpt)
 
 
 def test_missing_weights(fixture_dir, tmp_path):
-    ckpt = _copy_tiny(fixture_dir, tmp_path / "ckpt", skip=("pytorch_model.bin",))
+    ckpt = link_tiny(fixture_dir, tmp_path / "ckpt", skip=("pytorch_model.bin",))
     with pytest.raises(CheckpointError, match=r"pytorch_model\.bin"):
         load_embedder("tgpt", ckpt)
 
 
 def test_wrong_shapes_and_keys(fixture_dir, tmp_path):
-    ckpt = _copy_tiny(fixture_dir, tmp_path / "ckpt", skip=("config.json",))
+    ckpt = link_tiny(fixture_dir, tmp_path / "ckpt", skip=("config.json",))
     config = json.loads((fixture_dir / "tiny" / "config.json").read_text())
     (ckpt / "config.json").write_text(json.dumps({**config, "n_embd": 64}))
     with pytest.raises(CheckpointError, match="shape mismatches"):
@@ -193,51 +186,18 @@ def test_wrong_shapes_and_keys(fixture_dir, tmp_path):
         load_embedder("tgpt", ckpt)
 
     sd = torch.load(fixture_dir / "tiny" / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    ckpt2 = _copy_tiny(fixture_dir, tmp_path / "ckpt2", skip=("pytorch_model.bin",))
+    ckpt2 = link_tiny(fixture_dir, tmp_path / "ckpt2", skip=("pytorch_model.bin",))
     torch.save({"model": sd}, ckpt2 / "pytorch_model.bin")  # a train.py checkpoint, not a state dict
     with pytest.raises(CheckpointError, match="flat state dict"):
         load_embedder("tgpt", ckpt2)
 
 
 def test_lora_gradients(fixture_dir, adata):
-    from peft import LoraConfig, get_peft_model
-
     emb = load_embedder("tgpt", fixture_dir / "tiny", device="cpu")
-    torch.manual_seed(0)
-    lora = LoraConfig(
-        r=4, lora_alpha=8, target_modules=list(emb.lora_targets), init_lora_weights=False, fan_in_fan_out=True
-    )
-    peft_model = get_peft_model(emb.torch_module(), lora)
-    tokens = emb.tokenize(adata[:4])
-    emb.pool_torch(emb.hidden_states(tokens), tokens).pow(2).sum().backward()
-    params = {n: p for n, p in peft_model.named_parameters() if "lora_" in n}
-    assert len(params) == 2 * 1 * 2  # A and B x c_attn x 2 layers
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params.values())
+    lora_hf_gradients(emb, adata, 2 * 1 * 2, fan_in_fan_out=True)  # A and B x c_attn x 2 layers
 
 
 @pytest.mark.slow
 def test_real_pc9_through_runner(tmp_path, fixture_dir):
     """Real raw counts (PC9, erlotinib day 11): ingest 40 cells, embed via the runner, coverage recorded."""
-    import anndata as ad
-    from conftest import shared_path
-
-    from embedder.runner import embed_datasets
-    from store.catalog import Store
-    from store.embeddings import open_embeddings
-    from store.ingest import ingest_h5ad
-
-    raw = ad.read_h5ad(
-        shared_path("data", "real", "pc9_erlotinib_d11", "GSE149214_PC9_D11_erlotinib_raw_counts.h5ad")
-    )
-    raw[np.flatnonzero(np.diff(raw.X.indptr) >= 600)[:40]].copy().write_h5ad(tmp_path / "pc9.h5ad")
-    store = Store.open(tmp_path / "store", create=True)
-    ingest_h5ad(store, tmp_path / "pc9.h5ad", dataset_id="pc9_d11")
-    res = embed_datasets(
-        store, "tgpt", checkpoint=fixture_dir / "tiny", options={"device": "cpu"}, progress=False
-    )
-    assert res.status == "complete"
-    assert res.n_done == 40
-    cov = store.query("SELECT * FROM coverage WHERE revision = ?", [res.revision])
-    assert len(cov) == 1
-    assert 0.3 < cov["frac_genes"].iloc[0] <= 1
-    assert np.isfinite(open_embeddings(store, "tgpt", revision=res.revision).values).all()
+    check_pc9_runner(tmp_path, "tgpt", fixture_dir / "tiny", min_frac_genes=0.3)

@@ -1,0 +1,328 @@
+"""``POST /predict`` (multipart h5ad upload → per-cell predictions) and ``/jobs/{id}``.
+
+Uploads are streamed into the job's private folder with a size limit (413), checked for the
+HDF5 signature and the ``.h5ad`` name (415), then scored by
+:func:`classify.predict.predict_file` on a worker thread. The answer comes in the same
+response when the job ends within ``wait`` seconds, else 202 with the job id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import pandas as pd
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import UploadFile
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from classify.service.errors import ApiError
+from classify.service.jobs import Job
+from classify.service.state import LockedStore, ServiceConfig
+
+__all__ = ["UploadLimit", "router"]
+
+router = APIRouter()
+
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+_CHUNK = 1 << 20
+_FORM_SLACK = 1 << 20  # multipart headers and the small fields around the file
+_OTHER_BODY_LIMIT = 1 << 20
+Format = Literal["json", "csv"]
+
+_PREDICT_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["file", "head"],
+                "properties": {
+                    "file": {"type": "string", "format": "binary", "description": "An .h5ad file (HDF5)."},
+                    "head": {"type": "string", "description": "run_id of a frozen-embedding evaluation run."},
+                    "calibration": {
+                        "type": "string",
+                        "enum": ["platt", "isotonic", "none"],
+                        "default": "platt",
+                    },
+                    "abstain": {"type": "string", "description": "LOW,HIGH probability band to abstain on."},
+                    "format": {"type": "string", "enum": ["json", "csv"], "default": "json"},
+                    "wait": {
+                        "type": "number",
+                        "description": "Seconds to wait before answering 202 + job id.",
+                    },
+                },
+            }
+        }
+    },
+}
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class UploadLimit:
+    """ASGI middleware bounding request bodies: ``/predict`` to the upload limit, others to 1 MiB.
+
+    A declared ``Content-Length`` over the limit is answered 413 before the body is read; a
+    body that grows past it while streaming stops the parse (→ 413).
+    """
+
+    def __init__(self, app: ASGIApp, *, max_upload_mb: float) -> None:
+        self.app = app
+        self.max_upload_mb = max_upload_mb
+        self.max_upload_bytes = int(max_upload_mb * 2**20)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        is_upload = scope["path"].rstrip("/") == "/predict"
+        limit = self.max_upload_bytes + _FORM_SLACK if is_upload else _OTHER_BODY_LIMIT
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await _send_413(send, self._detail(is_upload))
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise _TooLarge
+            return message
+
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, tracking_send)
+        except _TooLarge:
+            if not started:
+                await _send_413(send, self._detail(is_upload))
+
+    def _detail(self, is_upload: bool) -> str:
+        if is_upload:
+            return _too_large(self.max_upload_mb)
+        return f"request body larger than {_OTHER_BODY_LIMIT // 2**20} MiB"
+
+
+def _too_large(max_upload_mb: float) -> str:
+    return f"upload larger than the limit of {max_upload_mb:g} MiB (--max-upload-mb)"
+
+
+async def _send_413(send: Send, detail: str) -> None:
+    body = JSONResponse({"detail": detail}).body
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _save_upload(upload: UploadFile, job: Job, max_upload_mb: float) -> None:
+    """Copy the uploaded part into the job folder: size limit → 413, not HDF5 → 415."""
+    size, limit = 0, int(max_upload_mb * 2**20)
+    with open(job.upload_path, "wb") as fh:
+        while chunk := await upload.read(_CHUNK):
+            if size == 0 and not chunk.startswith(HDF5_SIGNATURE):
+                msg = f"{job.filename!r} is not an h5ad file (no HDF5 signature); upload an AnnData .h5ad"
+                raise ApiError(415, msg)
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, _too_large(max_upload_mb))
+            fh.write(chunk)
+    if size == 0:
+        raise ApiError(422, f"{job.filename!r} is empty")
+
+
+def _check_head(store: LockedStore, run_id: str) -> None:
+    df = store.query("SELECT strategy, status FROM eval_runs WHERE run_id = ?", [run_id])
+    if df.empty:
+        raise ApiError(404, f"no evaluation run {run_id!r}; GET /models lists the trained heads")
+    if df["strategy"].iloc[0] != "frozen" or df["status"].iloc[0] != "complete":
+        msg = f"run {run_id} ({df['strategy'].iloc[0]}, {df['status'].iloc[0]}) cannot be applied; pick a complete frozen-embedding head"
+        raise ApiError(422, msg)
+
+
+def _form_text(form: Any, name: str, default: str | None = None) -> str | None:
+    value = form.get(name)
+    if value is None or value == "":
+        return default
+    if not isinstance(value, str):
+        raise ApiError(422, f"form field {name!r} must be text")
+    return value
+
+
+def _predict_work(state: Any, calibration: str, abstain: tuple[float, float] | None):
+    from classify.predict import final_head, predict_file
+
+    store: LockedStore = state.store
+    run_locks: dict[str, threading.Lock] = state.run_locks
+
+    def work(job: Job) -> None:
+        with state.run_locks_guard:
+            lock = run_locks.setdefault(job.run_id, threading.Lock())
+        with lock:  # the final head is trained and saved once per run, never concurrently
+            job.stage = "preparing the head"
+            final_head(store, job.run_id)
+        job.stage = "embedding and scoring"
+        res = predict_file(
+            store, job.run_id, job.upload_path, out=job.output_path, calibration=calibration, abstain=abstain
+        )
+        job.stage = "collecting"
+        job.cells = _read_scored(job.output_path)
+        job.summary = {
+            "run_id": job.run_id,
+            "n_cells": res.n_cells,
+            "n_scored": res.n_scored,
+            "n_sensitive": res.n_sensitive,
+            "n_resistant": res.n_resistant,
+            "n_abstained": res.n_abstained,
+            "calibration": calibration,
+            "abstain": list(abstain) if abstain else None,
+            "recorded_for_dataset": res.dataset_id,
+            "accuracy_answered": res.accuracy_answered,
+        }
+
+    return work
+
+
+def _read_scored(path: Path) -> pd.DataFrame:
+    import anndata as ad
+
+    obs = ad.read_h5ad(path, backed="r").obs
+    cols = {"scdrugmap_probability": "probability", "scdrugmap_probability_raw": "probability_raw"}
+    out = obs[[*cols, "scdrugmap_label"]].rename(columns={**cols, "scdrugmap_label": "label"})
+    out.insert(0, "obs_name", obs.index.astype(str))
+    return out.reset_index(drop=True)
+
+
+def _result(job: Job, fmt: Format) -> Response:
+    if job.status == "failed":
+        return JSONResponse({"detail": job.error, "job_id": job.job_id}, status_code=job.error_status or 500)
+    if job.status != "done" or job.cells is None:
+        raise ApiError(409, f"job {job.job_id} is {job.status}; poll GET /jobs/{job.job_id}")
+    if fmt == "csv":
+        stem = Path(job.filename).stem
+        return Response(
+            job.cells.to_csv(index=False),
+            media_type="text/csv",
+            headers={"Content-Disposition": f'attachment; filename="{stem}.scdrugmap.csv"'},
+        )
+    cells = job.cells.astype(object).where(job.cells.notna(), None).to_dict(orient="list")
+    return JSONResponse({**job.to_dict(), "cells": cells})
+
+
+@router.post("/predict", tags=["predict"], openapi_extra={"requestBody": _PREDICT_BODY})
+async def predict(request: Request) -> Response:
+    """Score every cell of an uploaded h5ad with a trained head (``head`` = run id).
+
+    Answers per-cell ``probability`` (calibrated, of the run's positive class),
+    ``probability_raw`` and ``label`` (sensitive / resistant / abstain / not_scored) as JSON
+    (columns as lists) or CSV; a job still running after ``wait`` seconds answers 202 with
+    ``job_id`` (poll ``GET /jobs/{job_id}``). 413: too large; 415: not an .h5ad (HDF5) file;
+    404: unknown head; 422: unusable file or options.
+    """
+    from classify.calibrate import parse_band
+    from store.errors import InputError
+
+    cfg: ServiceConfig = request.app.state.config
+    try:
+        form = await request.form(max_files=1, max_fields=20)
+    except Exception as exc:  # the body limit, or a malformed multipart body
+        if isinstance(exc, _TooLarge) or isinstance(exc.__cause__, _TooLarge):
+            raise ApiError(413, _too_large(cfg.max_upload_mb)) from exc
+        raise ApiError(422, f"could not read the multipart form: {exc}") from exc
+    try:
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise ApiError(422, "form field 'file' (an .h5ad upload) is required")
+        run_id = _form_text(form, "head")
+        if not run_id:
+            raise ApiError(422, "form field 'head' (a run id from GET /models) is required")
+        fmt = _form_text(form, "format", "json")
+        calibration = _form_text(form, "calibration", "platt")
+        if fmt not in ("json", "csv") or calibration not in ("platt", "isotonic", "none"):
+            raise ApiError(422, "format must be json or csv; calibration platt, isotonic or none")
+        try:
+            abstain = parse_band(_form_text(form, "abstain"))
+            wait = float(_form_text(form, "wait", str(cfg.predict_wait_s)) or 0)
+        except (InputError, ValueError) as exc:
+            raise ApiError(422, f"bad abstain band or wait: {exc}") from exc
+        filename = Path(upload.filename or "upload.h5ad").name
+        if not filename.lower().endswith(".h5ad"):
+            raise ApiError(415, f"{filename!r}: only .h5ad (AnnData HDF5) uploads are accepted")
+        store: LockedStore = request.app.state.store
+        await asyncio.to_thread(_check_head, store, run_id)
+        job = request.app.state.jobs.create(run_id, filename)
+        try:
+            await _save_upload(upload, job, cfg.max_upload_mb)
+        except BaseException:
+            request.app.state.jobs.discard(job)
+            raise
+    finally:
+        await form.close()
+    future = request.app.state.jobs.start(job, _predict_work(request.app.state, calibration, abstain))
+    try:
+        await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), timeout=max(wait, 0.0))
+    except TimeoutError:
+        return JSONResponse(job.to_dict(), status_code=202, headers={"Location": f"/jobs/{job.job_id}"})
+    return _result(job, fmt)  # type: ignore[arg-type]
+
+
+@router.get("/jobs/{job_id}", tags=["predict"])
+def job_status(request: Request, job_id: str) -> dict[str, Any]:
+    """Status of a prediction job: queued / running (with its stage) / done (with counts) / failed."""
+    return request.app.state.jobs.get(job_id).to_dict()
+
+
+@router.get("/jobs/{job_id}/result", tags=["predict"])
+def job_result(request: Request, job_id: str, format: Format = "json") -> Response:
+    """Per-cell predictions of a finished job as JSON or CSV (409 while it runs)."""
+    return _result(request.app.state.jobs.get(job_id), format)
+
+
+@router.get("/jobs/{job_id}/umap", tags=["predict"])
+def job_umap(
+    request: Request, job_id: str, max_cells: Annotated[int, Query(ge=3, le=50_000)] = 20_000
+) -> dict[str, Any]:
+    """UMAP of the uploaded cells (PCA of their expression) with each cell's predicted probability."""
+    import anndata as ad
+    import numpy as np
+
+    from classify.service.projection import expression_pcs, umap_2d
+
+    job: Job = request.app.state.jobs.get(job_id)
+    if job.status != "done" or job.cells is None:
+        raise ApiError(409, f"job {job_id} is {job.status}; the UMAP needs finished predictions")
+    with job.lock:
+        if "umap" not in job.extras:
+            adata = ad.read_h5ad(job.output_path)
+            rng = np.random.default_rng(0)
+            keep = np.sort(rng.choice(adata.n_obs, min(adata.n_obs, max_cells), replace=False))
+            xy = umap_2d(expression_pcs(adata.X[keep]))
+            cells = job.cells.iloc[keep]
+            job.extras["umap"] = {
+                "basis": "UMAP of the first principal components of the uploaded cells' expression",
+                "n_cells": int(adata.n_obs),
+                "n_shown": len(keep),
+                "x": [float(v) for v in xy[:, 0]],
+                "y": [float(v) for v in xy[:, 1]],
+                "obs_name": cells["obs_name"].tolist(),
+                "probability": [None if v != v else float(v) for v in cells["probability"]],
+                "label": cells["label"].astype(str).tolist(),
+            }
+    return {"job_id": job_id, **job.extras["umap"]}

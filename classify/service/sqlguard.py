@@ -1,0 +1,139 @@
+"""``POST /sql``: one read-only statement, with a row limit and a time limit.
+
+Three layers: (1) DuckDB's own parser must see exactly one ``SELECT``-type statement (so
+INSERT/UPDATE/DELETE/CREATE/DROP/ALTER/ATTACH/DETACH/COPY/EXPORT/INSTALL/LOAD/PRAGMA/SET/CALL/
+transactions are refused before anything runs); (2) table functions and scalar functions that
+read files, the environment or secrets are refused by name; (3) the statement runs on the
+catalog's read-only connection with external access disabled (:meth:`store.Store.connect`), so
+anything that slips through still cannot write or read outside the catalog. A timer thread
+interrupts the query after the time limit.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass
+
+import duckdb
+import pandas as pd
+
+from store.catalog import Store
+from store.errors import InputError
+
+__all__ = ["SqlResult", "check_statement", "run_sql"]
+
+#: functions that read files, URLs, the environment, secrets or other databases
+_FORBIDDEN_FUNCTIONS = re.compile(
+    r"\b(read_\w+|\w+_scan|glob|sniff_csv|parquet_\w+|getenv|duckdb_secrets|which_secret|"
+    r"sqlite_\w+|postgres_\w+|mysql_\w+|iceberg_\w+|delta_\w+|st_read\w*|httpfs\w*|load_\w+|"
+    r"install_\w+|query_table|query)\s*\(",
+    re.IGNORECASE,
+)
+_STRING = re.compile(r"'(?:[^']|'')*'")
+_COMMENT = re.compile(r"--[^\n]*|/\*.*?\*/", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class SqlResult:
+    """Rows of a ``/sql`` query.
+
+    Attributes
+    ----------
+    frame
+        At most ``limit`` rows.
+    truncated
+        True when the query had more rows than the limit.
+    elapsed_s
+        Wall time of the query, seconds.
+    """
+
+    frame: pd.DataFrame
+    truncated: bool
+    elapsed_s: float
+
+
+def check_statement(sql: str) -> None:
+    """Refuse anything but a single read-only query.
+
+    Parameters
+    ----------
+    sql
+        The user's statement.
+
+    Raises
+    ------
+    InputError
+        Empty input, several statements, a statement that is not a query, or a call of a
+        function that reads files / the environment.
+    """
+    if not sql or not sql.strip():
+        msg = "empty query; send one SELECT statement"
+        raise InputError(msg)
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as exc:
+        msg = f"query does not parse: {str(exc).splitlines()[0]}"
+        raise InputError(msg) from exc
+    if len(statements) != 1:
+        msg = f"send exactly one statement (got {len(statements)})"
+        raise InputError(msg)
+    kind = statements[0].type
+    if kind != duckdb.StatementType.SELECT:
+        name = str(kind).rsplit(".", 1)[-1]
+        msg = f"{name} statements are refused: the catalog is read-only here; only SELECT-style queries run"
+        raise InputError(msg)
+    code = _STRING.sub("''", _COMMENT.sub(" ", sql))
+    hit = _FORBIDDEN_FUNCTIONS.search(code)
+    if hit:
+        msg = f"{hit.group(1)}() is refused: queries may read the catalog only (no files, environment or secrets)"
+        raise InputError(msg)
+
+
+def run_sql(store: Store, sql: str, *, limit: int, time_limit_s: float) -> SqlResult:
+    """Run one checked read-only query on the catalog.
+
+    Parameters
+    ----------
+    store
+        The store.
+    sql
+        The statement (checked with :func:`check_statement`).
+    limit
+        Most rows returned.
+    time_limit_s
+        The query is interrupted after this many seconds.
+
+    Raises
+    ------
+    InputError
+        A refused statement, a failing query (DuckDB's message, one line), or the time limit.
+    """
+    import time
+
+    check_statement(sql)
+    timed_out = threading.Event()
+    t0 = time.perf_counter()
+    try:
+        with store.connect(read_only=True) as con:
+
+            def stop() -> None:
+                timed_out.set()
+                con.interrupt()
+
+            timer = threading.Timer(time_limit_s, stop)
+            timer.daemon = True
+            timer.start()
+            try:
+                rel = con.sql(sql)
+                frame = rel.limit(limit + 1).df() if rel is not None else pd.DataFrame()
+            finally:
+                timer.cancel()
+    except duckdb.Error as exc:
+        if timed_out.is_set():
+            msg = f"query stopped after the time limit of {time_limit_s:g} s; narrow it or add a LIMIT"
+            raise InputError(msg) from exc
+        msg = f"query refused or failed: {str(exc).splitlines()[0]}"
+        raise InputError(msg) from exc
+    truncated = len(frame) > limit
+    return SqlResult(frame.iloc[:limit], truncated, time.perf_counter() - t0)
