@@ -108,6 +108,17 @@ class MLPHead:
         )
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> MLPHead:
+        """Train on ``X`` ``(n_cells, d)`` and 0/1 labels ``y`` (single-threaded torch)."""
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # small matmuls: one thread is faster and avoids oversubscription
+        try:
+            return self._fit(X, y)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _fit(self, X: np.ndarray, y: np.ndarray) -> MLPHead:
         import torch
         from torch import nn
 
