@@ -24,6 +24,7 @@ difference of mean z-scores (``de_runs.effect_unit``). Positive = higher in resi
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -76,7 +77,10 @@ def _dense_cols(X) -> np.ndarray:
 
 
 def _col_mean(X, mask: np.ndarray) -> np.ndarray:
-    return np.asarray(X[mask].mean(axis=0)).ravel()
+    n = max(
+        int(mask.sum()), 1
+    )  # explicit sum / n: scipy's sparse mean scales before summing (1 + ε for all-ones)
+    return np.asarray(X[mask].sum(axis=0, dtype=np.float64)).ravel() / n
 
 
 def group_summary(adata: ad.AnnData) -> pd.DataFrame:
@@ -110,8 +114,8 @@ def group_summary(adata: ad.AnnData) -> pd.DataFrame:
             m = (adata.obs["dataset_id"] == d).to_numpy()
             D[m] -= D[m].min(axis=0)
         expressed = sp.csr_matrix(D > 1e-6)
-    out["frac_resistant"] = _col_mean(expressed.astype(np.float32), res)
-    out["frac_sensitive"] = _col_mean(expressed.astype(np.float32), sen)
+    out["frac_resistant"] = _col_mean(expressed.astype(np.float64), res)
+    out["frac_sensitive"] = _col_mean(expressed.astype(np.float64), sen)
     return out
 
 
@@ -151,10 +155,12 @@ def cell_level_de(adata: ad.AnnData) -> pd.DataFrame:
             continue
         part.obs["_group"] = pd.Categorical(part.obs["label"].astype(str))
         part.uns["log1p"] = {"base": None}
-        sc.tl.rank_genes_groups(
-            part, "_group", groups=["resistant"], reference="sensitive", method="wilcoxon",
-            tie_correct=True, use_raw=False,
-        )  # fmt: skip
+        with warnings.catch_warnings():  # scanpy's own log fold change is meaningless for scaled input
+            warnings.simplefilter("ignore", RuntimeWarning)
+            sc.tl.rank_genes_groups(
+                part, "_group", groups=["resistant"], reference="sensitive", method="wilcoxon",
+                tie_correct=True, use_raw=False,
+            )  # fmt: skip
         res = sc.get.rank_genes_groups_df(part, "resistant").set_index("names")
         w = np.sqrt(part.n_obs)
         z_sum = z_sum.add(w * res["scores"].reindex(genes).fillna(0.0).astype(float), fill_value=0.0)

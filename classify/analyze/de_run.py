@@ -102,7 +102,16 @@ def _one(store: Store, adata: ad.AnnData, spec: DESpec, fig_dir: Path) -> DEOutc
         f"significant (BH-adjusted p < {spec.alpha}, |effect| ≥ {spec.min_log2fc}); DE table {de_id}."
     )
     paths = save_figure(
-        fig, fig_dir, safe_stem("volcano", name, spec.method, spec.labels.replace(":", "-")), caption
+        fig,
+        fig_dir,
+        safe_stem(
+            "volcano",
+            name,
+            spec.method,
+            spec.labels.replace(":", "-"),
+            "" if spec.cells == "labelled" else "predicted-cells",
+        ),
+        caption,
     )
     return DEOutcome(de_id, spec, table, info, tuple(paths))
 

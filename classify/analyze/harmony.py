@@ -30,7 +30,7 @@ from store.embeddings import ensure_array, iter_chunks, open_array, read_rows, r
 from store.errors import InputError
 from store.metadata import check_identifier
 
-__all__ = ["CorrectionOutcome", "HarmonySpec", "compare_correction", "correct_embedding"]
+__all__ = ["CorrectionOutcome", "HarmonySpec", "compare_correction", "correct_embedding", "write_embedding"]
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,55 @@ def _batches(store: Store, uids: np.ndarray, batch_key: str) -> pd.Series:
         [uids.tolist()],
     ).set_index("cell_uid")["batch"]
     return df.reindex(uids).fillna("unknown")
+
+
+def write_embedding(
+    store: Store,
+    model: str,
+    revision: str,
+    uids: np.ndarray,
+    values: np.ndarray,
+    *,
+    spec: dict,
+    versions: dict | None = None,
+) -> None:
+    """Store a derived embedding: Zarr rows, an ``embeddings`` row (status complete) and ``embedded_cells``.
+
+    Parameters
+    ----------
+    store
+        The store.
+    model, revision
+        Identity of the new embedding (a revision already present is replaced).
+    uids
+        int64 ``(n,)`` sorted cell uids.
+    values
+        float32 ``(n, dim)`` rows in the order of ``uids``.
+    spec
+        JSON-ready provenance written to ``embeddings.spec``.
+    """
+    uids = np.asarray(uids, dtype=np.int64)
+    values = np.asarray(values, dtype=np.float32)
+    if uids.size == 0 or np.any(np.diff(uids) <= 0) or values.shape[0] != uids.size:
+        msg = "write_embedding() needs sorted unique uids and one row of values per uid"
+        raise InputError(msg)
+    arr = ensure_array(store, model, revision, dim=values.shape[1], n_rows=store.n_cells_total())
+    pos = 0
+    for _, part in iter_chunks(uids, arr.chunks[0]):
+        write_rows(arr, part, values[pos : pos + part.size])
+        pos += part.size
+    stamp = now()
+    with store.transaction() as con:
+        con.execute("DELETE FROM embedded_cells WHERE revision = ?", [revision])
+        con.execute("DELETE FROM embeddings WHERE revision = ?", [revision])
+        con.execute(
+            "INSERT INTO embeddings VALUES (?, ?, ?, 'float32', ?, ?, ?, ?, ?, 'complete', ?, ?)",
+            [revision, model, int(values.shape[1]), json.dumps(spec, default=str), json.dumps(versions or {}),
+             f"embeddings.zarr/{model}/{revision}/embedding", int(uids.size), int(uids.size), stamp, stamp],
+        )  # fmt: skip
+        con.register("_done", pd.DataFrame({"revision": revision, "cell_uid": uids}))
+        con.execute("INSERT INTO embedded_cells SELECT * FROM _done")
+        con.unregister("_done")
 
 
 def correct_embedding(
@@ -149,31 +198,16 @@ def correct_embedding(
     ident = {"source_revision": src_rev, "batch_key": batch_key, "spec": asdict(spec), "cells": cells_hash,
              "harmonypy": version("harmonypy")}  # fmt: skip
     rev = hashlib.sha256(json.dumps({"model": name, **ident}, sort_keys=True).encode()).hexdigest()[:16]
-    arr = ensure_array(store, name, rev, dim=Z.shape[1], n_rows=store.n_cells_total())
-    pos = 0
-    for _, part in iter_chunks(uids, arr.chunks[0]):
-        write_rows(arr, part, Z[pos : pos + part.size])
-        pos += part.size
     ds = store.query("SELECT DISTINCT dataset_id FROM cells WHERE list_contains(?, cell_uid) ORDER BY 1",
                      [uids.tolist()])["dataset_id"].tolist()  # fmt: skip
-    stamp = now()
     emb_spec = {
         "corrected_from": {"model": model, "revision": src_rev},
         "method": "harmony",
         **ident,
         "datasets": ds,
     }
-    with store.transaction() as con:
-        con.execute("DELETE FROM embedded_cells WHERE revision = ?", [rev])
-        con.execute("DELETE FROM embeddings WHERE revision = ?", [rev])
-        con.execute(
-            "INSERT INTO embeddings VALUES (?, ?, ?, 'float32', ?, ?, ?, ?, ?, 'complete', ?, ?)",
-            [rev, name, int(Z.shape[1]), json.dumps(emb_spec), json.dumps({"harmonypy": version("harmonypy")}),
-             f"embeddings.zarr/{name}/{rev}/embedding", len(uids), len(uids), stamp, stamp],
-        )  # fmt: skip
-        con.register("_done", pd.DataFrame({"revision": rev, "cell_uid": uids}))
-        con.execute("INSERT INTO embedded_cells SELECT * FROM _done")
-        con.unregister("_done")
+    write_embedding(store, name, rev, uids, Z, spec=emb_spec, versions={"harmonypy": version("harmonypy")})
+    stamp = now()
     row = pd.DataFrame([{"revision": rev, "model": name, "source_model": model, "source_revision": src_rev,
                          "method": "harmony", "batch_key": batch_key, "n_cells": len(uids),
                          "n_batches": int(batch.nunique()), "params": json.dumps(asdict(spec)), "created_at": stamp}])  # fmt: skip

@@ -145,6 +145,8 @@ def violin_by_label(
         for body in parts["bodies"]:
             body.set_facecolor(LABEL_COLOURS[lab])
             body.set_alpha(0.6)
+        for key in ("cbars", "cmins", "cmaxes", "cmedians"):
+            parts[key].set_color(LABEL_COLOURS[lab])
         ax.plot([], [], color=LABEL_COLOURS[lab], label=lab, lw=6)
     ax.set_xticks(np.arange(n), list(genes), rotation=60, fontsize=7)
     ax.set_ylabel(y_label)
