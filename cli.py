@@ -250,7 +250,9 @@ def models() -> None:
 @main.command(context_settings=CONTEXT)
 @click.option("--model", required=True, help="Embedder name; `scdrugmap models` lists them.")
 @click.option("--checkpoint", type=click.Path(path_type=Path), help="Checkpoint directory (original layout).")
-@click.option("--datasets", "dataset_ids", multiple=True, help="Dataset ids (repeatable; default all).")
+@click.option(
+    "--datasets", "dataset_ids", multiple=True, help="Dataset ids, comma-separated or repeated (default all)."
+)
 @click.option("--where", help="SQL filter on datasets, e.g. \"tissue = 'Cell line'\".")
 @click.option("--pooling", help="Pooling variant (model-specific; default the authors' choice).")
 @click.option("--batch-size", type=int, help="Forward mini-batch size.")
@@ -281,7 +283,7 @@ def embed(ctx: click.Context, model: str, checkpoint: Path | None, dataset_ids: 
         model,
         embedder=emb,
         checkpoint=checkpoint,
-        datasets=list(dataset_ids) or None,
+        datasets=[d.strip() for item in dataset_ids for d in item.split(",") if d.strip()] or None,
         where=where,
         options=opts,
         progress=not no_progress,

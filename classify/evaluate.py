@@ -82,7 +82,7 @@ def _embeddings_for(store: Store, model: str, revision: str, fs: FoldSet) -> tup
         )["dataset_id"].tolist()
         msg = (
             f"{missing.size} cells of {fs.spec.category} = {fs.spec.value!r} have no {model} embedding "
-            f"(revision {revision}); run `scdrugmap embed --model {model} --datasets {' '.join(ds)}`"
+            f"(revision {revision}); run `scdrugmap embed --model {model} --datasets {','.join(ds)}`"
         )
         raise StoreError(msg)
     X = read_rows(open_array(store, model, revision), uids)

@@ -144,3 +144,22 @@ def test_kill_9_then_resume_matches_uninterrupted_run(two_datasets: Store, tmp_p
     assert final["rows_done"] == final["rows_selected"] == 560
     counts = st.query("SELECT COUNT(*) AS n, COUNT(DISTINCT cell_uid) AS u FROM embedded_cells").iloc[0]
     assert counts["n"] == counts["u"] == 560
+
+
+def test_cli_embed_takes_comma_separated_datasets(two_datasets: Store) -> None:
+    from click.testing import CliRunner
+
+    from cli import main
+
+    res = CliRunner().invoke(
+        main,
+        ["--store", str(two_datasets.path), "embed", "--model", "hvg", "--datasets", "d1,d2", "--no-progress",
+         "--option", "n_top_genes=20"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "560 done" in res.output
+    res = CliRunner().invoke(
+        main, ["--store", str(two_datasets.path), "embed", "--model", "hvg", "--datasets", "d1,nope"]
+    )
+    assert res.exit_code == 1
+    assert "unknown dataset id(s) ['nope']" in res.output
