@@ -112,21 +112,45 @@ def completed_run(store: Store, run_id: str) -> pd.Series | None:
     return None if old.empty else old.iloc[0]
 
 
-def write_run(store: Store, row: dict[str, Any], metrics: pd.DataFrame, preds: pd.DataFrame) -> None:
-    """Replace run ``row['run_id']`` with this row, metrics and predictions, in one transaction."""
+def write_run(
+    store: Store,
+    row: dict[str, Any],
+    metrics: pd.DataFrame,
+    preds: pd.DataFrame,
+    *,
+    extra: dict[str, tuple[str, pd.DataFrame]] | None = None,
+) -> None:
+    """Replace run ``row['run_id']`` with this row, metrics and predictions, in one transaction.
+
+    Parameters
+    ----------
+    store
+        The store.
+    row
+        The ``eval_runs`` row (column → value).
+    metrics, preds
+        Per-fold metrics and per-cell predictions (``run_id`` is set here).
+    extra
+        Strategy-specific tables written in the same transaction: ``{table: (CREATE TABLE IF NOT
+        EXISTS … DDL, rows with a run_id column)}``; their earlier rows of this run are replaced too.
+    """
     run_id = row["run_id"]
+    extra = extra or {}
     metrics = metrics.assign(run_id=run_id)[
         ["run_id", "fold", "metric", "value", "reason", "n_train", "n_test"]
     ]
     preds = preds.assign(run_id=run_id)[["run_id", "fold", "cell_uid", "probability"]]
+    tables = {"metrics": metrics, "predictions": preds, **{name: df for name, (_, df) in extra.items()}}
     with store.transaction() as con:
-        for table in ("eval_runs", "metrics", "predictions"):
+        for ddl, _ in extra.values():
+            con.execute(ddl)
+        for table in ("eval_runs", *tables):
             con.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
         con.execute(
             f"INSERT INTO eval_runs ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})",
             list(row.values()),
         )
-        con.register("_m", metrics)
-        con.execute("INSERT INTO metrics SELECT * FROM _m")
-        con.register("_p", preds)
-        con.execute("INSERT INTO predictions SELECT * FROM _p")
+        for name, df in tables.items():
+            con.register("_rows", df)
+            con.execute(f"INSERT INTO {name} ({', '.join(df.columns)}) SELECT * FROM _rows")
+            con.unregister("_rows")

@@ -35,6 +35,7 @@ from classify.prompting.parse import CellCall, failed, parse_reply
 from classify.prompting.plan import Plan, PromptOptions, PromptSpec, Request, plan_runs
 from classify.prompting.prompts import PromptTemplate, cell_ids
 from classify.prompting.score import prompt_fold_metrics
+from classify.runs import write_run
 from store.catalog import Store
 from store.errors import InputError
 
@@ -119,22 +120,8 @@ def _write(store: Store, plan: Plan, calls: pd.DataFrame, complete: bool, t0: fl
         "n_cells": len(calls), "n_excluded": 0, "status": "complete" if complete else "incomplete",
         "created_at": datetime.now(UTC).replace(tzinfo=None), "duration_s": time.perf_counter() - t0,
     }  # fmt: skip
-    with store.transaction() as con:
-        con.execute(OUTCOMES_DDL)
-        for table in ("eval_runs", "metrics", "predictions", "prompt_outcomes"):
-            con.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
-        con.execute(
-            f"INSERT INTO eval_runs ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})",
-            list(row.values()),
-        )
-        for name, df, cols in (
-            ("metrics", metrics, metrics.columns),
-            ("predictions", preds, preds.columns),
-            ("prompt_outcomes", outcomes, ["run_id", *outcomes.columns[:-1]]),
-        ):
-            con.register("_df", df[list(cols)])
-            con.execute(f"INSERT INTO {name} ({', '.join(cols)}) SELECT * FROM _df")
-            con.unregister("_df")
+    outcome_cols = ["run_id", *outcomes.columns[:-1]]
+    write_run(store, row, metrics, preds, extra={"prompt_outcomes": (OUTCOMES_DDL, outcomes[outcome_cols])})
 
 
 def _execute(
