@@ -25,6 +25,7 @@ import pandas as pd
 from classify.calibrate import Calibrator, abstain_mask, fit_calibrator
 from classify.heads import HeadSpec, make_head
 from classify.persist import load_head, save_head
+from classify.runs import write_run
 from store.catalog import Store
 from store.embeddings import open_array, read_rows
 from store.errors import InputError
@@ -305,26 +306,14 @@ def _record(
         ("coverage", coverage, None if coverage is not None else "no labelled cells"),
         ("accuracy_answered", acc, None if acc is not None else "no labelled answered cells"),
     ]
-    with store.transaction() as con:
-        for table in ("eval_runs", "metrics", "predictions"):
-            con.execute(f"DELETE FROM {table} WHERE run_id = ?", [pred_id])
-        con.execute(
-            f"INSERT INTO eval_runs ({', '.join(base)}) VALUES ({', '.join('?' for _ in base)})",
-            list(base.values()),
-        )
-        for metric, value, reason in rows:
-            con.execute(
-                "INSERT INTO metrics VALUES (?, -1, ?, ?, ?, 0, ?)",
-                [pred_id, metric, value, reason, int(labelled.sum())],
-            )
-        preds = pd.DataFrame(
-            {
-                "run_id": pred_id,
-                "fold": -1,
-                "cell_uid": cells["cell_uid"],
-                "probability": cells["scdrugmap_probability"],
-            }
-        )
-        con.register("_p", preds)
-        con.execute("INSERT INTO predictions SELECT * FROM _p")
+    metrics = pd.DataFrame(
+        [
+            {"fold": -1, "metric": m, "value": v, "reason": r, "n_train": 0, "n_test": int(labelled.sum())}
+            for m, v, r in rows
+        ]
+    )
+    preds = pd.DataFrame(
+        {"fold": -1, "cell_uid": cells["cell_uid"], "probability": cells["scdrugmap_probability"]}
+    )
+    write_run(store, base, metrics, preds)
     return acc
