@@ -46,11 +46,10 @@ from torch import nn
 
 from embedder._torch import (
     PaddingReport,
+    SortedBatchEmbedder,
     autocast_context,
-    embed_length_sorted,
     pick_device,
 )
-from embedder.base import Embedder, hash_files
 from store.errors import InputError
 
 __all__ = [
@@ -343,7 +342,7 @@ def parse_options(
     return out
 
 
-class MHAEmbedder(Embedder):
+class MHAEmbedder(SortedBatchEmbedder):
     """Base of the scGPT/scFoundation/UCE adapters.
 
     Subclasses build their module in ``load`` and implement :meth:`tokenize` (→
@@ -409,31 +408,3 @@ class MHAEmbedder(Embedder):
             out = self.pool_torch(hidden, tokens).float().cpu().numpy().astype(np.float32)
         out[np.asarray(tokens.n_genes) == 0] = np.nan
         return out
-
-    def embed(self, adata: AnnData) -> np.ndarray:
-        """Tokenize, then forward/pool in length-sorted mini-batches (halved on CUDA OOM).
-
-        Returns
-        -------
-        numpy.ndarray
-            float32 ``(adata.n_obs, dim)`` in ``adata`` order; NaN rows (with a warning) for
-            cells without any in-vocabulary expressed gene.
-        """
-        tokens = self.tokenize(adata)
-        usable = np.asarray(tokens.n_genes) > 0
-        return embed_length_sorted(self, tokens, lengths=tokens.lengths, usable=usable, logger=log)
-
-    def _tokenizer_spec(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def spec(self) -> dict[str, Any]:
-        """Checkpoint file hashes, tokenizer settings (incl. seed), pooling, precision."""
-        if self._hashes is None:
-            self._hashes = hash_files(self._files)
-        return {
-            "model": self.name,
-            "files": self._hashes,
-            "tokenizer": self._tokenizer_spec(),
-            "pooling": self.pooling,
-            "precision": self.precision,
-        }

@@ -25,17 +25,15 @@ from typing import Any, ClassVar
 
 import numpy as np
 import scipy.sparse as sp
-from anndata import AnnData
 
 from embedder._checkpoint import find_one, load_state_dict, load_strict
 from embedder._torch import (
     PaddingReport,
+    SortedBatchEmbedder,
     autocast_context,
-    embed_length_sorted,
     masked_mean,
     pick_device,
 )
-from embedder.base import Embedder, hash_files
 from store.errors import CheckpointError, InputError
 
 __all__ = ["WEIGHT_FILES", "HFEmbedder", "TokenizedCells", "build_model", "iter_expressed", "load_tokenizer"]
@@ -297,7 +295,7 @@ class TokenizedCells:
         return ids, mask
 
 
-class HFEmbedder(Embedder):
+class HFEmbedder(SortedBatchEmbedder):
     """Base of the ``transformers`` adapters: batching, forward, masked pooling, spec.
 
     Subclasses implement ``load`` (reading their checkpoint layout and calling
@@ -404,38 +402,6 @@ class HFEmbedder(Embedder):
         out = self.pool_torch(hidden, tokens).detach().cpu().numpy().astype(np.float32)
         out[np.asarray(tokens.n_genes) == 0] = np.nan
         return out
-
-    def embed(self, adata: AnnData) -> np.ndarray:
-        """Embed cells: tokenize, then forward/pool in length-sorted mini-batches.
-
-        Cells are sorted by token length (descending) to cut padding, batched by
-        ``batch_size`` (halved on CUDA out-of-memory) and returned in ``adata`` order.
-
-        Returns
-        -------
-        numpy.ndarray
-            float32 ``(adata.n_obs, dim)``; NaN rows (with a warning) for cells without any
-            in-vocabulary expressed gene.
-        """
-        tokens = self.tokenize(adata)
-        usable = np.asarray(tokens.n_genes) > 0
-        return embed_length_sorted(self, tokens, lengths=tokens.lengths, usable=usable, logger=log)
-
-    # -- identity -----------------------------------------------------------------------
-    def _tokenizer_spec(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def spec(self) -> dict[str, Any]:
-        """Checkpoint file hashes, tokenizer settings, pooling and precision (not device/batch size)."""
-        if self._hashes is None:
-            self._hashes = hash_files(self._files)
-        return {
-            "model": self.name,
-            "files": self._hashes,
-            "tokenizer": self._tokenizer_spec(),
-            "pooling": self.pooling,
-            "precision": self.precision,
-        }
 
     def versions(self) -> dict[str, str]:
         """Package versions, plus ``transformers``."""

@@ -9,12 +9,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 
+from embedder.base import Embedder
+
 __all__ = [
     "PaddingReport",
+    "SortedBatchEmbedder",
     "autocast_context",
     "embed_length_sorted",
     "length_sorted_order",
@@ -212,3 +215,47 @@ def embed_length_sorted(
     res, adapter.batch_size = run_with_oom_backoff(run, order, batch_size=adapter.batch_size)
     out[ok[order]] = res
     return out
+
+
+class SortedBatchEmbedder(Embedder):
+    """Base of the checkpoint adapters whose tokens carry ``n_genes`` and ``lengths``.
+
+    Shares :meth:`embed` (tokenize, then length-sorted mini-batches with CUDA OOM back-off via
+    :func:`embed_length_sorted`) and :meth:`spec` (checkpoint file hashes, tokenizer settings,
+    pooling, precision — not device or batch size). Subclasses set ``_files``, ``_hashes``
+    (None), ``pooling``, ``precision`` and implement :meth:`_tokenizer_spec`.
+    """
+
+    _files: Sequence[Any] = ()
+    _hashes: dict[str, str] | None = None
+
+    def embed(self, adata: Any) -> np.ndarray:
+        """Embed cells: tokenize, then forward/pool in length-sorted mini-batches.
+
+        Returns
+        -------
+        numpy.ndarray
+            float32 ``(adata.n_obs, dim)`` in ``adata`` order; NaN rows (with a warning) for
+            cells without any in-vocabulary expressed gene.
+        """
+        tokens = self.tokenize(adata)
+        usable = np.asarray(tokens.n_genes) > 0
+        logger = logging.getLogger(type(self).__module__)
+        return embed_length_sorted(self, tokens, lengths=tokens.lengths, usable=usable, logger=logger)
+
+    def _tokenizer_spec(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def spec(self) -> dict[str, Any]:
+        """Checkpoint file hashes, tokenizer settings, pooling and precision (not device/batch size)."""
+        from embedder.base import hash_files
+
+        if self._hashes is None:
+            self._hashes = hash_files(self._files)
+        return {
+            "model": self.name,
+            "files": self._hashes,
+            "tokenizer": self._tokenizer_spec(),
+            "pooling": self.pooling,
+            "precision": self.precision,
+        }
