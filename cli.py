@@ -181,6 +181,7 @@ def ingest(
             f"{r.dataset_id}: {r.status}; {r.n_cells}/{r.n_cells_input} cells after QC"
             f"{'' if r.qc_applied else ' (QC skipped: ' + str(r.x_kind) + ' input)'}; "
             f"{r.n_genes_mapped}/{r.n_genes} genes mapped; {r.n_sensitive} sensitive, {r.n_resistant} resistant"
+            + (f"; {r.label_confidence} star(s) ({r.confidence_source})" if r.label_confidence else "")
         )
 
 
@@ -261,18 +262,34 @@ def models() -> None:
 @click.option("--lora", "lora_run", help="Embed with the fine-tuned backbone of this LoRA run (with --fold).")
 @click.option("--fold", "lora_fold", default=0, show_default=True, help="Fold of the LoRA run.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@click.option("--correct", type=click.Choice(["none", "harmony"]), default="none", show_default=True,
+              help="Then also write a batch-corrected revision <MODEL>_harmony of the selection (harmonypy).")  # fmt: skip
+@click.option("--batch-key", help="With --correct harmony: sample_id or a dataset field (default study).")
+@click.option("--correct-option", "correct_options", multiple=True,
+              help="Harmony option KEY=VALUE: theta, sigma, nclust, max_iter, n_pcs, seed (repeatable).")  # fmt: skip
 @click.pass_context
 def embed(ctx: click.Context, model: str, checkpoint: Path | None, dataset_ids: tuple[str, ...], where: str | None,
           pooling: str | None, batch_size: int | None, device: str | None, options: tuple[str, ...], lora_run: str | None, lora_fold: int,
-          no_progress: bool) -> None:  # fmt: skip
+          no_progress: bool, correct: str, batch_key: str | None, correct_options: tuple[str, ...]) -> None:  # fmt: skip
     """Embed the selected datasets with MODEL into the store (resumes after an interruption)."""
     from embedder.runner import embed_datasets
 
+    if (batch_key is not None or correct_options) and correct != "harmony":
+        raise click.UsageError("--batch-key and --correct-option apply only with --correct harmony")
     opts: dict[str, Any] = {k: _coerce(v) for k, v in _parse_kv(options, "--option").items()}
     for key, val in (("pooling", pooling), ("batch_size", batch_size), ("device", device)):
         if val is not None:
             opts[key] = val
     st = _store(ctx)
+    selected = [d.strip() for item in dataset_ids for d in item.split(",") if d.strip()] or None
+    if correct == "harmony":  # refuse a bad batch key before embedding anything
+        from classify.analyze.harmony import HarmonySpec, check_batch_key
+        from embedder.runner import select_datasets
+
+        harmony = HarmonySpec.from_options(_parse_kv(correct_options, "--correct-option"))
+        batch_key = batch_key or "study"
+        selected = select_datasets(st, selected, where)["dataset_id"].tolist()
+        check_batch_key(st, batch_key, datasets=selected)
     emb = None
     if lora_run:
         from classify.finetune import finetuned_embedder
@@ -283,7 +300,7 @@ def embed(ctx: click.Context, model: str, checkpoint: Path | None, dataset_ids: 
         model,
         embedder=emb,
         checkpoint=checkpoint,
-        datasets=[d.strip() for item in dataset_ids for d in item.split(",") if d.strip()] or None,
+        datasets=selected,
         where=where,
         options=opts,
         progress=not no_progress,
@@ -291,6 +308,10 @@ def embed(ctx: click.Context, model: str, checkpoint: Path | None, dataset_ids: 
     click.echo(
         f"{r.model} revision {r.revision}: dim {r.dim}; {r.n_embedded_now} cells embedded now, {r.n_done} done; {r.status}"
     )
+    if correct == "harmony":
+        from classify.analyze.commands import echo_harmony_correction
+
+        echo_harmony_correction(st, r, batch_key=batch_key or "study", datasets=selected, spec=harmony)
 
 
 @main.command(context_settings=CONTEXT)
@@ -323,20 +344,60 @@ def embed(ctx: click.Context, model: str, checkpoint: Path | None, dataset_ids: 
     help="Few-shot: K labelled cells per class of each held-out side train too.",
 )
 @click.option("--rerun", is_flag=True, help="Recompute even if the catalog holds this run.")
+@click.option("--min-confidence", type=int, default=0, help="Only datasets with ≥ K label-confidence stars "
+              "(1–3) train and are scored; datasets without stars are left out.")  # fmt: skip
+@click.option("--by-confidence", is_flag=True, help="Also print AUROC and F1 per label-confidence stratum "
+              "(always stored in confidence_metrics).")  # fmt: skip
+@click.option("--corrected", help="Also evaluate this batch-corrected embedding of MODEL (e.g. pca_harmony, from "
+              "`embed --correct harmony`) on the same folds; print both side by side (table correction_metrics).")  # fmt: skip
 @click.pass_context
-def evaluate(ctx: click.Context, params: tuple[str, ...], positive: str, **kw: Any) -> None:
+def evaluate(
+    ctx: click.Context,
+    params: tuple[str, ...],
+    positive: str,
+    corrected: str | None,
+    by_confidence: bool,
+    **kw: Any,
+) -> None:
     """Train a head on frozen embeddings and evaluate it (pooled CV or leave-one-study-out)."""
     from classify.evaluate import evaluate as run_eval
     from classify.evaluate import summarise
 
     st = _store(ctx)
     head_params = {k: _coerce(v) for k, v in _parse_kv(params, "--param").items()}
+    correction, corr_outcomes = None, []
+    if corrected:  # checked before anything is evaluated
+        from classify.analyze.harmony import load_correction
+
+        correction = load_correction(st, corrected, source_model=kw["model"], source_revision=kw["revision"])
+        kw["revision"] = correction.source_revision
     outcomes = run_eval(st, positive_class=positive, head_params=head_params, **kw)
-    for o in outcomes:
+    if correction is not None:
+        kw.update(model=correction.model, revision=correction.revision)
+        corr_outcomes = run_eval(st, positive_class=positive, head_params=head_params, **kw)
+    for o in [*outcomes, *corr_outcomes]:
         click.echo(
-            f"{o.run_id} {o.spec.category}={o.spec.value!r}: {o.n_cells} cells{' (from catalog)' if o.reused else ''}"
+            f"{o.run_id} {o.spec.category}={o.spec.value!r}: {o.n_cells} cells"
+            f"{f' with ≥ {o.spec.min_confidence} stars' if o.spec.min_confidence else ''}"
+            f"{' (from catalog)' if o.reused else ''}"
         )
-    _print_summary(summarise(st, [o.run_id for o in outcomes]))
+    _print_summary(summarise(st, [o.run_id for o in [*outcomes, *corr_outcomes]]))
+    if by_confidence:
+        from classify.analyze.confidence import by_confidence as strata
+
+        click.echo(
+            "\nPer label-confidence stratum (stars 0 = none; out-of-fold predictions pooled over folds):"
+        )
+        _table(strata(st, [o.run_id for o in [*outcomes, *corr_outcomes]]).round(4))
+    if correction is not None:
+        from classify.analyze.correction import correction_table
+
+        table = correction_table(
+            st, correction, [o.run_id for o in outcomes], [o.run_id for o in corr_outcomes]
+        )
+        click.echo(f"\nAUROC without and with {correction.batch_key} correction ({correction.source_model} vs "
+                   f"{correction.model}), per fold (cross: the held-out study) and mean; all metrics in correction_metrics:")  # fmt: skip
+        _table(table.round(4))
 
 
 def _print_summary(df) -> None:
@@ -348,8 +409,11 @@ def _print_summary(df) -> None:
         "NULL" if m != m else f"{m:.3f} ± {0.0 if s != s else s:.3f}"
         for m, s in zip(df["mean"], df["sd"], strict=True)
     ]
+    keys = ["model", "strategy", "head", "protocol", "category", "value"]
+    if "min_confidence" in df.columns and (df["min_confidence"] > 0).any():
+        keys.append("min_confidence")  # runs filtered by label-confidence stars (evaluate --min-confidence)
     wide = df.pivot_table(
-        index=["model", "strategy", "head", "protocol", "category", "value"],
+        index=keys,
         columns="metric",
         values="mean±sd",
         aggfunc="first",
@@ -363,6 +427,7 @@ def _print_summary(df) -> None:
             "protocol",
             "category",
             "value",
+            "min_confidence",
             "f1",
             "auroc",
             "auprc",
@@ -452,15 +517,19 @@ def sql(ctx: click.Context, query: str, limit: int, as_csv: bool) -> None:
     "--catalogue", type=click.Path(path_type=Path), help="Follow a catalogue CSV (scDrugMap layout)."
 )
 @click.option("--scale", type=float, help="Cell-count scale factor with --catalogue (default 0.01).")
+@click.option("--study-effect", default=1.0, show_default=True,
+              help="Multiplier of the per-study batch effect (e.g. 3 for strong study effects; 0 = none).")  # fmt: skip
 def simulate(
-    out_dir: Path, n_cells: int, n_genes: int, seed: int, catalogue: Path | None, scale: float | None
-) -> None:
+    out_dir: Path, n_cells: int, n_genes: int, seed: int, catalogue: Path | None, scale: float | None,
+    study_effect: float,
+) -> None:  # fmt: skip
     """Write a simulated multi-study collection (h5ad per dataset + manifest.csv)."""
     from store.simulate import simulate_collection
 
     manifest = simulate_collection(
-        out_dir, n_cells=n_cells, n_genes=n_genes, seed=seed, catalogue=catalogue, scale=scale
-    )
+        out_dir, n_cells=n_cells, n_genes=n_genes, seed=seed, catalogue=catalogue, scale=scale,
+        study_effect=study_effect,
+    )  # fmt: skip
     click.echo(f"wrote {manifest}")
 
 

@@ -1,14 +1,20 @@
 """Pooled-data and cross-data evaluation of frozen embeddings + a head; results into the catalog.
 
 A run is keyed by its full spec (:class:`RunSpec`: embedding revision, head and its
-hyper-parameters, protocol, fold set, seed, positive class). Evaluating the same spec again
-answers from the catalog unless ``rerun=True``. Each run writes its ``eval_runs`` row, one
-``metrics`` row per fold × metric and one ``predictions`` row per test cell, in one
-transaction.
+hyper-parameters, protocol, fold set, seed, positive class, label-confidence filter). Evaluating
+the same spec again answers from the catalog unless ``rerun=True``. Each run writes its
+``eval_runs`` row, one ``metrics`` row per fold × metric and one ``predictions`` row per test cell,
+in one transaction; then its metrics per label-confidence stratum (``confidence_metrics``).
+
+``min_confidence=K`` keeps only cells of datasets with ≥ K stars (effective stars:
+:func:`classify.analyze.confidence.dataset_confidence`) on both the training and the test side. The
+cells keep their folds of the persisted (unfiltered) fold set, so a filtered run is scored on the
+same partition as the unfiltered one; folds left without test cells get NULL metrics.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -19,7 +25,8 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from classify.folds import FoldSet, Grouping, Protocol, category_values, get_fold_set
+from classify.analyze.confidence import confidence_metrics, confident_datasets
+from classify.folds import FoldSet, Grouping, Protocol, category_values, get_fold_set, labelled_cells
 from classify.heads import HeadSpec, make_head
 from classify.runs import run_folds, write_run
 from embedder.base import spec_hash
@@ -49,11 +56,21 @@ class RunSpec:
     seed: int
     positive_class: Literal["sensitive", "resistant"]
     shots: int = 0
+    min_confidence: int = 0
+    selection: str = ""
 
     @property
     def run_id(self) -> str:
-        """``run-`` + 16 hex of the spec hash."""
-        return "run-" + spec_hash(asdict(self))
+        """``run-`` + 16 hex of the spec hash.
+
+        ``min_confidence`` (stars) and ``selection`` (hash of the cells the filter kept, so a run is
+        not reused after stars change) enter the hash only when a filter is set: unfiltered runs
+        keep the ids they had before the filter existed.
+        """
+        spec = asdict(self)
+        if not self.min_confidence:
+            del spec["min_confidence"], spec["selection"]
+        return "run-" + spec_hash(spec)
 
 
 @dataclass(frozen=True)
@@ -67,8 +84,10 @@ class RunOutcome:
     n_excluded: int
 
 
-def _embeddings_for(store: Store, model: str, revision: str, fs: FoldSet) -> tuple[np.ndarray, np.ndarray]:
-    uids = fs.cells["cell_uid"].to_numpy(dtype=np.int64)
+def _embeddings_for(
+    store: Store, model: str, revision: str, fs: FoldSet, cells: pd.DataFrame
+) -> tuple[np.ndarray, np.ndarray]:
+    uids = cells["cell_uid"].to_numpy(dtype=np.int64)
     done = store.query(
         "SELECT f.cell_uid FROM folds f SEMI JOIN embedded_cells e ON e.cell_uid = f.cell_uid AND e.revision = ? "
         "WHERE f.fold_set_id = ?",
@@ -90,7 +109,7 @@ def _embeddings_for(store: Store, model: str, revision: str, fs: FoldSet) -> tup
     return X, ok
 
 
-def _evaluate_one(store: Store, spec: RunSpec, fs: FoldSet, rerun: bool) -> RunOutcome:
+def _evaluate_one(store: Store, spec: RunSpec, fs: FoldSet, rerun: bool, cells: pd.DataFrame) -> RunOutcome:
     run_id = spec.run_id
     old = store.query(
         "SELECT n_cells, n_excluded FROM eval_runs WHERE run_id = ? AND status = 'complete'", [run_id]
@@ -98,12 +117,13 @@ def _evaluate_one(store: Store, spec: RunSpec, fs: FoldSet, rerun: bool) -> RunO
     if not old.empty and not rerun:
         return RunOutcome(run_id, spec, True, int(old["n_cells"].iloc[0]), int(old["n_excluded"].iloc[0]))
     t0 = time.perf_counter()
-    X, ok = _embeddings_for(store, spec.model, spec.revision, fs)
+    kept_folds = set(cells["fold"])
+    X, ok = _embeddings_for(store, spec.model, spec.revision, fs, cells)
     if not ok.all():
         log.warning(
             "%d cells have a NaN %s embedding (no known genes) and are left out", int((~ok).sum()), spec.model
         )
-    cells = fs.cells.loc[ok].reset_index(drop=True)
+    cells = cells.loc[ok].reset_index(drop=True)
     X = X[ok]
     y = (cells["label"] == spec.positive_class).to_numpy().astype(int)
 
@@ -114,6 +134,10 @@ def _evaluate_one(store: Store, spec: RunSpec, fs: FoldSet, rerun: bool) -> RunO
         cells["cell_uid"].to_numpy(), y, cells["fold"].to_numpy(), len(fs.fold_names), fit_predict,
         shots=spec.shots, seed=spec.seed,
     )  # fmt: skip
+    if spec.min_confidence:
+        emptied = sorted(set(fs.cells["fold"]) - kept_folds)
+        gone = metrics["fold"].isin(emptied)
+        metrics.loc[gone, "reason"] = f"no test cells from datasets with ≥ {spec.min_confidence} stars"
     row = {
         "run_id": run_id,
         "model": spec.model,
@@ -136,6 +160,7 @@ def _evaluate_one(store: Store, spec: RunSpec, fs: FoldSet, rerun: bool) -> RunO
         "status": "complete",
         "created_at": datetime.now(UTC).replace(tzinfo=None),
         "duration_s": time.perf_counter() - t0,
+        "min_confidence": spec.min_confidence,
     }
     write_run(store, row, metrics, preds)
     return RunOutcome(run_id, spec, False, len(cells), int((~ok).sum()))
@@ -162,6 +187,7 @@ def evaluate(
     revision: str | None = None,
     head_params: dict[str, Any] | None = None,
     shots: int = 0,
+    min_confidence: int = 0,
     rerun: bool = False,
 ) -> list[RunOutcome]:
     """Evaluate ``model``'s frozen embedding with a head on one or all values of a category.
@@ -188,6 +214,9 @@ def evaluate(
     shots
         Few-shot: K labelled cells per class of each held-out side join the training side
         (and are not evaluated); 0 = zero-shot / plain CV.
+    min_confidence
+        1–3: only cells of datasets with at least this many label-confidence stars train and are
+        scored (datasets without stars are left out); 0 = every labelled cell.
     rerun
         Recompute even when the catalog holds this run.
 
@@ -199,10 +228,20 @@ def evaluate(
     Raises
     ------
     InputError
-        Bad options, or (for a single value) a split that cannot be made.
+        Bad options, or (for a single value) a split that cannot be made, or no labelled cells
+        with ``min_confidence`` stars.
     StoreError
         Missing embeddings for the selected cells.
+
+    Notes
+    -----
+    After each run (also one answered from the catalog) its metrics per label-confidence stratum
+    are computed from its predictions and stored in ``confidence_metrics``
+    (:func:`classify.analyze.confidence.by_confidence` reads them).
     """
+    if min_confidence not in (0, 1, 2, 3):
+        msg = f"--min-confidence must be 1, 2 or 3 (stars), got {min_confidence}"
+        raise InputError(msg)
     if shots < 0:
         msg = f"--shots must be ≥ 0, got {shots}"
         raise InputError(msg)
@@ -218,6 +257,12 @@ def evaluate(
     outcomes = []
     for v in values:
         try:
+            kept = (  # checked before the fold set is made: nothing is written for a bad filter
+                confident_datasets(store, labelled_cells(store, category, v), min_confidence=min_confidence,
+                                   what=f"{category} = {v!r}", protocol=protocol)
+                if min_confidence
+                else None
+            )  # fmt: skip
             fs = get_fold_set(
                 store, protocol=protocol, category=category, value=v, grouping=grouping, k=k, seed=seed
             )
@@ -226,6 +271,9 @@ def evaluate(
                 raise
             log.warning("skipping %s = %r: %s", category, v, exc)
             continue
+        cells = (
+            fs.cells if kept is None else fs.cells[fs.cells["dataset_id"].isin(kept)].reset_index(drop=True)
+        )
         spec = RunSpec(
             model=model,
             revision=rev,
@@ -240,12 +288,27 @@ def evaluate(
             seed=seed,
             positive_class=positive_class,
             shots=int(shots),
+            min_confidence=int(min_confidence),
+            selection=_selection_hash(cells) if kept is not None else "",
         )
-        outcomes.append(_evaluate_one(store, spec, fs, rerun))
+        outcomes.append(_evaluate_one(store, spec, fs, rerun, cells))
+        _store_confidence_metrics(store, spec.run_id)
     if not outcomes:
-        msg = f"no value of {category!r} could be evaluated with protocol {protocol!r} (see warnings)"
+        with_filter = f" with --min-confidence {min_confidence}" if min_confidence else ""
+        msg = f"no value of {category!r} could be evaluated with protocol {protocol!r}{with_filter} (see warnings)"
         raise InputError(msg)
     return outcomes
+
+
+def _selection_hash(cells: pd.DataFrame) -> str:
+    return hashlib.sha256(cells["cell_uid"].to_numpy(dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+def _store_confidence_metrics(store: Store, run_id: str) -> None:
+    try:
+        confidence_metrics(store, run_id)
+    except InputError as exc:  # a run without predictions (every fold undefined)
+        log.warning("no metrics per confidence stratum for %s: %s", run_id, exc)
 
 
 def summarise(store: Store, run_ids: list[str] | None = None, *, where: str | None = None) -> pd.DataFrame:
@@ -263,8 +326,8 @@ def summarise(store: Store, run_ids: list[str] | None = None, *, where: str | No
     Returns
     -------
     pandas.DataFrame
-        Columns ``run_id, model, strategy, head, protocol, category, value, metric, mean, sd, n_folds,
-        n_undefined``.
+        Columns ``run_id, model, strategy, head, protocol, category, value, min_confidence (0 = no
+        filter), metric, mean, sd, n_folds, n_undefined``.
     """
     conds = ["TRUE"]
     params: list[Any] = []
@@ -274,7 +337,8 @@ def summarise(store: Store, run_ids: list[str] | None = None, *, where: str | No
     if where:
         conds.append(f"r.run_id IN (SELECT run_id FROM eval_runs WHERE {where})")
     sql = (
-        "SELECT r.run_id, r.model, r.strategy, r.head, r.protocol, r.category, r.value, m.metric, "
+        "SELECT r.run_id, r.model, r.strategy, r.head, r.protocol, r.category, r.value, "
+        "COALESCE(r.min_confidence, 0) AS min_confidence, m.metric, "
         "AVG(m.value) AS mean, STDDEV_SAMP(m.value) AS sd, COUNT(m.value) AS n_folds, "
         "COUNT(*) - COUNT(m.value) AS n_undefined "
         f"FROM eval_runs r JOIN metrics m USING (run_id) WHERE {' AND '.join(conds)} "

@@ -8,6 +8,7 @@ A store is one directory::
     <store>/fits/<rev>.npz     fitted state of embedders that are fitted on a selection (PCA)
 
 Only this package writes there. Location: ``--store`` / ``SCDRUGMAP_STORE`` / ``./scdrugmap-store``.
+A catalog made by an earlier version is upgraded when opened (:meth:`Store.migrate`, :data:`MIGRATIONS`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from store.errors import InputError, StoreError
 __all__ = ["DEFAULT_STORE", "SCHEMA", "Store", "default_store_path"]
 
 DEFAULT_STORE = "./scdrugmap-store"
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
@@ -39,7 +40,8 @@ CREATE TABLE IF NOT EXISTS datasets (
     n_cells INTEGER, n_cells_input INTEGER, n_genes INTEGER, n_genes_mapped INTEGER,
     x_kind VARCHAR, qc_applied BOOLEAN, has_expression BOOLEAN,
     content_hash VARCHAR, ingest_spec_hash VARCHAR, ingest_spec JSON, source_path VARCHAR,
-    ingested_at TIMESTAMP
+    ingested_at TIMESTAMP,
+    exposure_days DOUBLE, sample_origin VARCHAR, intrinsic_resistance BOOLEAN, confidence_source VARCHAR
 );
 CREATE TABLE IF NOT EXISTS cells (
     cell_uid BIGINT PRIMARY KEY,
@@ -78,7 +80,8 @@ CREATE TABLE IF NOT EXISTS eval_runs (
     run_id VARCHAR PRIMARY KEY, model VARCHAR, revision VARCHAR, strategy VARCHAR, head VARCHAR,
     head_params JSON, protocol VARCHAR, category VARCHAR, value VARCHAR, fold_set_id VARCHAR,
     grouping VARCHAR, k INTEGER, seed INTEGER, positive_class VARCHAR, spec JSON, versions JSON,
-    n_cells INTEGER, n_excluded INTEGER, status VARCHAR, created_at TIMESTAMP, duration_s DOUBLE
+    n_cells INTEGER, n_excluded INTEGER, status VARCHAR, created_at TIMESTAMP, duration_s DOUBLE,
+    min_confidence INTEGER DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS metrics (
     run_id VARCHAR, fold INTEGER, metric VARCHAR, value DOUBLE, reason VARCHAR,
@@ -88,6 +91,22 @@ CREATE TABLE IF NOT EXISTS predictions (
     run_id VARCHAR, fold INTEGER, cell_uid BIGINT, probability DOUBLE, PRIMARY KEY (run_id, cell_uid)
 );
 """
+
+#: schema_version → statements bringing a catalog of that version to the next one (idempotent)
+MIGRATIONS: dict[str, str] = {
+    # 1 → 2: label-confidence evidence and its source on datasets; the confidence filter of a run.
+    # Stars of version-1 stores could only be given explicitly, hence the back-fill.
+    "1": """
+ALTER TABLE datasets ADD COLUMN IF NOT EXISTS exposure_days DOUBLE;
+ALTER TABLE datasets ADD COLUMN IF NOT EXISTS sample_origin VARCHAR;
+ALTER TABLE datasets ADD COLUMN IF NOT EXISTS intrinsic_resistance BOOLEAN;
+ALTER TABLE datasets ADD COLUMN IF NOT EXISTS confidence_source VARCHAR;
+UPDATE datasets SET confidence_source = 'explicit'
+    WHERE label_confidence IS NOT NULL AND confidence_source IS NULL;
+ALTER TABLE eval_runs ADD COLUMN IF NOT EXISTS min_confidence INTEGER DEFAULT 0;
+UPDATE eval_runs SET min_confidence = 0 WHERE min_confidence IS NULL;
+""",
+}
 
 TABLES = (
     "datasets",
@@ -183,7 +202,49 @@ class Store:
             with st.connect() as con:
                 con.execute(SCHEMA)
                 con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [SCHEMA_VERSION])
+        else:
+            st.migrate()
         return st
+
+    def migrate(self) -> str | None:
+        """Bring an existing catalog made by an earlier version up to :data:`SCHEMA_VERSION`.
+
+        Runs the :data:`MIGRATIONS` from the catalog's ``meta.schema_version`` on, in one
+        transaction (idempotent: a current catalog is only read).
+
+        Returns
+        -------
+        str or None
+            The version migrated from, or None when the catalog was current.
+
+        Raises
+        ------
+        StoreError
+            When the catalog is newer than this package (upgrade scdrugmap) or has no known version.
+        """
+        with self.connect() as con:
+            row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            start = row[0] if row else "1"
+            if start == SCHEMA_VERSION:
+                return None
+            if start not in MIGRATIONS:
+                msg = (
+                    f"catalog {str(self.catalog_path)!r} has schema version {start}, this scdrugmap knows "
+                    f"up to {SCHEMA_VERSION}; upgrade scdrugmap to open it"
+                )
+                raise StoreError(msg)
+            con.execute("BEGIN TRANSACTION")
+            try:
+                version = start
+                while version != SCHEMA_VERSION:
+                    con.execute(MIGRATIONS[version])
+                    version = str(int(version) + 1)
+                con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [SCHEMA_VERSION])
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            con.execute("COMMIT")
+        return start
 
     # ---- connections --------------------------------------------------------------------
     @contextlib.contextmanager

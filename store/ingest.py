@@ -1,7 +1,8 @@
 """Ingest h5ad files into the store: validate everything, then write in one transaction.
 
 Manifests (many files at once) are read by :mod:`store.manifest`. Steps per file: read (anndata) → check obs names, X (finite; counts/lognorm/scaled) → map
-labels → harmonise genes (:mod:`store.genes`) → QC (:mod:`store.qc`) → assign ``cell_uid``
+labels (metadata checked first; label-confidence stars derived from the evidence fields when not
+given, :mod:`store.confidence`) → harmonise genes (:mod:`store.genes`) → QC (:mod:`store.qc`) → assign ``cell_uid``
 → write the QC-filtered copy to ``datasets/<id>.h5ad`` and the ``datasets``/``cells``/``genes``
 rows. A batch of files (a manifest) is validated completely before anything is written and
 then written in one DuckDB transaction; on any error the catalog and the store stay as they
@@ -116,7 +117,7 @@ class Prepared:
 
 @dataclass(frozen=True)
 class IngestReport:
-    """What ingest did for one dataset."""
+    """What ingest did for one dataset (``label_confidence``: stars, given or derived at ingest)."""
 
     dataset_id: str
     n_cells_input: int
@@ -128,6 +129,8 @@ class IngestReport:
     n_sensitive: int
     n_resistant: int
     status: Literal["ingested", "unchanged"]
+    label_confidence: int | None = None
+    confidence_source: Literal["explicit", "derived"] | None = None
 
 
 def file_sha256(path: Path) -> str:
@@ -313,6 +316,8 @@ def _report(p: Prepared) -> IngestReport:
         n_sensitive=int((lab == "sensitive").sum()),
         n_resistant=int((lab == "resistant").sum()),
         status="unchanged" if p.skip else "ingested",
+        label_confidence=p.row.get("label_confidence"),
+        confidence_source=p.row.get("confidence_source"),
     )
 
 

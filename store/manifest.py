@@ -3,8 +3,10 @@
 One row per dataset; columns :data:`MANIFEST_COLUMNS`: ``path`` (relative to the manifest's
 folder, or absolute) and ``dataset_id`` are required; ``label_key``, ``sensitive`` /
 ``resistant`` (several values separated by ``|``), ``sample_key``, ``input_type``, ``layer``,
-``gene_key``, ``min_genes``, ``max_pct_mito`` and the dataset metadata fields are optional.
-Every dataset is validated before anything is written.
+``gene_key``, ``min_genes``, ``max_pct_mito`` and the dataset metadata fields are optional
+(label-confidence evidence included: ``exposure_days``, ``sample_origin``, ``intrinsic_resistance``;
+stars are derived from it when ``label_confidence`` is empty). Every dataset is validated before
+anything is written.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Fields follow the scDrugMap catalogue (collection, study, accession, tissue, cancer type, drug,
 drug class, regimen, source, technology, organism, PMID) plus scDrugAtlas's label confidence
-(1–3 stars).
+(1–3 stars) and the evidence it is derived from (``exposure_days``, ``sample_origin``,
+``intrinsic_resistance``; rule in :mod:`store.confidence`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,12 @@ from typing import Any
 
 import numpy as np
 
+from store.confidence import (
+    parse_exposure_days,
+    parse_intrinsic_resistance,
+    parse_sample_origin,
+    with_confidence,
+)
 from store.errors import InputError
 
 __all__ = ["DRUG_CLASSES", "META_FIELDS", "check_identifier", "clean_meta"]
@@ -30,6 +37,9 @@ META_FIELDS = (
     "organism",
     "pmid",
     "label_confidence",
+    "exposure_days",
+    "sample_origin",
+    "intrinsic_resistance",
 )
 DRUG_CLASSES = {
     "targeted": "targeted therapy",
@@ -54,12 +64,16 @@ def clean_meta(meta: Mapping[str, Any], *, dataset_id: str) -> dict[str, Any]:
     Returns
     -------
     dict
-        Normalised values (``drug_class`` spelled as in the catalog, ``label_confidence`` int).
+        Normalised values (``drug_class`` spelled as in the catalog, ``label_confidence`` int,
+        ``exposure_days`` float, ``sample_origin`` lower-case, ``intrinsic_resistance`` bool), plus
+        ``confidence_source`` (``explicit`` / ``derived``) when the dataset has stars: derived from the
+        evidence when ``label_confidence`` is not given (see :func:`store.confidence.with_confidence`).
 
     Raises
     ------
     InputError
-        Unknown field, ``label_confidence`` outside 1–3, unknown ``drug_class``.
+        Unknown field, ``label_confidence`` outside 1–3, unknown ``drug_class``, ``exposure_days``
+        not a number ≥ 0, ``intrinsic_resistance`` not true/false/yes/no/1/0.
     """
     out: dict[str, Any] = {}
     for key, value in meta.items():
@@ -79,6 +93,14 @@ def clean_meta(meta: Mapping[str, Any], *, dataset_id: str) -> dict[str, Any]:
                 raise InputError(msg)
             out[key] = num
             continue
+        if key == "exposure_days":
+            out[key] = parse_exposure_days(text)
+            continue
+        if key == "intrinsic_resistance":
+            out[key] = parse_intrinsic_resistance(value)
+            continue
+        if key == "sample_origin":
+            text = parse_sample_origin(text)
         if key == "drug_class":
             norm = DRUG_CLASSES.get(text.lower())
             if norm is None:
@@ -89,7 +111,7 @@ def clean_meta(meta: Mapping[str, Any], *, dataset_id: str) -> dict[str, Any]:
             text = text[:-2]
         out[key] = text
     out.setdefault("study", dataset_id)
-    return out
+    return with_confidence(out, dataset_id=dataset_id)
 
 
 def check_identifier(name: str, *, what: str) -> None:

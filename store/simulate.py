@@ -15,6 +15,9 @@ another one is added):
 * resistance programme: a shared part (same genes in every study, study-specific strength) plus a
   study-specific part; its per-cell activity depends on the sample's label with overlapping distributions, so
   cells are separable but not trivially, and leave-one-study-out is harder than pooled CV;
+* samples: each sample shifts the cell-state programmes a little (``_STATE_SHIFT_SD``) and every gene
+  a little (sample effect), so cells of one sample are not independent, yet a cell-level DE test still
+  recovers the planted programme;
 * low-quality cells (about 3 %): either a tiny library (few detected genes) or a high mitochondrial fraction.
 """
 
@@ -55,6 +58,7 @@ LOW_QUALITY_FRACTION = 0.03
 _PANEL_SEED = 20_240_601  # the gene panel does not depend on ``seed``
 _CHUNK = 2048  # cells generated at once (fixed, so results never depend on memory)
 _N_STATES = 4
+_STATE_SHIFT_SD = 0.2  # per-sample shift of the cell-state programmes (sample heterogeneity)
 _HOUSEKEEPING = tuple("ACTB GAPDH B2M TMSB4X EEF1A1 RPL13 RPS18 FTL".split())
 _RESISTANCE_UP = tuple("ABCB1 ABCC1 ABCG2 AXL ALDH1A1 CD44 VIM ZEB1 NFE2L2 GSTP1 BCL2".split())
 _RESISTANCE_DOWN = tuple("CDH1 EPCAM KRT8 KRT18 MKI67 TOP2A".split())
@@ -135,10 +139,11 @@ def _gene_panel(n_genes: int) -> tuple[np.ndarray, np.ndarray]:
 class _Model:
     """Gene-level parameters shared by all datasets of one collection."""
 
-    def __init__(self, symbols: np.ndarray, seed: int) -> None:
+    def __init__(self, symbols: np.ndarray, seed: int, study_effect: float = 1.0) -> None:
         rng = _rng(seed, "global")
         g = len(symbols)
         self.n_genes = g
+        self.study_effect = float(study_effect)  # multiplies the per-study batch term (1.0: unchanged)
         self.mito = np.char.startswith(symbols.astype(str), "MT-")
         self.base = rng.normal(0.0, 1.3, g).astype(np.float32)
         self.base[np.isin(symbols, _HOUSEKEEPING)] += 3.0
@@ -151,9 +156,9 @@ class _Model:
         free = np.setdiff1d(nuclear, np.concatenate([up, down]))
         extra = rng.choice(free, max(0, n_prog - len(up) - len(down)), replace=False)
         self.shared = np.zeros(g, np.float32)
-        self.shared[up] = rng.uniform(0.5, 1.0, len(up))
-        self.shared[down] = -rng.uniform(0.5, 1.0, len(down))
-        self.shared[extra] = rng.choice([-1.0, 1.0], len(extra)) * rng.uniform(0.4, 0.9, len(extra))
+        self.shared[up] = rng.uniform(0.6, 1.0, len(up))
+        self.shared[down] = -rng.uniform(0.6, 1.0, len(down))
+        self.shared[extra] = rng.choice([-1.0, 1.0], len(extra)) * rng.uniform(0.6, 1.0, len(extra))
         self.free = np.setdiff1d(free, extra)
         self.states = np.zeros((_N_STATES, g), np.float32)
         for k in range(_N_STATES):
@@ -166,7 +171,8 @@ class _Model:
         lineage = _rng(seed, "tissue", ds.tissue).normal(0.0, 0.3, g)
         lineage += _rng(seed, "cancer", ds.cancer_type).normal(0.0, 0.4, g)
         study = _rng(seed, "study", ds.study)
-        batch = study.normal(0.0, 0.35, g)  # gene-wise multiplicative batch factors (log scale)
+        # gene-wise multiplicative batch factors (log scale)
+        batch = study.normal(0.0, 0.35, g) * self.study_effect
         programme = self.shared * study.uniform(0.7, 1.0)
         own = study.choice(self.free, len(np.flatnonzero(self.shared)) // 2, replace=False)
         programme[own] += study.choice([-1.0, 1.0], len(own)) * study.uniform(0.5, 1.0, len(own))
@@ -188,7 +194,7 @@ def _simulate_dataset(model: _Model, ds: _Dataset, seed: int) -> tuple[sp.csr_ma
     resistant = np.array([lab == "resistant" for lab in labels])
     centre = np.where(resistant, rng.uniform(0.6, 0.9, n_samples), rng.uniform(0.0, 0.25, n_samples))
     sample_effect = rng.normal(0.0, 0.08, (n_samples, model.n_genes)).astype(np.float32)
-    state_shift = rng.normal(0.0, 0.6, (n_samples, _N_STATES))
+    state_shift = rng.normal(0.0, _STATE_SHIFT_SD, (n_samples, _N_STATES))
     activity = np.clip(centre[sample] + rng.normal(0.0, 0.4, n), 0.0, None).astype(np.float32)
     scores = (state_shift[sample] + rng.normal(0.0, 1.0, (n, _N_STATES))).astype(np.float32)
     depth = rng.uniform(4000.0, 9000.0)
@@ -372,6 +378,7 @@ def simulate_collection(
     n_genes: int = 2000,
     catalogue: str | Path | None = None,
     scale: float | None = None,
+    study_effect: float = 1.0,
 ) -> Path:
     """Write a simulated drug-response collection (one ``.h5ad`` per dataset) and its manifest.
 
@@ -403,6 +410,10 @@ def simulate_collection(
     scale
         Catalogue mode only: simulated cells = estimated real cells * ``scale`` (default ``DEFAULT_SCALE``),
         at least ``MIN_CELLS`` per dataset.
+    study_effect
+        Multiplier of the per-study batch effect (gene-wise log-scale shifts, sd 0.35 at 1.0); larger values
+        give stronger study effects (e.g. 3.0 to test batch correction), 0 removes them. The default 1.0
+        leaves every simulated number unchanged.
 
     Returns
     -------
@@ -433,8 +444,12 @@ def simulate_collection(
             msg = f"scale={scale!r} must be a positive number (e.g. {DEFAULT_SCALE})"
             raise InputError(msg)
         datasets = _catalogue_datasets(Path(catalogue), float(scale))
+    bad_effect = isinstance(study_effect, bool) or not isinstance(study_effect, int | float)
+    if bad_effect or not 0 <= study_effect <= 10:
+        msg = f"study_effect={study_effect!r} must be a number from 0 to 10 (1.0 = the default study effects)"
+        raise InputError(msg)
     symbols, ensembl = _gene_panel(int(n_genes))
-    model = _Model(symbols, seed)
+    model = _Model(symbols, seed, study_effect=float(study_effect))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     var = pd.DataFrame({"ensembl_id": ensembl.astype(str)}, index=pd.Index(symbols.astype(str)))

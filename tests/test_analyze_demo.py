@@ -166,9 +166,15 @@ def test_separation_pca_beats_shuffled(demo: Store) -> None:
     b = shuf.scores.set_index(["scope", "value"])
     assert set(a.index) == set(b.index)
     assert len(a) == 8 + 3
-    assert (a["silhouette"] > b["silhouette"]).all()
-    assert (a["knn_purity"] > b["knn_purity"]).mean() >= 0.9
-    assert (a["knn_purity"] > a["knn_purity_expected"]).all()
+    # pooled over a category's cells (hundreds of cells) the signal is clear; within one ~150-cell
+    # dataset of the 1,200-cell demo a score is noisy, so most (not all) datasets must beat the shuffle
+    pooled, per_dataset = a.drop(index="dataset"), a.loc["dataset"]
+    assert (pooled["silhouette"] > b.drop(index="dataset")["silhouette"]).all()
+    assert (pooled["knn_purity"] > b.drop(index="dataset")["knn_purity"]).all()
+    assert (pooled["knn_purity"] > pooled["knn_purity_expected"]).all()
+    assert (per_dataset["silhouette"] > b.loc["dataset"]["silhouette"]).mean() >= 0.75
+    assert (per_dataset["knn_purity"] > b.loc["dataset"]["knn_purity"]).mean() >= 0.75
+    assert (a["silhouette"] - b["silhouette"]).mean() > 0
     out = _ok(["--store", str(demo.path), "analyze", "separation", "--model", "pca", "--no-umap"])
     assert "auroc_logreg" in out
     assert "silhouette" in out
@@ -295,6 +301,15 @@ def test_acceptance_on_default_demo(tmp_path: Path) -> None:
     n_bm = int(bm.table["gene"].isin(up | down).sum())
     print(f"default demo: DE precision/recall {scores}; planted in top-20 biomarkers {n_bm}")
     assert min(scores["pseudobulk"]) >= 0.8
-    assert scores["wilcoxon"][0] >= 0.6
-    assert scores["wilcoxon"][1] >= 0.5
+    assert min(scores["wilcoxon"]) >= 0.8
     assert n_bm >= 15
+    # with ~375 cells per dataset every dataset's label separates better on pca than on a row shuffle
+    pca = run_separation(st, "pca", umap=False)
+    uids = st.query("SELECT cell_uid FROM embedded_cells WHERE revision = ? ORDER BY 1", [pca.revision])
+    uids = uids["cell_uid"].to_numpy(dtype=np.int64)
+    X = read_rows(open_array(st, "pca", pca.revision), uids)
+    write_embedding(st, "pca_shuffled", "shuffled0", uids, np.random.default_rng(0).permutation(X), spec={})
+    a = pca.scores.set_index(["scope", "value"])
+    b = run_separation(st, "pca_shuffled", umap=False).scores.set_index(["scope", "value"])
+    assert (a["silhouette"] > b["silhouette"]).all()
+    assert (a["knn_purity"] > b["knn_purity"]).all()

@@ -68,7 +68,8 @@ def test_calibration_does_not_worsen_reliability(demo: Store) -> None:
         cal_a = fit_calibrator(p[half], y[half], method=method)
         cal_b = fit_calibrator(p[~half], y[~half], method=method)
         calibrated = np.where(half, cal_b(p), cal_a(p))
-        assert expected_calibration_error(calibrated, y) <= expected_calibration_error(p, y) + 1e-9, method
+        # ECE over 10 bins of ~1,100 cells has sampling noise of about 0.01
+        assert expected_calibration_error(calibrated, y) <= expected_calibration_error(p, y) + 0.01, method
 
 
 def test_predict_on_real_pc9_with_a_head_trained_on_simulation(demo: Store, tmp_path: Path) -> None:

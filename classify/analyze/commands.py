@@ -220,25 +220,82 @@ def gene(ctx: click.Context, symbol, datasets, where, no_umap, out) -> None:
     "--dataset", "datasets", multiple=True, help="Restrict to these datasets (default all embedded)."
 )
 @click.option("--theta", default=2.0, show_default=True, help="Harmony diversity penalty.")
+@click.option(
+    "--sigma", default=0.1, show_default=True, help="Harmony soft-clustering bandwidth (larger = softer)."
+)
 @click.option("--compare-head", help="Also evaluate uncorrected vs corrected with this head (e.g. logreg).")
 @click.option("--protocol", type=click.Choice(["cross", "pooled"]), default="cross", show_default=True)
 @click.option("--category", default="tissue", show_default=True)
 @click.option("--value", help="Category value (default every value).")
 @click.pass_context
-def harmony(ctx: click.Context, model, revision, batch_key, name, datasets, theta, compare_head, protocol, category,
-            value) -> None:  # fmt: skip
-    """Harmony-correct an embedding into a new model revision (then `evaluate --model <model>_harmony`)."""
+def harmony(ctx: click.Context, model, revision, batch_key, name, datasets, theta, sigma, compare_head, protocol,
+            category, value) -> None:  # fmt: skip
+    """Harmony-correct an embedding into a new model revision (then `evaluate --model M --corrected M_harmony`)."""
     from classify.analyze.harmony import HarmonySpec, compare_correction, correct_embedding
 
     st = _store(ctx)
     o = correct_embedding(st, model, revision=revision, batch_key=batch_key, name=name, datasets=list(datasets) or None,
-                          spec=HarmonySpec(theta=theta))  # fmt: skip
-    click.echo(f"{o.model} revision {o.revision}: {o.n_cells} cells × {o.dim}, {o.n_batches} {batch_key} batches "
-               f"(from {o.source_model} {o.source_revision})")  # fmt: skip
+                          spec=HarmonySpec.from_options({"theta": theta, "sigma": sigma}))  # fmt: skip
+    _echo_correction(st, o)
     if compare_head:
         _echo_table(
-            compare_correction(st, o, head=compare_head, protocol=protocol, category=category, value=value)
+            compare_correction(st, o, head=compare_head, protocol=protocol, category=category, value=value),
+            max_rows=1000,
         )
+
+
+def _echo_correction(st, o) -> None:
+    from classify.analyze.harmony import batch_mixing
+
+    click.echo(f"{o.model} revision {o.revision}: Harmony on {o.source_model} revision {o.source_revision}, "
+               f"{o.n_cells} cells × {o.dim}, {o.n_batches} {o.batch_key} batches"
+               f"{' (already stored)' if o.reused else ''}")  # fmt: skip
+    mix = batch_mixing(st, o).set_index("embedding")
+    u, c = mix.loc["uncorrected"], mix.loc["corrected"]
+    click.echo(f"{o.batch_key} separation (lower = better mixed): silhouette {u['batch_silhouette']:.3f} → "
+               f"{c['batch_silhouette']:.3f}, kNN purity {u['batch_knn_purity']:.3f} → {c['batch_knn_purity']:.3f} "
+               f"(random {c['batch_knn_purity_expected']:.3f})")  # fmt: skip
+    if (
+        u["batch_knn_purity"] - c["batch_knn_purity"]
+        < 0.02
+        < u["batch_knn_purity"] - u["batch_knn_purity_expected"]
+    ):
+        click.echo(f"note: Harmony hardly mixed the {o.batch_key} batches; when they are far apart, a softer clustering "
+                   "helps: --correct-option sigma=0.2 (embed) or --sigma 0.2 (analyze harmony)")  # fmt: skip
+
+
+def echo_harmony_correction(st, result, *, batch_key: str, datasets: list[str] | None, spec=None) -> None:
+    """``embed --correct harmony``: correct the embedding just made, print both revisions and what to run next.
+
+    Raises
+    ------
+    InputError
+        The embedding is not complete, or the correction failed (the message says the uncorrected
+        embedding is complete and kept: it is not rolled back).
+    """
+    from classify.analyze.harmony import correct_embedding
+    from store.errors import InputError, ScDrugMapError
+
+    kept = f"the {result.model} embedding (revision {result.revision}) is complete and kept"
+    if result.status != "complete":
+        msg = (f"{result.model} revision {result.revision} is {result.status} ({result.n_done} cells done); "
+               "rerun the same `scdrugmap embed` to finish it, then it is corrected")  # fmt: skip
+        raise InputError(msg)
+    try:
+        o = correct_embedding(
+            st, result.model, revision=result.revision, batch_key=batch_key, datasets=datasets, spec=spec
+        )
+    except (ScDrugMapError, ValueError) as exc:
+        msg = (f"{kept}, but the Harmony correction failed: {exc}. Fix that and rerun the same `scdrugmap embed "
+               f"... --correct harmony` (nothing is re-embedded) or `scdrugmap analyze harmony --model {result.model}`")  # fmt: skip
+        raise InputError(msg) from exc
+    click.echo(f"uncorrected: {result.model} revision {result.revision}")
+    _echo_correction(st, o)
+    click.echo(f"evaluate both on the same folds, side by side: scdrugmap evaluate --model {o.source_model} "
+               f"--corrected {o.model} --head logreg --protocol cross --category tissue")  # fmt: skip
+    click.echo(
+        f"or either alone: scdrugmap evaluate --model {o.model} …; SQL: SELECT * FROM correction_metrics"
+    )
 
 
 @analyze.group(context_settings=CONTEXT)

@@ -1,17 +1,20 @@
 """Label confidence stars (scDrugAtlas rule) and metrics per confidence stratum.
 
-Rule (:func:`confidence_stars`), from the evidence behind a dataset's resistant/sensitive labels:
+The rule (:func:`confidence_stars`) lives in :mod:`store.confidence` (it also derives the stars
+at ingest):
 
 - 3 stars — cells from recurrent / relapsed / metastatic samples, PDX or mouse tumours, known
   intrinsic resistance, or regained proliferation after > 6 months (> 180 days) of drug;
 - 2 stars — 1–6 months (30–180 days) of drug exposure;
 - 1 star — < 1 month (< 30 days) of exposure.
 
-Stars are kept in the ``label_confidence`` table (``source`` = ``explicit`` when set by hand,
-``derived`` when computed from evidence); a dataset without a row there falls back to
-``datasets.label_confidence`` (set at ingest with ``--meta label_confidence=K``).
-:func:`confidence_metrics` scores an evaluation run's predictions separately for each stratum
-(``confidence_metrics`` table).
+Stars come from two places. At ingest, ``datasets.label_confidence`` is given explicitly
+(``--meta label_confidence=K``) or derived from the evidence fields (``exposure_days``,
+``sample_origin``, ``intrinsic_resistance``); ``datasets.confidence_source`` says which. Later,
+``scdrugmap analyze confidence set`` records stars in the ``label_confidence`` table (``source`` =
+``explicit`` when set by hand, ``derived`` when computed from evidence); such a row overrides the
+ingest value (:func:`dataset_confidence`). :func:`confidence_metrics` scores an evaluation run's
+predictions separately for each stratum (``confidence_metrics`` table).
 """
 
 from __future__ import annotations
@@ -19,61 +22,21 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from classify.analyze.tables import ensure_tables, now, replace_rows
 from store.catalog import Store
+from store.confidence import confidence_stars
 from store.errors import InputError
 
-__all__ = ["confidence_metrics", "confidence_stars", "dataset_confidence", "set_confidence"]
-
-_THREE_STAR_ORIGINS = {
-    "recurrent",
-    "relapsed",
-    "relapse",
-    "metastatic",
-    "metastasis",
-    "pdx",
-    "mouse",
-    "xenograft",
-}
-
-
-def confidence_stars(
-    *,
-    exposure_days: float | None = None,
-    sample_origin: str | None = None,
-    intrinsic_resistance: bool | None = None,
-) -> tuple[int | None, str]:
-    """Stars for a dataset's labels from its evidence (see module docstring).
-
-    Returns
-    -------
-    (int or None, str)
-        Stars (None when there is no evidence) and the reason.
-
-    Raises
-    ------
-    InputError
-        Negative exposure.
-    """
-    origin = (sample_origin or "").strip().lower()
-    if origin in _THREE_STAR_ORIGINS:
-        return 3, f"sample origin {origin}"
-    if intrinsic_resistance:
-        return 3, "known intrinsic resistance"
-    if exposure_days is None or (isinstance(exposure_days, float) and np.isnan(exposure_days)):
-        return None, "no evidence (exposure_days, sample_origin, intrinsic_resistance)"
-    days = float(exposure_days)
-    if days < 0:
-        msg = f"exposure_days={exposure_days} must be ≥ 0"
-        raise InputError(msg)
-    if days > 180:
-        return 3, f"{days:g} days of drug (> 6 months)"
-    if days >= 30:
-        return 2, f"{days:g} days of drug (1–6 months)"
-    return 1, f"{days:g} days of drug (< 1 month)"
+__all__ = [
+    "by_confidence",
+    "confidence_metrics",
+    "confidence_stars",
+    "confident_datasets",
+    "dataset_confidence",
+    "set_confidence",
+]
 
 
 def set_confidence(
@@ -115,11 +78,24 @@ def set_confidence(
 
 
 def dataset_confidence(store: Store) -> pd.DataFrame:
-    """Effective stars per dataset: ``dataset_id, stars, source`` (table, else ingest metadata)."""
+    """Effective stars per dataset: a ``label_confidence`` table row, else the ingest value.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per dataset, ordered by id: ``dataset_id``, ``stars`` (1–3, NULL = none),
+        ``source`` (``explicit`` / ``derived``; NULL without stars), ``set_at`` (``ingest`` or
+        ``analyze`` = ``scdrugmap analyze confidence set``), and the ingest evidence
+        ``exposure_days``, ``sample_origin``, ``intrinsic_resistance``.
+    """
     ensure_tables(store)
     return store.query(
         "SELECT d.dataset_id, COALESCE(l.stars, d.label_confidence) AS stars, "
-        "CASE WHEN l.stars IS NOT NULL THEN l.source WHEN d.label_confidence IS NOT NULL THEN 'ingest' END AS source "
+        "CASE WHEN l.stars IS NOT NULL THEN l.source "
+        "     WHEN d.label_confidence IS NOT NULL THEN COALESCE(d.confidence_source, 'explicit') END AS source, "
+        "CASE WHEN l.stars IS NOT NULL THEN 'analyze' WHEN d.label_confidence IS NOT NULL THEN 'ingest' END "
+        "    AS set_at, "
+        "d.exposure_days, d.sample_origin, d.intrinsic_resistance "
         "FROM datasets d LEFT JOIN label_confidence l USING (dataset_id) ORDER BY d.dataset_id"
     )
 
@@ -163,3 +139,98 @@ def confidence_metrics(store: Store, run_id: str) -> pd.DataFrame:
     out = pd.DataFrame(rows)
     replace_rows(store, [("confidence_metrics", out)], key={"run_id": run_id})
     return out
+
+
+def confident_datasets(
+    store: Store, cells: pd.DataFrame, *, min_confidence: int, what: str, protocol: str
+) -> list[str]:
+    """Datasets of ``cells`` with ≥ ``min_confidence`` effective stars, checked to be evaluable.
+
+    Parameters
+    ----------
+    store
+        The store.
+    cells
+        Labelled cells of one category value (``dataset_id``, ``label``, ``study`` columns).
+    min_confidence
+        Stars, 1–3; datasets without stars are left out.
+    what
+        ``"<category> = <value>"`` for messages.
+    protocol
+        ``pooled`` (both classes must remain) or ``cross`` (≥ 2 studies must remain).
+
+    Returns
+    -------
+    list of str
+        The kept dataset ids, sorted.
+
+    Raises
+    ------
+    InputError
+        No labelled cell remains, one class only (pooled), or fewer than 2 studies (cross).
+    """
+    stars = dataset_confidence(store).set_index("dataset_id")["stars"]
+    cell_stars = pd.to_numeric(cells["dataset_id"].map(stars), errors="coerce").astype("Float64").fillna(0)
+    kept = cells.loc[(cell_stars >= min_confidence).to_numpy(dtype=bool)]
+    fix = (
+        "lower --min-confidence, or give datasets stars (ingest --meta label_confidence=K or the evidence "
+        "exposure_days / sample_origin / intrinsic_resistance; or `scdrugmap analyze confidence set`)"
+    )
+    if kept.empty:
+        counts = cell_stars.astype(int).value_counts().sort_index()
+        have = ", ".join(f"{'no stars' if s == 0 else f'{s} star(s)'}: {n}" for s, n in counts.items())
+        msg = f"no labelled cells of {what} come from datasets with ≥ {min_confidence} stars (cells by stars: {have}); {fix}"
+        raise InputError(msg)
+    if protocol == "cross" and kept["study"].nunique() < 2:
+        msg = (
+            f"cross-data evaluation of {what} needs ≥ 2 studies with ≥ {min_confidence} stars, found "
+            f"{sorted(kept['study'].unique())}; {fix}"
+        )
+        raise InputError(msg)
+    if protocol == "pooled" and kept["label"].nunique() < 2:
+        msg = f"cells of {what} with ≥ {min_confidence} stars are all {kept['label'].iloc[0]}; pooled CV needs both classes; {fix}"
+        raise InputError(msg)
+    return sorted(kept["dataset_id"].unique())
+
+
+def by_confidence(
+    store: Store, run_ids: list[str], *, metrics: tuple[str, ...] = ("auroc", "f1")
+) -> pd.DataFrame:
+    """Stored metrics per label-confidence stratum of runs, one row per run × stratum.
+
+    Metrics are computed on the run's out-of-fold predictions pooled over folds (not a mean over
+    folds), by :func:`classify.analyze.confidence.confidence_metrics` after each evaluation.
+
+    Parameters
+    ----------
+    store
+        The store.
+    run_ids
+        Runs to report.
+    metrics
+        Metric columns (default AUROC and F1).
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``run_id, category, value, min_confidence, stars (0 = no stars), n_cells, n_datasets`` and one
+        column per metric (NaN = undefined, e.g. one class in the stratum).
+    """
+    cols = ["run_id", "category", "value", "min_confidence", "stars", "n_cells", "n_datasets", *metrics]
+    if not run_ids:
+        return pd.DataFrame(columns=cols)
+    ensure_tables(store)
+    df = store.query(
+        "SELECT r.run_id, r.category, r.value, COALESCE(r.min_confidence, 0) AS min_confidence, c.stars, "
+        "c.n_cells, c.n_datasets, c.metric, c.value AS score "
+        "FROM confidence_metrics c JOIN eval_runs r USING (run_id) "
+        "WHERE list_contains(?, c.run_id) AND list_contains(?, c.metric)",
+        [list(run_ids), list(metrics)],
+    )
+    if df.empty:
+        return pd.DataFrame(columns=cols)
+    keys = ["run_id", "category", "value", "min_confidence", "stars", "n_cells", "n_datasets"]
+    wide = df.set_index([*keys, "metric"])["score"].unstack("metric")
+    wide = wide.reindex(columns=list(metrics)).reset_index()
+    wide["_order"] = wide["run_id"].map({r: i for i, r in enumerate(run_ids)})
+    return wide.sort_values(["_order", "stars"])[cols].reset_index(drop=True)

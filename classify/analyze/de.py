@@ -16,8 +16,10 @@ Columns: ``gene, log2fc, p, padj`` (Benjamini–Hochberg over tested genes), ``m
 mean_sensitive`` (mean of the analysed values: log1p CP10k for counts, X otherwise),
 ``frac_resistant, frac_sensitive`` (fraction expressing: value > 0; for scaled input value above
 the gene's minimum, i.e. above the original zeros), ``significant`` (padj < alpha and
-|log2fc| ≥ min_log2fc). ``log2fc`` is log2((mean CP10k_res + 1) / (mean CP10k_sen + 1)) computed
-from cells (DESeq2's MLE log2 fold change for pseudobulk on counts); for scaled input it is the
+|log2fc| ≥ min_log2fc). ``log2fc`` is log2(mean CP10k_res / mean CP10k_sen) computed from cells,
+with scanpy's ε = 1e-9 (``rank_genes_groups``' ``logfoldchanges``; a pseudocount of 1 would shrink
+the fold changes of lowly expressed genes below the threshold), DESeq2's MLE log2 fold change for
+pseudobulk on counts; for scaled input it is the
 difference of mean z-scores (``de_runs.effect_unit``). Positive = higher in resistant.
 """
 
@@ -42,6 +44,7 @@ log = logging.getLogger(__name__)
 
 DEMethod = Literal["wilcoxon", "pseudobulk"]
 LABELS = ("resistant", "sensitive")
+_EPS = 1e-9  # scanpy's rank_genes_groups log fold change offset
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,7 @@ def group_summary(adata: ad.AnnData) -> pd.DataFrame:
     out["mean_sensitive"] = _col_mean(X, sen)
     if adata.uns.get("x_kind") in ("counts", "lognorm"):
         E = X.expm1() if sp.issparse(X) else np.expm1(X)
-        out["log2fc"] = np.log2(_col_mean(E, res) + 1.0) - np.log2(_col_mean(E, sen) + 1.0)
+        out["log2fc"] = np.log2(_col_mean(E, res) + _EPS) - np.log2(_col_mean(E, sen) + _EPS)
         expressed = (X > 0) if sp.issparse(X) else sp.csr_matrix(X > 0)
     else:
         out["log2fc"] = out["mean_resistant"] - out["mean_sensitive"]

@@ -85,6 +85,12 @@ CREATE TABLE IF NOT EXISTS corrections (
     revision VARCHAR PRIMARY KEY, model VARCHAR, source_model VARCHAR, source_revision VARCHAR,
     method VARCHAR, batch_key VARCHAR, n_cells INTEGER, n_batches INTEGER, params JSON, created_at TIMESTAMP
 );
+CREATE TABLE IF NOT EXISTS correction_metrics (
+    run_uncorrected VARCHAR, run_corrected VARCHAR, revision VARCHAR, source_revision VARCHAR,
+    category VARCHAR, value VARCHAR, protocol VARCHAR, head VARCHAR, fold VARCHAR, metric VARCHAR,
+    uncorrected DOUBLE, corrected DOUBLE, difference DOUBLE, created_at TIMESTAMP,
+    PRIMARY KEY (run_uncorrected, run_corrected, fold, metric)
+);
 CREATE TABLE IF NOT EXISTS label_confidence (
     dataset_id VARCHAR PRIMARY KEY, stars TINYINT CHECK (stars BETWEEN 1 AND 3), source VARCHAR,
     evidence JSON, created_at TIMESTAMP

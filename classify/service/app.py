@@ -1,4 +1,4 @@
-"""The FastAPI application: catalog and results endpoints, predictions, the web page, offline docs.
+"""The FastAPI application: catalog, results and biology endpoints, predictions, the web page, offline docs.
 
 ``create_app(store_path)`` builds the app over an existing store. Everything the browser
 loads comes from the package: the page from ``classify/service/static/`` and the OpenAPI docs
@@ -91,7 +91,7 @@ def create_app(
     """
     from fastapi_offline import FastAPIOffline
 
-    from classify.service import catalog_api, predict_api
+    from classify.service import analysis_api, catalog_api, predict_api
     from store.errors import InputError
 
     if max_upload_mb <= 0 or sql_row_limit < 1 or sql_time_limit_s <= 0 or workers < 1:
@@ -134,6 +134,7 @@ def create_app(
     auth = [Depends(_require_token)]
     app.include_router(catalog_api.public_router)
     app.include_router(catalog_api.router, dependencies=auth)
+    app.include_router(analysis_api.router, dependencies=auth)
     app.include_router(predict_api.router, dependencies=auth)
     app.add_middleware(predict_api.UploadLimit, max_upload_mb=config.max_upload_mb)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

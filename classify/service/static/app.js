@@ -1,5 +1,6 @@
 // The scdrugmap page: tabs, token handling, errors; each tab lives in its own module.
 import { getJSON, getToken, renderTable, setToken, api } from "./api.js";
+import { initBiology } from "./biology.js";
 import { initDatasets } from "./datasets.js";
 import { initPredict } from "./predict.js";
 import { initResults } from "./results.js";
@@ -54,7 +55,8 @@ async function main() {
     return;
   }
   initDatasets({ onError });
-  const activators = { results: initResults({ onError }), predict: initPredict({ onError }) };
+  const activators = { results: initResults({ onError }), biology: initBiology({ onError }),
+    predict: initPredict({ onError }) };
   const activated = new Set();
   sqlTab();
   for (const btn of document.querySelectorAll("nav .tab")) {

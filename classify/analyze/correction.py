@@ -1,0 +1,179 @@
+"""Uncorrected vs batch-corrected embeddings side by side (``scdrugmap evaluate --corrected``).
+
+:func:`correction_table` pairs the runs of a source embedding and of its Harmony-corrected revision
+(:mod:`classify.analyze.harmony`) on the same persisted folds and stores every metric of every fold
+in the ``correction_metrics`` table; :func:`compare_correction` evaluates both first;
+:func:`batch_mixing` measures how strongly the batches separate before and after correction.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from classify.analyze.tables import ensure_tables, now
+from store.catalog import Store
+from store.embeddings import open_array, read_rows
+from store.errors import InputError
+
+if TYPE_CHECKING:
+    from classify.analyze.harmony import CorrectionOutcome
+
+__all__ = ["batch_mixing", "compare_correction", "correction_table"]
+
+
+def batch_mixing(
+    store: Store, outcome: CorrectionOutcome, *, max_cells: int = 3000, k: int = 15, seed: int = 0
+) -> pd.DataFrame:
+    """How strongly the batches separate before and after correction (lower = better mixed).
+
+    Silhouette of the batch labels and kNN batch purity (:func:`~classify.analyze.separation.separation_scores`)
+    on the same seeded subsample of at most ``max_cells`` corrected cells.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per ``embedding`` (``uncorrected``, ``corrected``); columns ``embedding, model,
+        revision, batch_silhouette, batch_knn_purity, batch_knn_purity_expected``.
+
+    Raises
+    ------
+    InputError
+        Fewer than 2 cells in each of two batches in the subsample.
+    """
+    from classify.analyze.harmony import _batches
+    from classify.analyze.separation import separation_scores
+
+    uids = store.query(
+        "SELECT cell_uid FROM embedded_cells WHERE revision = ? ORDER BY 1", [outcome.revision]
+    )
+    uids = uids["cell_uid"].to_numpy(dtype=np.int64)
+    if uids.size > max_cells:
+        uids = np.sort(np.random.default_rng(seed).choice(uids, max_cells, replace=False))
+    batch = _batches(store, uids, outcome.batch_key).to_numpy()
+    names, counts = np.unique(batch, return_counts=True)
+    keep = np.isin(batch, names[counts >= 2])  # a batch of one cell has no silhouette
+    uids, batch = uids[keep], batch[keep]
+    rows = []
+    for tag, model, rev in (("uncorrected", outcome.source_model, outcome.source_revision),
+                            ("corrected", outcome.model, outcome.revision)):  # fmt: skip
+        s = separation_scores(read_rows(open_array(store, model, rev), uids), batch, k=k, seed=seed)
+        rows.append({"embedding": tag, "model": model, "revision": rev, "batch_silhouette": s["silhouette"],
+                     "batch_knn_purity": s["knn_purity"], "batch_knn_purity_expected": s["knn_purity_expected"]})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def correction_table(
+    store: Store,
+    outcome: CorrectionOutcome,
+    uncorrected_runs: Sequence[str],
+    corrected_runs: Sequence[str],
+    *,
+    metric: str = "auroc",
+) -> pd.DataFrame:
+    """Side-by-side metrics of paired runs (uncorrected vs corrected embedding, same folds); stored.
+
+    Every metric of every fold goes to the ``correction_metrics`` table (one row per run pair ×
+    fold × metric, plus fold ``mean``: the mean over the folds where the metric is defined, as
+    ``scdrugmap results``); a repeated comparison of the same runs replaces its rows.
+
+    Parameters
+    ----------
+    store
+        The store.
+    outcome
+        The correction (:func:`~classify.analyze.harmony.correct_embedding` /
+        :func:`~classify.analyze.harmony.load_correction`).
+    uncorrected_runs, corrected_runs
+        Run ids of the two embeddings, paired by category value (same fold set).
+    metric
+        Metric of the returned table.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``category, value, protocol, head, fold, <metric>_uncorrected, <metric>_corrected, difference``:
+        one row per fold (its name: the held-out study for cross-data) and one ``mean`` row per value.
+
+    Raises
+    ------
+    InputError
+        Runs that do not pair up (different fold sets or values).
+    """
+    q = ("SELECT r.run_id, r.category, r.value, r.protocol, r.head, r.fold_set_id, f.fold_names, m.fold, "
+         "m.metric, m.value AS v FROM eval_runs r JOIN metrics m USING (run_id) "
+         "JOIN fold_sets f USING (fold_set_id) WHERE list_contains(?, r.run_id)")  # fmt: skip
+    sides = {tag: store.query(q, [list(ids)]) for tag, ids in (("uncorrected", uncorrected_runs),
+                                                               ("corrected", corrected_runs))}  # fmt: skip
+    frames = []
+    for tag, df in sides.items():
+        df["fold"] = [
+            json.loads(names)[int(i)] for names, i in zip(df["fold_names"], df["fold"], strict=True)
+        ]
+        mean = df.groupby(["run_id", "category", "value", "protocol", "head", "fold_set_id", "metric"],
+                          as_index=False)["v"].mean().assign(fold="mean")  # fmt: skip
+        df = pd.concat([df.drop(columns=["fold_names"]), mean], ignore_index=True)
+        frames.append(df.rename(columns={"v": tag, "run_id": f"run_{tag}"}))
+    key = ["category", "value", "protocol", "head", "fold_set_id", "fold", "metric"]
+    both = frames[0].merge(frames[1], on=key, how="outer")
+    if both[["run_uncorrected", "run_corrected"]].isna().any().any():
+        msg = "the uncorrected and corrected runs do not pair up (different fold sets or category values)"
+        raise InputError(msg)
+    both["difference"] = both["corrected"] - both["uncorrected"]
+    both = both.assign(revision=outcome.revision, source_revision=outcome.source_revision, created_at=now())
+    ensure_tables(store)
+    with store.transaction() as con:
+        for (run_u, run_c), part in both.groupby(["run_uncorrected", "run_corrected"]):
+            con.execute(
+                "DELETE FROM correction_metrics WHERE run_uncorrected = ? AND run_corrected = ?",
+                [run_u, run_c],
+            )
+            con.register("_cmp", part.drop(columns=["fold_set_id"]))
+            names = ", ".join(c for c in part.columns if c != "fold_set_id")
+            con.execute(f"INSERT INTO correction_metrics ({names}) SELECT {names} FROM _cmp")
+            con.unregister("_cmp")
+    out = both[both["metric"] == metric].copy()
+    out["_mean"] = out["fold"] == "mean"
+    out = out.sort_values(["category", "value", "_mean", "fold"]).rename(
+        columns={"uncorrected": f"{metric}_uncorrected", "corrected": f"{metric}_corrected"}
+    )
+    cols = ["category", "value", "protocol", "head", "fold", f"{metric}_uncorrected", f"{metric}_corrected",
+            "difference"]  # fmt: skip
+    return out[cols].reset_index(drop=True)
+
+
+def compare_correction(
+    store: Store,
+    outcome: CorrectionOutcome,
+    *,
+    head: str = "logreg",
+    protocol: str = "cross",
+    category: str = "tissue",
+    value: str | None = None,
+    metric: str = "auroc",
+    seed: int = 0,
+    **evaluate_options,
+) -> pd.DataFrame:
+    """Evaluate the uncorrected and the corrected embedding the same way; side-by-side metric.
+
+    ``evaluate_options`` (``grouping``, ``k``, ``positive_class``, ``head_params``, ``shots``,
+    ``rerun``) go to :func:`classify.evaluate.evaluate` for both embeddings.
+
+    Returns
+    -------
+    pandas.DataFrame
+        :func:`correction_table` of the two evaluations.
+    """
+    from classify.evaluate import evaluate
+
+    runs = {}
+    for tag, (model, rev) in {"uncorrected": (outcome.source_model, outcome.source_revision),
+                              "corrected": (outcome.model, outcome.revision)}.items():  # fmt: skip
+        outs = evaluate(store, model=model, revision=rev, head=head, protocol=protocol, category=category,
+                        value=value, seed=seed, **evaluate_options)  # fmt: skip
+        runs[tag] = [o.run_id for o in outs]
+    return correction_table(store, outcome, runs["uncorrected"], runs["corrected"], metric=metric)

@@ -1,0 +1,382 @@
+"""The Biology view of the service: /analysis/* endpoints over a demo store analysed with
+``classify.analyze`` (DE, enrichment, biomarkers, separation, label confidence, figures), refusals
+(unknown ids, path traversal), a never-analysed store, the token, and the page in Chromium."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("fastapi_offline")
+
+from fastapi.testclient import TestClient
+
+from classify.service import create_app
+from store import Store
+
+N_CELLS = 800
+
+
+# ---- fixtures ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Demo store (800 cells) with DE (truth and run labels), enrichment, biomarkers, separation,
+    one dataset's confidence set from evidence and one run's metrics per confidence stratum."""
+    from test_analyze_demo import planted_programme
+
+    from classify.analyze.biomarkers import BiomarkerSpec, run_biomarkers
+    from classify.analyze.confidence import confidence_metrics, set_confidence
+    from classify.analyze.de_run import run_de
+    from classify.analyze.enrich import GeneSet, enrich_de, write_gmt
+    from classify.analyze.separation import run_separation
+    from classify.demo import run_demo
+
+    path = tmp_path_factory.mktemp("service-analysis") / "store"
+    run_demo(path, n_cells=N_CELLS, heads=["logreg"], echo=lambda _m: None)
+    st = Store.open(path)
+    ids = sorted(st.datasets()["dataset_id"])
+    pooled = run_de(st, ids, methods=["wilcoxon"])[0]
+    run_de(st, ids[:2])
+    run_id = str(
+        st.query("SELECT run_id FROM eval_runs WHERE protocol = 'pooled' ORDER BY value")["run_id"][0]
+    )
+    predicted = st.query("SELECT DISTINCT c.dataset_id FROM predictions p JOIN cells c USING (cell_uid) "
+                         "WHERE p.run_id = ? ORDER BY 1", [run_id])["dataset_id"].tolist()  # fmt: skip
+    run_de(st, predicted, labels=f"run:{run_id}", methods=["wilcoxon"])
+    up, down = planted_programme()
+    rng = np.random.default_rng(0)
+    genes = pooled.table["gene"].to_numpy()
+    sets = [GeneSet("PLANTED_UP", "planted up", frozenset(up)), GeneSet("PLANTED_DOWN", "planted down",
+            frozenset(down))] + [GeneSet(f"RANDOM_{i}", "random", frozenset(rng.choice(genes, 20, replace=False)))
+                                 for i in range(10)]  # fmt: skip
+    gmt = path.parent / "sets.gmt"
+    write_gmt(sets, gmt)
+    enrich_de(st, pooled.table, gmt, de_source=pooled.de_id, figures_dir=path / "analysis" / "figures")
+    run_biomarkers(st, ids[:4], spec=BiomarkerSpec(n_estimators=30, max_genes=300))
+    run_separation(st, "pca", umap=False)
+    set_confidence(st, ids[0], exposure_days=45)
+    confidence_metrics(st, run_id)
+    return path
+
+
+@pytest.fixture(scope="module")
+def store(store_path: Path) -> Store:
+    return Store.open(store_path)
+
+
+@pytest.fixture(scope="module")
+def client(store_path: Path):
+    with TestClient(create_app(store_path)) as c:
+        yield c
+
+
+def _ok(client: TestClient, url: str, **params) -> dict:
+    res = client.get(url, params=params)
+    assert res.status_code == 200, res.text
+    return res.json()
+
+
+# ---- DE ---------------------------------------------------------------------------------------
+def test_de_list_matches_catalog(client: TestClient, store: Store) -> None:
+    cat = store.query("SELECT de_id, method, labels, n_significant, dataset_ids FROM de_runs")
+    res = _ok(client, "/analysis/de")
+    assert res["n"] == len(cat) >= 4
+    assert {i["de_id"] for i in res["items"]} == set(cat["de_id"])
+    for item in res["items"]:
+        n_sig = store.query("SELECT COUNT(*) FILTER (significant) AS n FROM de_results WHERE de_id = ?",
+                            [item["de_id"]])["n"].iloc[0]  # fmt: skip
+        assert item["n_significant"] == n_sig
+        assert isinstance(item["dataset_ids"], list)
+        assert item["dataset_ids"]
+        assert item["test"]
+    pred = [i for i in res["items"] if i["labels"].startswith("run:")]
+    assert len(pred) == 1
+    assert pred[0]["truth_de_id"] in {i["de_id"] for i in res["items"]}
+    assert 0 <= pred[0]["jaccard"] <= 1
+    assert isinstance(pred[0]["missed_genes"], list)
+    only = _ok(client, "/analysis/de", dataset="SIM08", method="wilcoxon")["items"]
+    assert only
+    assert all("SIM08" in i["dataset_ids"] and i["method"] == "wilcoxon" for i in only)
+    assert _ok(client, "/analysis/de", dataset="NOPE")["items"] == []
+    assert client.get("/analysis/de", params={"method": "ttest"}).status_code == 422
+
+
+def test_de_table_rows_and_volcano(client: TestClient, store: Store) -> None:
+    de_id = store.query("SELECT de_id FROM de_runs WHERE json_array_length(dataset_ids) = 8")["de_id"].iloc[0]
+    cat = store.query("SELECT * FROM de_results WHERE de_id = ? ORDER BY padj NULLS LAST, p, gene", [de_id])
+    res = _ok(client, f"/analysis/de/{de_id}", limit=25)
+    assert res["run"]["de_id"] == de_id
+    assert res["n_rows"] == len(cat)
+    assert res["limit"] == 25
+    rows = res["rows"]
+    assert [r["gene"] for r in rows] == cat["gene"].head(25).tolist()
+    assert np.allclose([r["padj"] for r in rows], cat["padj"].head(25))
+    assert np.allclose([r["log2fc"] for r in rows], cat["log2fc"].head(25))
+    assert [r["significant"] for r in rows] == cat["significant"].head(25).tolist()
+
+    sig = _ok(client, f"/analysis/de/{de_id}", significant_only=True, limit=100_000)
+    assert sig["n_rows"] == int(cat["significant"].sum()) == res["run"]["n_significant"] > 0
+    assert all(r["significant"] for r in sig["rows"])
+
+    v = res["volcano"]
+    finite = cat[np.isfinite(cat["log2fc"]) & np.isfinite(cat["padj"])]
+    assert v["n_points"] == v["n_eligible"] == len(finite) == len(v["gene"]) == len(v["log2fc"])
+    by_gene = finite.set_index("gene")
+    assert np.allclose(v["neg_log10_padj"], -np.log10(np.clip(by_gene.loc[v["gene"], "padj"], 1e-300, 1)))
+    assert np.allclose(v["log2fc"], by_gene.loc[v["gene"], "log2fc"])
+    expected = ["ns" if not s else ("up" if x > 0 else "down")
+                for s, x in zip(by_gene.loc[v["gene"], "significant"], v["log2fc"], strict=True)]  # fmt: skip
+    assert v["direction"] == expected
+    assert v["direction"].count("up") + v["direction"].count("down") == sig["n_rows"]
+    few = _ok(client, f"/analysis/de/{de_id}", max_points=10)["volcano"]
+    assert few["n_points"] == 10
+    assert few["n_eligible"] == len(finite)
+    assert few["gene"] == finite.sort_values(["padj", "gene"])["gene"].head(10).tolist()
+
+
+def test_unknown_ids_and_bad_parameters(client: TestClient) -> None:
+    for url in ("/analysis/de/de-0000", "/analysis/enrich/enr-0000", "/analysis/biomarkers/bm-0000"):
+        res = client.get(url)
+        assert res.status_code == 404, url
+        assert res.headers["content-type"].startswith("application/json")
+        assert "0000" in res.json()["detail"]
+        assert "GET /analysis/" in res.json()["detail"]
+    for url, params in (("/analysis/de/x", {"limit": 0}), ("/analysis/separation", {"metric": "nope"}),
+                        ("/analysis/enrich/x", {"direction": "sideways"})):  # fmt: skip
+        res = client.get(url, params=params)
+        assert res.status_code == 422
+        assert "detail" in res.json()
+
+
+# ---- enrichment, biomarkers, separation, confidence -------------------------------------------
+def test_enrichment_ranks_planted_set_first(client: TestClient, store: Store) -> None:
+    runs = _ok(client, "/analysis/enrich")["items"]
+    assert len(runs) == 1
+    run = runs[0]
+    assert run["genesets"] == "sets.gmt"  # the file's name, not the server path
+    assert _ok(client, "/analysis/enrich", de_id=run["de_source"])["n"] == 1
+    assert _ok(client, "/analysis/enrich", de_id="de-0000")["n"] == 0
+    res = _ok(client, f"/analysis/enrich/{run['enrich_id']}", limit=3)
+    n_cat = store.query("SELECT direction, COUNT(*) AS n FROM enrich_results WHERE enrich_id = ? GROUP BY 1",
+                        [run["enrich_id"]]).set_index("direction")["n"]  # fmt: skip
+    for d in ("up", "down"):
+        part = [r for r in res["rows"] if r["direction"] == d]
+        assert [r["rank"] for r in part] == list(range(1, min(3, n_cat.get(d, 0)) + 1))
+    assert next(r["direction"] for r in res["rows"]) == "up"
+    up = [r for r in res["rows"] if r["direction"] == "up"]
+    assert up[0]["term"] == "PLANTED_UP"
+    down = _ok(client, f"/analysis/enrich/{run['enrich_id']}", direction="down")["rows"]
+    assert down
+    assert {r["direction"] for r in down} == {"down"}
+    assert down[0]["term"] == "PLANTED_DOWN"
+
+
+def test_biomarkers_match_catalog(client: TestClient, store: Store) -> None:
+    res = _ok(client, "/analysis/biomarkers", limit=5)
+    assert res["n"] == 1
+    run = res["items"][0]
+    assert run["dataset_ids"] == ["SIM01", "SIM02", "SIM03", "SIM04"]
+    cat = store.query("SELECT gene FROM biomarkers WHERE bm_id = ? ORDER BY rank", [run["bm_id"]])["gene"]
+    assert [g["gene"] for g in run["genes"]] == cat.head(5).tolist()
+    one = _ok(client, f"/analysis/biomarkers/{run['bm_id']}")
+    assert [g["gene"] for g in one["genes"]] == cat.tolist()
+    assert [g["rank"] for g in one["genes"]][:3] == [1, 2, 3]
+
+
+def test_separation_per_model_with_head_metrics(client: TestClient, store: Store) -> None:
+    res = _ok(client, "/analysis/separation")
+    cat = store.query("SELECT * FROM separation ORDER BY scope, value")
+    assert len(res["items"]) == len(cat) > 8
+    assert {i["scope"] for i in res["items"]} == {"dataset", "tissue"}
+    (model,) = res["models"]
+    per_dataset = cat[cat["scope"] == "dataset"]
+    assert model["model"] == "pca"
+    assert model["n_datasets"] == len(per_dataset)
+    assert math.isclose(model["knn_purity"], per_dataset["knn_purity"].mean())
+    assert math.isclose(model["silhouette"], per_dataset["silhouette"].mean())
+    tissue = next(i for i in res["items"] if i["scope"] == "tissue" and i["value"] == "Cell line")
+    expected = store.query(
+        "SELECT AVG(m.value) AS v FROM eval_runs r JOIN metrics m USING (run_id) WHERE r.protocol = 'pooled' "
+        "AND r.category = 'tissue' AND r.value = 'Cell line' AND r.head = 'logreg' AND m.metric = 'auroc'"
+    )["v"].iloc[0]
+    assert math.isclose(tissue["head_metrics"]["logreg"], expected)
+    f1 = _ok(client, "/analysis/separation", metric="f1", model="pca")
+    assert f1["metric"] == "f1"
+    assert len(f1["items"]) == len(cat)
+    assert _ok(client, "/analysis/separation", model="nope")["items"] == []
+
+
+def test_confidence_stars(client: TestClient, store: Store) -> None:
+    res = _ok(client, "/analysis/confidence")
+    assert res["n"] == 8
+    assert sum(res["counts"].values()) == 8
+    first = res["items"][0]
+    assert first["dataset_id"] == "SIM01"
+    assert first["stars"] == 2
+    assert first["source"] == "derived"
+    assert first["set_at"] == "analyze"
+    assert "45 days" in first["reason"]
+    ingest = store.query("SELECT dataset_id, label_confidence FROM datasets").set_index("dataset_id")
+    for item in res["items"][1:]:
+        assert item["stars"] == ingest.loc[item["dataset_id"], "label_confidence"]
+    run_id = store.query("SELECT DISTINCT run_id FROM confidence_metrics")["run_id"].iloc[0]
+    with_run = _ok(client, "/analysis/confidence", run_id=run_id)
+    n = store.query("SELECT COUNT(*) AS n FROM confidence_metrics WHERE run_id = ?", [run_id])["n"].iloc[0]
+    assert len(with_run["metrics"]) == n > 0
+
+
+# ---- figures ----------------------------------------------------------------------------------
+def test_figure_listing_matches_index(client: TestClient, store_path: Path) -> None:
+    folder = store_path / "analysis" / "figures"
+    lines = [ln for ln in (folder / "index.md").read_text().splitlines() if ln.startswith("- [")]
+    stems = [re.match(r"- \[([^\]]+)\]", ln)[1] for ln in lines]
+    res = _ok(client, "/analysis/figures")
+    assert [f["stem"] for f in res["items"]] == stems
+    assert res["n"] >= 5
+    assert any(s.startswith("volcano") for s in stems)
+    assert any(s.startswith("enrich") for s in stems)
+    for f, line in zip(res["items"], lines, strict=True):
+        assert line.endswith(f["caption"])
+        assert f["caption"]
+        png = client.get(f["png"])
+        assert png.status_code == 200
+        assert png.headers["content-type"] == "image/png"
+        assert png.content == (folder / f"{f['stem']}.png").read_bytes()
+        svg = client.get(f["svg"])
+        assert svg.status_code == 200
+        assert svg.headers["content-type"].startswith("image/svg+xml")
+        assert b"<svg" in svg.content[:2000]
+        assert "default-src 'none'" in svg.headers["content-security-policy"]
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["../catalog.duckdb", "..%2Fcatalog.duckdb", "%2e%2e%2fcatalog.duckdb", "%2e%2e", "..", "%2Fetc%2Fpasswd",
+     "/etc/passwd", "index.md", ".hidden.png", "nope.png", "x.png%00.svg", "a%5C..%5Ccatalog.png", "outside.png"],
+)  # fmt: skip
+def test_figure_names_cannot_leave_the_folder(client: TestClient, store_path: Path, name: str) -> None:
+    folder = store_path / "analysis" / "figures"
+    link = folder / "outside.png"  # a link inside the folder to a file outside it
+    link.symlink_to(store_path / "catalog.duckdb")
+    try:
+        res = client.get(f"/analysis/figures/{name}")
+    finally:
+        link.unlink()
+    assert res.status_code in (404, 422), (name, res.status_code)
+    assert res.headers["content-type"].startswith("application/json")
+    assert b"DUCK" not in res.content
+
+
+# ---- a store never analysed, token, page ------------------------------------------------------
+def test_never_analysed_store_gives_empty_lists(tmp_path: Path) -> None:
+    st = Store.open(tmp_path / "empty", create=True)
+    before = set(st.query("SELECT table_name FROM information_schema.tables")["table_name"])
+    with TestClient(create_app(st.path)) as c:
+        for url in ("/analysis/de", "/analysis/enrich", "/analysis/biomarkers", "/analysis/figures"):
+            assert _ok(c, url)["items"] == [], url
+        sep = _ok(c, "/analysis/separation")
+        assert sep["items"] == []
+        assert sep["models"] == []
+        conf = _ok(c, "/analysis/confidence", run_id="r")
+        assert conf["items"] == []
+        assert conf["metrics"] == []
+        assert conf["counts"]["none"] == 0
+        for url in (
+            "/analysis/de/x",
+            "/analysis/enrich/x",
+            "/analysis/biomarkers/x",
+            "/analysis/figures/a.png",
+        ):
+            assert c.get(url).status_code == 404, url
+    after = set(st.query("SELECT table_name FROM information_schema.tables")["table_name"])
+    assert after == before  # the service created no analysis table
+    assert not (st.path / "analysis").exists()
+
+
+def test_token_protects_analysis(store_path: Path) -> None:
+    with TestClient(create_app(store_path, token="tok")) as c:
+        assert c.get("/analysis/de").status_code == 401
+        assert c.get("/analysis/figures").status_code == 401
+        items = c.get("/analysis/figures", headers={"X-Token": "tok"}).json()["items"]
+        assert c.get(items[0]["png"]).status_code == 401
+        assert c.get(items[0]["png"], headers={"Authorization": "Bearer tok"}).status_code == 200
+
+
+def test_page_has_biology_tab(client: TestClient) -> None:
+    page = client.get("/").text
+    assert 'data-tab="biology"' in page
+    assert 'id="volcano-chart"' in page
+    assert 'id="bio-gallery"' in page
+    js = client.get("/static/biology.js")
+    assert js.status_code == 200
+    assert "export function initBiology" in js.text
+    assert 'from "./biology.js"' in client.get("/static/app.js").text
+    paths = client.get("/openapi.json").json()["paths"]
+    for p in ("/analysis/de", "/analysis/de/{de_id}", "/analysis/enrich", "/analysis/enrich/{enrich_id}",
+              "/analysis/biomarkers", "/analysis/separation", "/analysis/confidence", "/analysis/figures",
+              "/analysis/figures/{name}"):  # fmt: skip
+        assert p in paths, p
+
+
+def test_biology_tab_in_chromium(store_path: Path, client: TestClient) -> None:
+    """The Biology tab in headless Chromium: volcano circles = API points, tables, gallery images load."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    import uvicorn
+    from test_browser import ARGS, CHROMIUM, _free_port, _start
+
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install -y chromium, or set SCDRUGMAP_CHROMIUM)")
+    runs = _ok(client, "/analysis/de")["items"]
+    first = _ok(client, f"/analysis/de/{runs[0]['de_id']}")
+    n_figures = _ok(client, "/analysis/figures")["n"]
+    port = _free_port()
+    srv = uvicorn.Server(
+        uvicorn.Config(create_app(store_path), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = _start(srv)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            problems: list[str] = []
+            page.on("pageerror", lambda e: problems.append(str(e)))
+            page.on("requestfailed", lambda r: problems.append(f"failed: {r.url}"))
+            page.on(
+                "request", lambda r: None if r.url.startswith(url) else problems.append(f"outside: {r.url}")
+            )
+            page.goto(url)
+            page.locator("#ds-table tbody tr").first.wait_for()
+            page.click("button[data-tab=biology]")
+            page.wait_for_selector("#volcano-chart svg circle.volcano-point")
+            assert (
+                page.locator("#volcano-chart svg circle.volcano-point").count()
+                == first["volcano"]["n_points"]
+            )
+            n_up = first["volcano"]["direction"].count("up")
+            assert page.locator("#volcano-chart svg circle.up").count() == n_up
+            assert page.locator("#bio-de option").count() == len(runs)
+            assert page.locator("#bio-genes tbody tr").count() == min(50, first["n_rows"])
+            page.wait_for_selector("#sep-chart svg .fold-point")
+            assert page.locator("#conf-table tbody tr").count() == 8
+            page.wait_for_function(
+                f"[...document.querySelectorAll('#bio-gallery img')].filter(i => i.complete && i.naturalWidth > 0)"
+                f".length === {n_figures}"
+            )
+            pred = next(r for r in runs if r["labels"].startswith("run:"))
+            page.select_option("#bio-de", pred["de_id"])
+            page.wait_for_function("document.getElementById('bio-de-info').textContent.includes('Jaccard')")
+            if os.environ.get("SCDRUGMAP_BIOLOGY_SCREENSHOT"):
+                page.screenshot(path=os.environ["SCDRUGMAP_BIOLOGY_SCREENSHOT"], full_page=True)
+            assert not page.is_visible("#error")
+            assert not problems, problems
+            browser.close()
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
