@@ -247,8 +247,9 @@ def finetune_command(ctx: click.Context, ranks: str | None, rank: int, alpha: fl
                      max_train_cells: int | None, precision: str, gradient_checkpointing: bool,
                      options: tuple[str, ...], **kw: Any) -> None:  # fmt: skip
     """LoRA-fine-tune a foundation model with the MLP head on the persisted folds."""
+    from classify.commands import print_summary
     from classify.evaluate import summarise
-    from cli import _coerce, _parse_kv, _print_summary
+    from cli import _coerce, _parse_kv
 
     base = LoraSpec(rank=rank, alpha=alpha, dropout=dropout,
                     targets=tuple(t.strip() for t in (target_modules or "").split(",") if t.strip()),
@@ -268,7 +269,7 @@ def finetune_command(ctx: click.Context, ranks: str | None, rank: int, alpha: fl
         spec = replace(base, rank=r)
         run_ids.append(finetune(st, lora=spec, options=opts, **kw))
         click.echo(f"{run_ids[-1]} rank {r}")
-    _print_summary(summarise(st, run_ids))
+    print_summary(summarise(st, run_ids))
 
 
 def finetuned_embedder(store: Store, run_id: str, fold: int, *, checkpoint: str | Path | None = None) -> Any:

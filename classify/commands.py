@@ -1,0 +1,195 @@
+"""``scdrugmap evaluate | predict | results``: the classify stage's commands (loaded lazily by ``cli``).
+
+Thin click shells: parse options, call :mod:`classify.evaluate` / :mod:`classify.predict`, print.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cli import CONTEXT, _coerce, _parse_kv, _store, _table
+
+__all__ = ["evaluate", "predict", "print_summary", "results"]
+
+
+@click.command(context_settings=CONTEXT)
+@click.option("--model", required=True, help="Embedding model name.")
+@click.option("--revision", help="Embedding revision (default: latest of the model).")
+@click.option(
+    "--head", type=click.Choice(["mlp", "logreg", "lightgbm", "rf"]), default="mlp", show_default=True
+)
+@click.option("--protocol", type=click.Choice(["pooled", "cross"]), default="pooled", show_default=True)
+@click.option(
+    "--category", default="tissue", show_default=True, help="tissue, cancer_type, drug_class, regimen, …"
+)
+@click.option("--value", help="Category value (default: every value with labelled cells).")
+@click.option(
+    "--group",
+    "grouping",
+    type=click.Choice(["sample", "cell"]),
+    help="Pooled split unit (default sample when sample ids exist).",
+)
+@click.option("--k", default=10, show_default=True, help="Pooled folds.")
+@click.option("--seed", default=0, show_default=True)
+@click.option(
+    "--positive", type=click.Choice(["sensitive", "resistant"]), default="sensitive", show_default=True
+)
+@click.option("--param", "params", multiple=True, help="Head hyper-parameter KEY=VALUE (e.g. epochs=20).")
+@click.option(
+    "--shots",
+    default=0,
+    show_default=True,
+    help="Few-shot: K labelled cells per class of each held-out side train too.",
+)
+@click.option("--rerun", is_flag=True, help="Recompute even if the catalog holds this run.")
+@click.option("--min-confidence", type=int, default=0, help="Only datasets with ≥ K label-confidence stars "
+              "(1–3) train and are scored; datasets without stars are left out.")  # fmt: skip
+@click.option("--by-confidence", is_flag=True, help="Also print AUROC and F1 per label-confidence stratum "
+              "(always stored in confidence_metrics).")  # fmt: skip
+@click.option("--corrected", help="Also evaluate this batch-corrected embedding of MODEL (e.g. pca_harmony, from "
+              "`embed --correct harmony`) on the same folds; print both side by side (table correction_metrics).")  # fmt: skip
+@click.pass_context
+def evaluate(
+    ctx: click.Context,
+    params: tuple[str, ...],
+    positive: str,
+    corrected: str | None,
+    by_confidence: bool,
+    **kw: Any,
+) -> None:
+    """Train a head on frozen embeddings and evaluate it (pooled CV or leave-one-study-out)."""
+    from classify.evaluate import evaluate as run_eval
+    from classify.evaluate import summarise
+
+    st = _store(ctx)
+    head_params = {k: _coerce(v) for k, v in _parse_kv(params, "--param").items()}
+    correction, corr_outcomes = None, []
+    if corrected:  # checked before anything is evaluated
+        from classify.analyze.harmony import load_correction
+
+        correction = load_correction(st, corrected, source_model=kw["model"], source_revision=kw["revision"])
+        kw["revision"] = correction.source_revision
+    outcomes = run_eval(st, positive_class=positive, head_params=head_params, **kw)
+    if correction is not None:
+        kw.update(model=correction.model, revision=correction.revision)
+        corr_outcomes = run_eval(st, positive_class=positive, head_params=head_params, **kw)
+    for o in [*outcomes, *corr_outcomes]:
+        click.echo(
+            f"{o.run_id} {o.spec.category}={o.spec.value!r}: {o.n_cells} cells"
+            f"{f' with ≥ {o.spec.min_confidence} stars' if o.spec.min_confidence else ''}"
+            f"{' (from catalog)' if o.reused else ''}"
+        )
+    print_summary(summarise(st, [o.run_id for o in [*outcomes, *corr_outcomes]]))
+    if by_confidence:
+        from classify.analyze.confidence import by_confidence as strata
+
+        click.echo(
+            "\nPer label-confidence stratum (stars 0 = none; out-of-fold predictions pooled over folds):"
+        )
+        _table(strata(st, [o.run_id for o in [*outcomes, *corr_outcomes]]).round(4))
+    if correction is not None:
+        from classify.analyze.correction import correction_table
+
+        table = correction_table(
+            st, correction, [o.run_id for o in outcomes], [o.run_id for o in corr_outcomes]
+        )
+        click.echo(f"\nAUROC without and with {correction.batch_key} correction ({correction.source_model} vs "
+                   f"{correction.model}), per fold (cross: the held-out study) and mean; all metrics in correction_metrics:")  # fmt: skip
+        _table(table.round(4))
+
+
+def print_summary(df) -> None:
+    if df.empty:
+        click.echo("(no results)")
+        return
+    df = df.copy()
+    df["mean±sd"] = [
+        "NULL" if m != m else f"{m:.3f} ± {0.0 if s != s else s:.3f}"
+        for m, s in zip(df["mean"], df["sd"], strict=True)
+    ]
+    keys = ["model", "strategy", "head", "protocol", "category", "value"]
+    if "min_confidence" in df.columns and (df["min_confidence"] > 0).any():
+        keys.append("min_confidence")  # runs filtered by label-confidence stars (evaluate --min-confidence)
+    wide = df.pivot_table(
+        index=keys,
+        columns="metric",
+        values="mean±sd",
+        aggfunc="first",
+    ).reset_index()
+    cols = [
+        c
+        for c in [
+            "model",
+            "strategy",
+            "head",
+            "protocol",
+            "category",
+            "value",
+            "min_confidence",
+            "f1",
+            "auroc",
+            "auprc",
+            "accuracy",
+            "precision",
+            "recall",
+            "balanced_accuracy",
+            "mcc",
+        ]
+        if c in wide.columns
+    ]
+    _table(wide[cols])
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--head", "run_id", required=True, help="Run id of an evaluation run whose head to apply.")
+@click.option("--out", type=click.Path(path_type=Path), help="Output h5ad (default ./<stem>.scdrugmap.h5ad).")
+@click.option(
+    "--calibration", type=click.Choice(["platt", "isotonic", "none"]), default="platt", show_default=True
+)
+@click.option(
+    "--abstain", help="LOW,HIGH: abstain on cells whose probability is in this band (e.g. 0.4,0.6)."
+)
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="Embedder checkpoint, if it moved.")
+@click.option("--gene-key", help="var column with gene identifiers.")
+@click.option(
+    "--min-coverage", default=0.5, show_default=True, help="Minimum fraction of the model's genes present."
+)
+@click.option(
+    "--fold", default=0, show_default=True, help="LoRA runs: whose fold's adapter and head to apply."
+)
+@click.pass_context
+def predict(ctx: click.Context, file: Path, run_id: str, abstain: str | None, **kw: Any) -> None:
+    """Apply a trained head to FILE.h5ad: per-cell probability and label written into obs."""
+    from classify.calibrate import parse_band
+    from classify.predict import predict_file
+
+    r = predict_file(_store(ctx), run_id, file, abstain=parse_band(abstain), **kw)
+    click.echo(
+        f"wrote {r.out}: {r.n_scored}/{r.n_cells} cells scored; {r.n_sensitive} sensitive, {r.n_resistant} resistant, "
+        f"{r.n_abstained} abstained"
+        + (f"; recorded for dataset {r.dataset_id}" if r.dataset_id else "")
+        + (
+            f"; accuracy on answered labelled cells {r.accuracy_answered:.3f}"
+            if r.accuracy_answered is not None
+            else ""
+        )
+    )
+
+
+@click.command(context_settings=CONTEXT)
+@click.option("--where", help="SQL filter on eval_runs, e.g. \"model = 'pca' AND protocol = 'cross'\".")
+@click.option("--long", "long_format", is_flag=True, help="One row per run × metric.")
+@click.pass_context
+def results(ctx: click.Context, where: str | None, long_format: bool) -> None:
+    """Mean ± sd of every metric per evaluation run."""
+    from classify.evaluate import summarise
+
+    df = summarise(_store(ctx), where=where)
+    if long_format:
+        _table(df, max_rows=10_000)
+    else:
+        print_summary(df)
