@@ -30,11 +30,12 @@ UCE samples from the unseeded global numpy RNG, one stream over the dataset:
 ``min_cells`` (the original's dataset-level ``filter_genes(min_cells=10)``) defaults to 0 so
 tokens do not depend on other cells; no cell is dropped (the original drops < 25 genes).
 Genes without a chromosome position are out of vocabulary (the original crashes on them).
+
+The model (``UCEModel``, ``build_module``) is in :mod:`embedder._uce_model` and re-exported here.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -42,14 +43,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from anndata import AnnData
-from torch import nn
 
 from embedder._attention import (
     MHAEmbedder,
     RaggedTokens,
-    TransformerEncoder,
     cell_seed,
     check_int,
     counts_csr,
@@ -57,6 +55,7 @@ from embedder._attention import (
     var_symbols,
 )
 from embedder._checkpoint import load_state_dict, load_strict, require_dir, require_files, safe_unpickle
+from embedder._uce_model import UCEModel, build_module
 from embedder.base import register
 from store.errors import CheckpointError, InputError
 
@@ -88,104 +87,6 @@ EXPECTED = (
 PAD, CHROM_RIGHT, CLS = 0, 2, 3  # eval_single_anndata defaults (chrom-left = 1 is unused by sentences)
 RELEASE_TOKENS, RELEASE_CHROMS = 143574, 1895  # get_ESM2_embeddings appends seeded chromosome rows
 NHEAD = 20  # run_eval hard-codes nhead = 20
-
-
-def _full_block(n_in: int, n_out: int, p: float) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(n_in, n_out), nn.LayerNorm(n_out), nn.GELU(), nn.Dropout(p))
-
-
-class UCEModel(nn.Module):
-    """UCE ``TransformerModel`` plus the ``pe_embedding`` token table ``run_eval`` attaches.
-
-    Parameters
-    ----------
-    token_dim, d_model, nhead, d_hid, nlayers, output_dim
-        As ``TransformerModel`` (real 4-layer model: 5120, 1280, 20, 5120, 4, 1280).
-    n_tokens
-        Rows of the token table.
-    max_len
-        Rows of the sinusoidal position buffer ``pos_encoder.pe`` (1536).
-    dropout
-        0.05 as ``run_eval``.
-    """
-
-    def __init__(
-        self, token_dim, d_model, nhead, d_hid, nlayers, output_dim, n_tokens, max_len=1536, dropout=0.05
-    ):
-        super().__init__()
-        self.d_model = d_model
-        self.pos_encoder = nn.Module()
-        self.pos_encoder.register_buffer("pe", torch.zeros(max_len, 1, d_model))
-        self.pos_dropout = nn.Dropout(dropout)
-        self.encoder = nn.Sequential(nn.Linear(token_dim, d_model), nn.GELU(), nn.LayerNorm(d_model))
-        self.transformer_encoder = TransformerEncoder(nlayers, d_model, nhead, d_hid, dropout)
-        self.decoder = nn.Sequential(
-            _full_block(d_model, 1024, dropout),
-            _full_block(1024, output_dim, dropout),
-            _full_block(output_dim, output_dim, dropout),
-            nn.Linear(output_dim, output_dim),
-        )
-        self.binary_decoder = nn.Sequential(  # gene-expression head, unused for embeddings
-            _full_block(output_dim + 1280, 2048, dropout),
-            _full_block(2048, 512, dropout),
-            _full_block(512, 128, dropout),
-            nn.Linear(128, 1),
-        )
-        self.gene_embedding_layer = nn.Sequential(
-            nn.Linear(token_dim, d_model), nn.GELU(), nn.LayerNorm(d_model)
-        )
-        self.pe_embedding = nn.Embedding(n_tokens, token_dim)
-        self.pe_embedding.weight.requires_grad_(False)  # from_pretrained(freeze=True)
-
-    def forward(self, ids: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
-        """Token ids ``(B, L)`` and pad mask ``(B, L)`` → transformer output ``(B, L, d_model)``."""
-        x = F.normalize(self.pe_embedding(ids), dim=-1)
-        x = self.encoder(x) * math.sqrt(self.d_model)
-        x = self.pos_dropout(x + self.pos_encoder.pe[: x.shape[1], 0].unsqueeze(0))
-        return self.transformer_encoder(x, pad_mask)
-
-    def cell_embedding(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Decoder MLP at CLS (position 0), L2-normalised: ``(B, L, d_model)`` → ``(B, output_dim)``.
-
-        The decoder acts per token, so applying it to CLS only equals the original's
-        ``decoder(output)[0]``.
-        """
-        return F.normalize(self.decoder(hidden[:, 0]), dim=1)
-
-
-def build_module(state: Mapping[str, Any], n_tokens: int, nhead: int) -> UCEModel:
-    """:class:`UCEModel` with dimensions read from a state dict's shapes (works on ``meta``).
-
-    Raises
-    ------
-    CheckpointError
-        When a key needed to infer a dimension is missing.
-    """
-    need = (
-        "encoder.0.weight",
-        "transformer_encoder.layers.0.linear1.weight",
-        "decoder.3.weight",
-        "pos_encoder.pe",
-    )
-    missing = [k for k in need if k not in state]
-    if missing:
-        msg = f"not a UCE model state dict: lacks {', '.join(missing)}"
-        raise CheckpointError(msg)
-    d_model, token_dim = state["encoder.0.weight"].shape
-    nlayers = len({k.split(".")[2] for k in state if k.startswith("transformer_encoder.layers.")})
-    if d_model % nhead:
-        msg = f"nhead={nhead} does not divide the model width {d_model}; pass the nhead the model was trained with"
-        raise InputError(msg)
-    return UCEModel(
-        token_dim=int(token_dim),
-        d_model=int(d_model),
-        nhead=nhead,
-        d_hid=int(state["transformer_encoder.layers.0.linear1.weight"].shape[0]),
-        nlayers=nlayers,
-        output_dim=int(state["decoder.3.weight"].shape[0]),
-        n_tokens=n_tokens,
-        max_len=int(state["pos_encoder.pe"].shape[0]),
-    )
 
 
 def _all_zero(t: torch.Tensor) -> bool:

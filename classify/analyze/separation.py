@@ -10,7 +10,8 @@ cells (standardised per feature; reduced to 50 principal components when wider; 
   share its label; ``knn_purity_expected`` = Σ p_label² is its value for a random embedding.
 
 Scores go to the ``separation`` table (one row per revision × scope × value); the head metrics of
-the same model and category value are shown beside them by :func:`separation_with_metrics`. A UMAP
+the same model and category value are shown beside them by :func:`separation_with_metrics`
+(both it and ``GET /analysis/separation`` read :func:`separation_rows`). A UMAP
 of the embedding coloured by label, dataset and cancer type is written as PNG and SVG.
 """
 
@@ -24,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from classify.analyze.plots import embedding_panels, safe_stem, save_figure
-from classify.analyze.tables import analysis_dir, ensure_tables, now, replace_rows
+from classify.analyze.tables import analysis_dir, now, replace_rows
 from store.catalog import Store
 from store.embeddings import open_array, read_rows, resolve_revision
 from store.errors import InputError
@@ -32,6 +33,7 @@ from store.errors import InputError
 __all__ = [
     "SeparationOutcome",
     "run_separation",
+    "separation_rows",
     "separation_scores",
     "separation_with_metrics",
     "umap_coords",
@@ -225,30 +227,76 @@ def run_separation(
     return SeparationOutcome(model, rev, scores, figures)
 
 
+_SCORES = ("silhouette", "silhouette_shuffled", "knn_purity", "knn_purity_expected")
+_SEPARATION_COLUMNS = ("model", "revision", "scope", "value", "n_cells", "n_resistant", "n_sensitive", *_SCORES,
+                       "k", "created_at")  # fmt: skip
+_HEAD_COLUMNS = ("revision", "scope", "value", "head", "mean")
+
+
+def separation_rows(
+    store: Store, *, model: str | None = None, metric: str = "auroc"
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Stored separation scores and the mean head metric of the pooled runs on the same values.
+
+    The one query behind ``scdrugmap analyze separation`` and ``GET /analysis/separation``. It
+    only reads: without a ``separation`` table (a store never analysed) both frames are empty
+    (with their columns) and nothing is created.
+
+    Parameters
+    ----------
+    store
+        The store.
+    model
+        Only this model's rows (default every model).
+    metric
+        Metric averaged over the folds of each run (a ``metrics.metric`` name, e.g. ``auroc``).
+
+    Returns
+    -------
+    scores : pandas.DataFrame
+        One row per revision × scope × value, ordered by ``model, revision, scope, value``:
+        ``model, revision, scope, value, n_cells, n_resistant, n_sensitive, silhouette,
+        silhouette_shuffled, knn_purity, knn_purity_expected, k, created_at``.
+    heads : pandas.DataFrame
+        ``revision, scope, value, head, mean``: mean ``metric`` over the folds of the complete
+        pooled evaluation runs (prediction runs excluded) of a revision on a category value
+        (``scope`` = the category, ``dataset`` for ``dataset_id``), ordered by head.
+    """
+    names = store.query("SELECT table_name FROM information_schema.tables WHERE table_schema = 'main'")
+    if "separation" not in set(names["table_name"]):
+        return pd.DataFrame(columns=list(_SEPARATION_COLUMNS)), pd.DataFrame(columns=list(_HEAD_COLUMNS))
+    cond, params = (" WHERE model = ?", [model]) if model else ("", [])
+    scores = store.query(
+        f"SELECT {', '.join(_SEPARATION_COLUMNS)} FROM separation{cond} ORDER BY model, revision, scope, value",
+        params,
+    )
+    heads = store.query(
+        "SELECT r.revision, CASE WHEN r.category = 'dataset_id' THEN 'dataset' ELSE r.category END AS scope, "
+        "r.value, r.head, AVG(m.value) AS mean FROM eval_runs r JOIN metrics m USING (run_id) "
+        "WHERE m.metric = ? AND r.protocol = 'pooled' AND r.status = 'complete' AND r.strategy <> 'predict' "
+        "GROUP BY ALL ORDER BY r.head, r.revision, scope, r.value",
+        [metric],
+    )
+    return scores, heads
+
+
 def separation_with_metrics(store: Store, *, model: str | None = None, metric: str = "auroc") -> pd.DataFrame:
     """Separation scores beside the mean head metric of pooled runs on the same category value.
+
+    Reads :func:`separation_rows` (nothing is created; empty without separation scores).
 
     Returns
     -------
     pandas.DataFrame
-        ``model, scope, value, n_cells, silhouette, silhouette_shuffled, knn_purity,
-        knn_purity_expected`` and one column per head with the mean ``metric`` over folds.
+        ``model, revision, scope, value, n_cells, silhouette, silhouette_shuffled, knn_purity,
+        knn_purity_expected`` and one column ``<metric>_<head>`` per head with the mean ``metric``
+        over folds (NaN where the head has no run on that value).
     """
-    ensure_tables(store)
-    cond, params = ("WHERE s.model = ?", [model]) if model else ("", [])
-    sep = store.query(
-        "SELECT s.model, s.revision, s.scope, s.value, s.n_cells, s.silhouette, s.silhouette_shuffled, s.knn_purity, "
-        f"s.knn_purity_expected FROM separation s {cond} ORDER BY s.model, s.scope, s.value",
-        params,
-    )
-    runs = store.query(
-        "SELECT r.revision, CASE WHEN r.category = 'dataset_id' THEN 'dataset' ELSE r.category END AS scope, r.value, r.head, AVG(m.value) AS v FROM eval_runs r "
-        "JOIN metrics m USING (run_id) WHERE m.metric = ? AND r.protocol = 'pooled' GROUP BY ALL",
-        [metric],
-    )
-    if runs.empty or sep.empty:
+    scores, heads = separation_rows(store, model=model, metric=metric)
+    sep = scores[["model", "revision", "scope", "value", "n_cells", *_SCORES]]
+    if heads.empty or sep.empty:
         return sep
-    wide = runs.pivot_table(index=["revision", "scope", "value"], columns="head", values="v").add_prefix(
+    wide = heads.pivot_table(index=["revision", "scope", "value"], columns="head", values="mean").add_prefix(
         f"{metric}_"
     )
     return sep.merge(wide.reset_index(), on=["revision", "scope", "value"], how="left")

@@ -91,7 +91,7 @@ def create_app(
     """
     from fastapi_offline import FastAPIOffline
 
-    from classify.service import analysis_api, catalog_api, predict_api
+    from classify.service import analysis_api, analysis_cells_api, catalog_api, predict_api
     from store.errors import InputError
 
     if max_upload_mb <= 0 or sql_row_limit < 1 or sql_time_limit_s <= 0 or workers < 1:
@@ -135,6 +135,7 @@ def create_app(
     app.include_router(catalog_api.public_router)
     app.include_router(catalog_api.router, dependencies=auth)
     app.include_router(analysis_api.router, dependencies=auth)
+    app.include_router(analysis_cells_api.router, dependencies=auth)
     app.include_router(predict_api.router, dependencies=auth)
     app.add_middleware(predict_api.UploadLimit, max_upload_mb=config.max_upload_mb)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

@@ -7,7 +7,9 @@ parameters (never spliced into SQL).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
+from datetime import date, datetime
 from typing import Any
 
 import numpy as np
@@ -341,8 +343,35 @@ def _num(v: Any) -> Any:
     return None if v is None or (isinstance(v, float) and not np.isfinite(v)) else v
 
 
-def to_records(df: pd.DataFrame) -> list[dict[str, Any]]:
-    """JSON-safe records: NaN → None, timestamps → ISO strings, numpy scalars → Python."""
-    import json
+def _json_value(v: Any) -> Any:
+    """One cell as a JSON-ready Python value (floats keep full precision: no decimal rounding)."""
+    if isinstance(v, np.ndarray):
+        v = v.tolist()
+    elif isinstance(v, np.generic):
+        v = v.item()
+    if v is None or v is pd.NaT or v is pd.NA:
+        return None
+    if isinstance(v, bool | int | str):
+        return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, datetime | date):
+        return v.isoformat()
+    if isinstance(v, list | tuple):
+        return [_json_value(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _json_value(x) for k, x in v.items()}
+    return str(v)
 
-    return json.loads(df.to_json(orient="records", date_format="iso", default_handler=str))
+
+def to_records(df: pd.DataFrame) -> list[dict[str, Any]]:
+    """JSON-safe records: NaN/inf → None, timestamps → ISO strings, numpy scalars → Python.
+
+    Floats are passed through unrounded (``DataFrame.to_json`` would keep only 10 decimals, turning
+    a p-value of 1e-12 into 0).
+    """
+    cols = [str(c) for c in df.columns]
+    return [
+        {c: _json_value(v) for c, v in zip(cols, row, strict=True)}
+        for row in df.itertuples(index=False, name=None)
+    ]
