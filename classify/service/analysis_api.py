@@ -278,5 +278,5 @@ def gene_views(
     )
     out: dict[str, Any] = {"gene": symbol, "genes": to_records(genes), "n": len(items), "items": items}
     if symbol and not items:
-        out["hint"] = f"{symbol} has no gene view yet; run `scdrugmap analyze gene {symbol}`"
+        out["hint"] = f"{symbol} has no gene view yet; run: scdrugmap analyze gene {symbol}"
     return out

@@ -217,7 +217,7 @@ def pseudotime_cells(
     if path is None:
         msg = (
             f"the per-cell table of pseudotime run {pt_id!r} is missing from <store>/analysis/pseudotime; "
-            f"run `scdrugmap analyze pseudotime --dataset {run['dataset_id']}` again"
+            f"run again: scdrugmap analyze pseudotime --dataset {run['dataset_id']}"
         )
         raise ApiError(404, msg)
     cells = pd.read_parquet(path)
