@@ -138,3 +138,48 @@ def test_predict_with_a_lora_head(collection: tuple[Path, Path], tmp_path: Path)
     scored = ad.read_h5ad(out).obs
     assert scored["scdrugmap_probability"].between(0, 1).mean() > 0.9
     assert "recorded for dataset SIM02" in res.output
+
+
+def test_service_predicts_with_a_lora_head(collection: tuple[Path, Path], tmp_path: Path) -> None:
+    """``/models`` lists LoRA heads as predictable with their folds; ``/predict`` applies a fold like the CLI."""
+    import anndata as ad
+    from fastapi.testclient import TestClient
+
+    from classify.service import create_app
+
+    store, tiny = collection
+    st = Store.open(store)
+    run = st.query("SELECT run_id FROM eval_runs WHERE strategy = 'lora' AND protocol = 'cross'")[
+        "run_id"
+    ].iloc[0]
+    src = next((store.parent / "sim").glob("SIM02*.h5ad"))
+    with TestClient(create_app(store)) as client:
+        heads = {h["run_id"]: h for h in client.get("/models").json()["heads"]}
+        assert heads[run]["predictable"] is True
+        saved = sorted(int(p.name[4:]) for p in (store / "lora" / run).glob("fold*"))
+        assert heads[run]["folds"] == saved
+        assert 1 in saved
+        frozen = [h for h in heads.values() if h["strategy"] == "frozen"]
+        assert frozen
+        assert all(h["folds"] is None for h in frozen)
+
+        def post(**fields: str):
+            with src.open("rb") as fh:
+                files = {"file": (src.name, fh, "application/octet-stream")}
+                return client.post("/predict", files=files, data={"head": run, "wait": "600", **fields})
+
+        r = post(fold="1")
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["summary"]["strategy"] == "lora"
+        assert body["summary"]["fold"] == 1
+        bad = post(fold="99")
+        assert bad.status_code == 422
+        assert "fold 99" in bad.json()["detail"]
+        assert post(fold="x").status_code == 422
+    out = tmp_path / "cli.h5ad"
+    res = CliRunner().invoke(main, ["--store", str(store), "predict", str(src), "--head", run, "--fold", "1",
+                                    "--checkpoint", str(tiny), "--out", str(out)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    expected = ad.read_h5ad(out).obs["scdrugmap_probability"].to_numpy()
+    np.testing.assert_allclose(np.asarray(body["cells"]["probability"], dtype=float), expected, rtol=1e-6)

@@ -42,7 +42,15 @@ _PREDICT_BODY = {
                 "required": ["file", "head"],
                 "properties": {
                     "file": {"type": "string", "format": "binary", "description": "An .h5ad file (HDF5)."},
-                    "head": {"type": "string", "description": "run_id of a frozen-embedding evaluation run."},
+                    "head": {
+                        "type": "string",
+                        "description": "run_id of a complete frozen-embedding or LoRA evaluation run.",
+                    },
+                    "fold": {
+                        "type": "integer",
+                        "default": 0,
+                        "description": "LoRA runs: whose fold's adapter and head to apply (GET /models: folds).",
+                    },
                     "calibration": {
                         "type": "string",
                         "enum": ["platt", "isotonic", "none"],
@@ -148,13 +156,21 @@ async def _save_upload(upload: UploadFile, job: Job, max_upload_mb: float) -> No
         raise ApiError(422, f"{job.filename!r} is empty")
 
 
-def _check_head(store: LockedStore, run_id: str) -> None:
+def _check_head(store: LockedStore, run_id: str, fold: int) -> str:
+    """The run's strategy (``frozen`` / ``lora``); 404 unknown run, 422 unusable run or fold."""
+    from classify.service.queries import lora_folds
+
     df = store.query("SELECT strategy, status FROM eval_runs WHERE run_id = ?", [run_id])
     if df.empty:
         raise ApiError(404, f"no evaluation run {run_id!r}; GET /models lists the trained heads")
-    if df["strategy"].iloc[0] != "frozen" or df["status"].iloc[0] != "complete":
-        msg = f"run {run_id} ({df['strategy'].iloc[0]}, {df['status'].iloc[0]}) cannot be applied; pick a complete frozen-embedding head"
+    strategy, status = str(df["strategy"].iloc[0]), str(df["status"].iloc[0])
+    if strategy not in ("frozen", "lora") or status != "complete":
+        msg = f"run {run_id} ({strategy}, {status}) cannot be applied; pick a complete frozen-embedding or LoRA head"
         raise ApiError(422, msg)
+    if strategy == "lora" and fold not in (folds := lora_folds(store.path, run_id)):
+        msg = f"LoRA run {run_id} has no saved adapter for fold {fold}; use fold = one of {folds}"
+        raise ApiError(422, msg)
+    return strategy
 
 
 def _form_text(form: Any, name: str, default: str | None = None) -> str | None:
@@ -166,26 +182,32 @@ def _form_text(form: Any, name: str, default: str | None = None) -> str | None:
     return value
 
 
-def _predict_work(state: Any, calibration: str, abstain: tuple[float, float] | None):
+def _predict_work(
+    state: Any, calibration: str, abstain: tuple[float, float] | None, *, strategy: str, fold: int
+):
     from classify.predict import final_head, predict_file
 
     store: LockedStore = state.store
     run_locks: dict[str, threading.Lock] = state.run_locks
 
     def work(job: Job) -> None:
-        with state.run_locks_guard:
-            lock = run_locks.setdefault(job.run_id, threading.Lock())
-        with lock:  # the final head is trained and saved once per run, never concurrently
-            job.stage = "preparing the head"
-            final_head(store, job.run_id)
+        if strategy == "frozen":  # LoRA runs apply a fold's saved adapter + head: nothing to train
+            with state.run_locks_guard:
+                lock = run_locks.setdefault(job.run_id, threading.Lock())
+            with lock:  # the final head is trained and saved once per run, never concurrently
+                job.stage = "preparing the head"
+                final_head(store, job.run_id)
         job.stage = "embedding and scoring"
         res = predict_file(
-            store, job.run_id, job.upload_path, out=job.output_path, calibration=calibration, abstain=abstain
-        )
+            store, job.run_id, job.upload_path, out=job.output_path, calibration=calibration, abstain=abstain,
+            fold=fold,
+        )  # fmt: skip
         job.stage = "collecting"
         job.cells = _read_scored(job.output_path)
         job.summary = {
             "run_id": job.run_id,
+            "strategy": strategy,
+            "fold": fold if strategy == "lora" else None,
             "n_cells": res.n_cells,
             "n_scored": res.n_scored,
             "n_sensitive": res.n_sensitive,
@@ -262,11 +284,15 @@ async def predict(request: Request) -> Response:
             wait = float(_form_text(form, "wait", str(cfg.predict_wait_s)) or 0)
         except (InputError, ValueError) as exc:
             raise ApiError(422, f"bad abstain band or wait: {exc}") from exc
+        fold_text = _form_text(form, "fold", "0") or "0"
+        if not fold_text.isdigit():
+            raise ApiError(422, f"fold must be a fold number ≥ 0, got {fold_text!r}")
+        fold = int(fold_text)
         filename = Path(upload.filename or "upload.h5ad").name
         if not filename.lower().endswith(".h5ad"):
             raise ApiError(415, f"{filename!r}: only .h5ad (AnnData HDF5) uploads are accepted")
         store: LockedStore = request.app.state.store
-        await asyncio.to_thread(_check_head, store, run_id)
+        strategy = await asyncio.to_thread(_check_head, store, run_id, fold)
         job = request.app.state.jobs.create(run_id, filename)
         try:
             await _save_upload(upload, job, cfg.max_upload_mb)
@@ -275,7 +301,8 @@ async def predict(request: Request) -> Response:
             raise
     finally:
         await form.close()
-    future = request.app.state.jobs.start(job, _predict_work(request.app.state, calibration, abstain))
+    work = _predict_work(request.app.state, calibration, abstain, strategy=strategy, fold=fold)
+    future = request.app.state.jobs.start(job, work)
     try:
         await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), timeout=max(wait, 0.0))
     except TimeoutError:

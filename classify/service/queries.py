@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from datetime import date, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,7 @@ __all__ = [
     "fold_metrics",
     "list_datasets",
     "list_runs",
+    "lora_folds",
     "models_overview",
     "run_curves",
     "summary_metrics",
@@ -188,7 +190,8 @@ def models_overview(store: Store) -> dict[str, list[dict[str, Any]]]:
     dict
         ``embeddings``: rows of the ``embeddings`` table (no spec); ``heads``: one row per
         complete evaluation run (not ``predict`` records) with the mean of every metric and
-        ``predictable`` (frozen-embedding heads can be applied by ``/predict``).
+        ``predictable`` (frozen-embedding and LoRA heads can be applied by ``/predict``) and, for
+        LoRA runs, ``folds`` (the folds with a saved adapter + head; ``/predict`` takes ``fold``).
     """
     emb = store.query(
         "SELECT revision, model, dim, dtype, rows_selected, rows_done, status, created_at, updated_at "
@@ -206,7 +209,8 @@ def models_overview(store: Store) -> dict[str, list[dict[str, Any]]]:
     )
     heads = to_records(runs)
     for h in heads:
-        h["predictable"] = h["strategy"] == "frozen"
+        h["predictable"] = h["strategy"] in ("frozen", "lora")
+        h["folds"] = lora_folds(store.path, h["run_id"]) if h["strategy"] == "lora" else None
         h["metrics"] = (
             {k: _num(v) for k, v in wide.loc[h["run_id"]].items()} if h["run_id"] in wide.index else {}
         )
@@ -341,6 +345,14 @@ def _thin(curve: dict[str, np.ndarray], max_points: int) -> dict[str, list[float
 
 def _num(v: Any) -> Any:
     return None if v is None or (isinstance(v, float) and not np.isfinite(v)) else v
+
+
+def lora_folds(store_path: Path, run_id: str) -> list[int]:
+    """Folds of a LoRA run with a saved adapter + head (``<store>/lora/<run_id>/fold<k>/``), sorted."""
+    directory = Path(store_path) / "lora" / run_id
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name[4:]) for p in directory.glob("fold*") if p.is_dir() and p.name[4:].isdigit())
 
 
 def _json_value(v: Any) -> Any:

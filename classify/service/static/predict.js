@@ -9,16 +9,29 @@ export function initPredict({ onError }) {
   let cells = null;
   let offset = 0;
   let job = null;
+  let byRun = new Map();
 
   async function loadHeads() {
     const models = await getJSON("/models");
     const auroc = (h) => h.metrics.auroc ?? -1;
     const heads = models.heads.filter((h) => h.predictable).sort((a, b) => auroc(b) - auroc(a));
+    byRun = new Map(heads.map((h) => [h.run_id, h]));
     fillSelect($("pred-head"), heads.map((h) => {
       const score = auroc(h) < 0 ? "" : ` · AUROC ${auroc(h).toFixed(3)}`;
-      return { value: h.run_id, label: `${h.model} · ${h.head} · ${h.protocol} ${h.category}=${h.value}${score}` };
+      const lora = h.strategy === "lora" ? " · LoRA" : "";
+      return { value: h.run_id, label: `${h.model}${lora} · ${h.head} · ${h.protocol} ${h.category}=${h.value}${score}` };
     }));
     if (!heads.length) $("pred-submit").disabled = true;
+    showFolds();
+  }
+
+  // LoRA heads: pick the fold whose adapter + head to apply (frozen heads send no fold)
+  function showFolds() {
+    const h = byRun.get($("pred-head").value);
+    const lora = h?.strategy === "lora";
+    $("pred-fold-label").hidden = !lora;
+    $("pred-fold").disabled = !lora;
+    fillSelect($("pred-fold"), lora ? (h.folds || []).map((f) => ({ value: String(f), label: String(f) })) : []);
   }
 
   function showPage() {
@@ -62,6 +75,7 @@ export function initPredict({ onError }) {
     }
   }
 
+  $("pred-head").addEventListener("change", showFolds);
   $("predict-form").addEventListener("submit", async (ev) => {
     ev.preventDefault();
     const form = new FormData(ev.target);
