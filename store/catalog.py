@@ -222,6 +222,10 @@ class Store:
         StoreError
             When the catalog is newer than this package (upgrade scdrugmap) or has no known version.
         """
+        with self.connect(read_only=True) as con:  # a current catalog on a read-only disk still opens
+            row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if row is not None and row[0] == SCHEMA_VERSION:
+            return None
         with self.connect() as con:
             row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             start = row[0] if row else "1"
