@@ -122,37 +122,38 @@ def test_rank_ablation_and_bad_targets(collection: tuple[Path, Path]) -> None:
     assert sorted('"rank": 2' in p or '"rank": 4' in p for p in ranks["head_params"]) == [True, True]
 
 
-def test_predict_with_a_lora_head(collection: tuple[Path, Path], tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def lora_prediction(collection: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory):
+    """CLI ``predict --fold 1`` of the cross-data LoRA run on SIM02: (run_id, input h5ad, scored obs, output)."""
     import anndata as ad
 
     store, tiny = collection
-    st = Store.open(store)
-    run = st.query("SELECT run_id FROM eval_runs WHERE strategy = 'lora' AND protocol = 'cross'")[
-        "run_id"
-    ].iloc[0]
+    run = Store.open(store).query(
+        "SELECT run_id FROM eval_runs WHERE strategy = 'lora' AND protocol = 'cross'"
+    )
+    run = run["run_id"].iloc[0]
     src = next((store.parent / "sim").glob("SIM02*.h5ad"))
-    out = tmp_path / "p.h5ad"
+    out = tmp_path_factory.mktemp("pred") / "p.h5ad"
     res = CliRunner().invoke(main, ["--store", str(store), "predict", str(src), "--head", run, "--fold", "1",
                                     "--checkpoint", str(tiny), "--out", str(out)])  # fmt: skip
     assert res.exit_code == 0, res.output
-    scored = ad.read_h5ad(out).obs
+    return run, src, ad.read_h5ad(out).obs, res.output
+
+
+def test_predict_with_a_lora_head(lora_prediction) -> None:
+    _, _, scored, output = lora_prediction
     assert scored["scdrugmap_probability"].between(0, 1).mean() > 0.9
-    assert "recorded for dataset SIM02" in res.output
+    assert "recorded for dataset SIM02" in output
 
 
-def test_service_predicts_with_a_lora_head(collection: tuple[Path, Path], tmp_path: Path) -> None:
+def test_service_predicts_with_a_lora_head(collection: tuple[Path, Path], lora_prediction) -> None:
     """``/models`` lists LoRA heads as predictable with their folds; ``/predict`` applies a fold like the CLI."""
-    import anndata as ad
     from fastapi.testclient import TestClient
 
     from classify.service import create_app
 
-    store, tiny = collection
-    st = Store.open(store)
-    run = st.query("SELECT run_id FROM eval_runs WHERE strategy = 'lora' AND protocol = 'cross'")[
-        "run_id"
-    ].iloc[0]
-    src = next((store.parent / "sim").glob("SIM02*.h5ad"))
+    store, _ = collection
+    run, src, scored, _ = lora_prediction
     with TestClient(create_app(store)) as client:
         heads = {h["run_id"]: h for h in client.get("/models").json()["heads"]}
         assert heads[run]["predictable"] is True
@@ -177,9 +178,5 @@ def test_service_predicts_with_a_lora_head(collection: tuple[Path, Path], tmp_pa
         assert bad.status_code == 422
         assert "fold 99" in bad.json()["detail"]
         assert post(fold="x").status_code == 422
-    out = tmp_path / "cli.h5ad"
-    res = CliRunner().invoke(main, ["--store", str(store), "predict", str(src), "--head", run, "--fold", "1",
-                                    "--checkpoint", str(tiny), "--out", str(out)])  # fmt: skip
-    assert res.exit_code == 0, res.output
-    expected = ad.read_h5ad(out).obs["scdrugmap_probability"].to_numpy()
+    expected = scored["scdrugmap_probability"].to_numpy()
     np.testing.assert_allclose(np.asarray(body["cells"]["probability"], dtype=float), expected, rtol=1e-6)
