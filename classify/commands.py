@@ -68,14 +68,17 @@ def evaluate(
     head_params = {k: _coerce(v) for k, v in _parse_kv(params, "--param").items()}
     correction, corr_outcomes = None, []
     if corrected:  # checked before anything is evaluated
+        from classify.analyze.correction import evaluate_pair
         from classify.analyze.harmony import load_correction
 
-        correction = load_correction(st, corrected, source_model=kw["model"], source_revision=kw["revision"])
-        kw["revision"] = correction.source_revision
-    outcomes = run_eval(st, positive_class=positive, head_params=head_params, **kw)
-    if correction is not None:
-        kw.update(model=correction.model, revision=correction.revision)
-        corr_outcomes = run_eval(st, positive_class=positive, head_params=head_params, **kw)
+        correction = load_correction(
+            st, corrected, source_model=kw.pop("model"), source_revision=kw.pop("revision")
+        )
+        outcomes, corr_outcomes = evaluate_pair(
+            st, correction, positive_class=positive, head_params=head_params, **kw
+        )
+    else:
+        outcomes = run_eval(st, positive_class=positive, head_params=head_params, **kw)
     for o in [*outcomes, *corr_outcomes]:
         click.echo(
             f"{o.run_id} {o.spec.category}={o.spec.value!r}: {o.n_cells} cells"

@@ -24,7 +24,7 @@ from typing import Any
 
 import pandas as pd
 
-from classify.analyze.tables import ensure_tables, now, replace_rows
+from classify.analyze.tables import ensure_tables, existing_tables, now, replace_rows
 from store.catalog import Store
 from store.confidence import confidence_stars
 from store.errors import InputError
@@ -80,23 +80,28 @@ def set_confidence(
 def dataset_confidence(store: Store) -> pd.DataFrame:
     """Effective stars per dataset: a ``label_confidence`` table row, else the ingest value.
 
+    Read only (the ``label_confidence`` table may not exist yet: then every value is the ingest one).
+
     Returns
     -------
     pandas.DataFrame
         One row per dataset, ordered by id: ``dataset_id``, ``stars`` (1–3, NULL = none),
         ``source`` (``explicit`` / ``derived``; NULL without stars), ``set_at`` (``ingest`` or
-        ``analyze`` = ``scdrugmap analyze confidence set``), and the ingest evidence
-        ``exposure_days``, ``sample_origin``, ``intrinsic_resistance``.
+        ``analyze`` = ``scdrugmap analyze confidence set``), ``reason`` (of an ``analyze`` row),
+        and the ingest evidence ``exposure_days``, ``sample_origin``, ``intrinsic_resistance``.
     """
-    ensure_tables(store)
+    if "label_confidence" in existing_tables(store):
+        join = " LEFT JOIN label_confidence l USING (dataset_id)"
+        stars, source, reason = "l.stars", "l.source", "json_extract_string(l.evidence, '$.reason')"
+    else:
+        join, stars, source, reason = "", "NULL", "NULL", "NULL"
     return store.query(
-        "SELECT d.dataset_id, COALESCE(l.stars, d.label_confidence) AS stars, "
-        "CASE WHEN l.stars IS NOT NULL THEN l.source "
+        f"SELECT d.dataset_id, CAST(COALESCE({stars}, d.label_confidence) AS INTEGER) AS stars, "
+        f"CASE WHEN {stars} IS NOT NULL THEN {source} "
         "     WHEN d.label_confidence IS NOT NULL THEN COALESCE(d.confidence_source, 'explicit') END AS source, "
-        "CASE WHEN l.stars IS NOT NULL THEN 'analyze' WHEN d.label_confidence IS NOT NULL THEN 'ingest' END "
-        "    AS set_at, "
-        "d.exposure_days, d.sample_origin, d.intrinsic_resistance "
-        "FROM datasets d LEFT JOIN label_confidence l USING (dataset_id) ORDER BY d.dataset_id"
+        f"CASE WHEN {stars} IS NOT NULL THEN 'analyze' WHEN d.label_confidence IS NOT NULL THEN 'ingest' END "
+        f"    AS set_at, {reason} AS reason, "
+        f"d.exposure_days, d.sample_origin, d.intrinsic_resistance FROM datasets d{join} ORDER BY d.dataset_id"
     )
 
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from classify.analyze.tables import ensure_tables, now
+from classify.analyze.tables import ensure_tables, now, replace_frame
 from store.catalog import Store
 from store.embeddings import open_array, read_rows
 from store.errors import InputError
@@ -23,7 +23,7 @@ from store.errors import InputError
 if TYPE_CHECKING:
     from classify.analyze.harmony import CorrectionOutcome
 
-__all__ = ["batch_mixing", "compare_correction", "correction_table"]
+__all__ = ["batch_mixing", "compare_correction", "correction_table", "evaluate_pair"]
 
 
 def batch_mixing(
@@ -128,14 +128,8 @@ def correction_table(
     ensure_tables(store)
     with store.transaction() as con:
         for (run_u, run_c), part in both.groupby(["run_uncorrected", "run_corrected"]):
-            con.execute(
-                "DELETE FROM correction_metrics WHERE run_uncorrected = ? AND run_corrected = ?",
-                [run_u, run_c],
-            )
-            con.register("_cmp", part.drop(columns=["fold_set_id"]))
-            names = ", ".join(c for c in part.columns if c != "fold_set_id")
-            con.execute(f"INSERT INTO correction_metrics ({names}) SELECT {names} FROM _cmp")
-            con.unregister("_cmp")
+            key = {"run_uncorrected": run_u, "run_corrected": run_c}
+            replace_frame(con, "correction_metrics", part.drop(columns=["fold_set_id"]), key)
     out = both[both["metric"] == metric].copy()
     out["_mean"] = out["fold"] == "mean"
     out = out.sort_values(["category", "value", "_mean", "fold"]).rename(
@@ -144,6 +138,25 @@ def correction_table(
     cols = ["category", "value", "protocol", "head", "fold", f"{metric}_uncorrected", f"{metric}_corrected",
             "difference"]  # fmt: skip
     return out[cols].reset_index(drop=True)
+
+
+def evaluate_pair(store: Store, outcome: CorrectionOutcome, **evaluate_options) -> tuple[list, list]:
+    """Evaluate the uncorrected and the corrected embedding with the same options (same fold sets).
+
+    ``evaluate_options`` go to :func:`classify.evaluate.evaluate` for both (not ``model`` /
+    ``revision``: those come from ``outcome``).
+
+    Returns
+    -------
+    (list of RunOutcome, list of RunOutcome)
+        The uncorrected and the corrected runs, paired by category value.
+    """
+    from classify.evaluate import evaluate
+
+    return (
+        evaluate(store, model=outcome.source_model, revision=outcome.source_revision, **evaluate_options),
+        evaluate(store, model=outcome.model, revision=outcome.revision, **evaluate_options),
+    )
 
 
 def compare_correction(
@@ -168,12 +181,8 @@ def compare_correction(
     pandas.DataFrame
         :func:`correction_table` of the two evaluations.
     """
-    from classify.evaluate import evaluate
-
-    runs = {}
-    for tag, (model, rev) in {"uncorrected": (outcome.source_model, outcome.source_revision),
-                              "corrected": (outcome.model, outcome.revision)}.items():  # fmt: skip
-        outs = evaluate(store, model=model, revision=rev, head=head, protocol=protocol, category=category,
-                        value=value, seed=seed, **evaluate_options)  # fmt: skip
-        runs[tag] = [o.run_id for o in outs]
-    return correction_table(store, outcome, runs["uncorrected"], runs["corrected"], metric=metric)
+    plain, corrected = evaluate_pair(store, outcome, head=head, protocol=protocol, category=category, value=value,
+                                     seed=seed, **evaluate_options)  # fmt: skip
+    return correction_table(
+        store, outcome, [o.run_id for o in plain], [o.run_id for o in corrected], metric=metric
+    )

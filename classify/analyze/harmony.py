@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from classify.analyze.correction import batch_mixing, compare_correction, correction_table
-from classify.analyze.tables import ensure_tables, now
+from classify.analyze.tables import ensure_tables, now, replace_frame
 from store.catalog import Store
 from store.embeddings import ensure_array, iter_chunks, open_array, read_rows, resolve_revision, write_rows
 from store.errors import InputError
@@ -236,12 +236,8 @@ def write_embedding(
             con.register("_done", pd.DataFrame({"revision": revision, "cell_uid": uids}))
             con.execute("INSERT INTO embedded_cells SELECT * FROM _done")
             con.unregister("_done")
-            for i, (table, frame) in enumerate(extra_rows):
-                con.execute(f"DELETE FROM {table} WHERE revision = ?", [revision])
-                con.register(f"_extra{i}", frame)
-                cols = ", ".join(frame.columns)
-                con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _extra{i}")
-                con.unregister(f"_extra{i}")
+            for table, frame in extra_rows:
+                replace_frame(con, table, frame, {"revision": revision})
     except BaseException:
         if is_new and f"{model}/{revision}" in root:
             del root[f"{model}/{revision}"]

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from classify.analyze.plots import embedding_panels, safe_stem, save_figure
-from classify.analyze.tables import analysis_dir, now, replace_rows
+from classify.analyze.tables import analysis_dir, existing_tables, now, replace_rows
 from store.catalog import Store
 from store.embeddings import open_array, read_rows, resolve_revision
 from store.errors import InputError
@@ -262,8 +262,7 @@ def separation_rows(
         pooled evaluation runs (prediction runs excluded) of a revision on a category value
         (``scope`` = the category, ``dataset`` for ``dataset_id``), ordered by head.
     """
-    names = store.query("SELECT table_name FROM information_schema.tables WHERE table_schema = 'main'")
-    if "separation" not in set(names["table_name"]):
+    if "separation" not in existing_tables(store):
         return pd.DataFrame(columns=list(_SEPARATION_COLUMNS)), pd.DataFrame(columns=list(_HEAD_COLUMNS))
     cond, params = (" WHERE model = ?", [model]) if model else ("", [])
     scores = store.query(

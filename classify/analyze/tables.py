@@ -24,8 +24,10 @@ __all__ = [
     "ANALYSIS_SCHEMA",
     "analysis_dir",
     "ensure_tables",
+    "existing_tables",
     "make_id",
     "now",
+    "replace_frame",
     "replace_rows",
     "versions",
 ]
@@ -102,6 +104,12 @@ CREATE TABLE IF NOT EXISTS confidence_metrics (
 """
 
 
+def existing_tables(store: Store) -> set[str]:
+    """Names of the catalog's tables, read only (the analysis tables may not exist yet)."""
+    df = store.query("SELECT table_name FROM information_schema.tables WHERE table_schema = 'main'")
+    return set(df["table_name"])
+
+
 def ensure_tables(store: Store) -> None:
     """Create the analysis tables when missing (idempotent)."""
     with store.transaction() as con:
@@ -136,6 +144,31 @@ def analysis_dir(store: Store, *parts: str) -> Path:
     return path
 
 
+def replace_frame(con: Any, table: str, frame: pd.DataFrame, key: dict[str, Any]) -> None:
+    """Inside an open transaction: delete the rows of ``table`` matching ``key``, insert ``frame``.
+
+    Parameters
+    ----------
+    con
+        A DuckDB connection (e.g. of :meth:`store.Store.transaction`).
+    table
+        Catalog table; ``frame``'s columns must be a subset of its columns (inserted by name).
+    frame
+        The new rows (nothing is inserted when empty).
+    key
+        ``{column: value}`` identifying the rows to replace.
+    """
+    cond = " AND ".join(f"{c} = ?" for c in key)
+    con.execute(f"DELETE FROM {table} WHERE {cond}", list(key.values()))
+    if frame.empty:
+        return
+    name = f"_frame_{table}"
+    con.register(name, frame)
+    cols = ", ".join(frame.columns)
+    con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM {name}")
+    con.unregister(name)
+
+
 def replace_rows(
     store: Store,
     rows: Sequence[tuple[str, pd.DataFrame]],
@@ -155,14 +188,6 @@ def replace_rows(
         first), e.g. ``{"de_id": "de-…"}``.
     """
     ensure_tables(store)
-    cond = " AND ".join(f"{c} = ?" for c in key)
     with store.transaction() as con:
-        for i, (table, frame) in enumerate(rows):
-            con.execute(f"DELETE FROM {table} WHERE {cond}", list(key.values()))
-            if frame.empty:
-                continue
-            name = f"_rows{i}"
-            con.register(name, frame)
-            cols = ", ".join(frame.columns)
-            con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM {name}")
-            con.unregister(name)
+        for table, frame in rows:
+            replace_frame(con, table, frame, key)

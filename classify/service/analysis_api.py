@@ -17,11 +17,12 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
 
+from classify.analyze.tables import existing_tables
 from classify.service.errors import ApiError
 from classify.service.queries import to_records
 from classify.service.state import LockedStore
 
-__all__ = ["Metric", "analysis_tables", "not_found", "parse_json", "router", "store_of"]
+__all__ = ["Metric", "not_found", "parse_json", "router", "store_of"]
 
 router = APIRouter(prefix="/analysis", tags=["analysis"])
 
@@ -32,12 +33,6 @@ Metric = Literal["auroc", "auprc", "f1", "accuracy", "balanced_accuracy", "mcc",
 def store_of(request: Request) -> LockedStore:
     """The service's store."""
     return request.app.state.store
-
-
-def analysis_tables(store: LockedStore) -> set[str]:
-    """Names of the catalog's tables (read only: the analysis tables may not exist yet)."""
-    df = store.query("SELECT table_name FROM information_schema.tables WHERE table_schema = 'main'")
-    return set(df["table_name"])
 
 
 def parse_json(value: Any) -> Any:
@@ -90,7 +85,7 @@ def de_list(
 ) -> dict[str, Any]:
     """DE tables (``de_runs``), newest first, with the overlap with truth-based DE for run labels."""
     store = store_of(request)
-    tables = analysis_tables(store)
+    tables = existing_tables(store)
     if "de_runs" not in tables:
         return {"n": 0, "items": []}
     items = _de_runs(store, tables, " WHERE r.method = ?" if method else "", [method] if method else [])
@@ -115,7 +110,7 @@ def de_table(
     (``up`` / ``down`` for significant genes, ``ns`` otherwise) over genes with a finite effect and
     adjusted p (-log10 of adjusted p clipped at 1e-300). 404 for an unknown id."""
     store = store_of(request)
-    tables = analysis_tables(store)
+    tables = existing_tables(store)
     runs = _de_runs(store, tables, " WHERE r.de_id = ?", [de_id]) if "de_runs" in tables else []
     if not runs:
         raise not_found("DE table", de_id, "/analysis/de")
@@ -164,7 +159,7 @@ def _enrich_runs(store: LockedStore, where: str = "", params: list | None = None
 def enrich_list(request: Request, de_id: str | None = None) -> dict[str, Any]:
     """Enrichment runs (``enrich_runs``), optionally those of one DE table (``de_source``)."""
     store = store_of(request)
-    if "enrich_runs" not in analysis_tables(store):
+    if "enrich_runs" not in existing_tables(store):
         return {"n": 0, "items": []}
     items = _enrich_runs(store, " WHERE de_source = ?" if de_id else "", [de_id] if de_id else [])
     return {"n": len(items), "items": items}
@@ -181,7 +176,7 @@ def enrich_table(
     store = store_of(request)
     runs = (
         _enrich_runs(store, " WHERE enrich_id = ?", [enrich_id])
-        if "enrich_runs" in analysis_tables(store)
+        if "enrich_runs" in existing_tables(store)
         else []
     )
     if not runs:
@@ -221,7 +216,7 @@ def biomarker_list(
 ) -> dict[str, Any]:
     """Biomarker runs (LightGBM on expression), newest first, each with its top genes by mean |SHAP|."""
     store = store_of(request)
-    if not {"biomarker_runs", "biomarkers"} <= analysis_tables(store):
+    if not {"biomarker_runs", "biomarkers"} <= existing_tables(store):
         return {"n": 0, "items": []}
     items = _biomarkers(store, "", [], limit)
     return {"n": len(items), "items": items}
@@ -233,7 +228,7 @@ def biomarker_run(
 ) -> dict[str, Any]:
     """One biomarker run with its stored genes (404 if unknown)."""
     store = store_of(request)
-    has = {"biomarker_runs", "biomarkers"} <= analysis_tables(store)
+    has = {"biomarker_runs", "biomarkers"} <= existing_tables(store)
     items = _biomarkers(store, " WHERE bm_id = ?", [bm_id], limit) if has else []
     if not items:
         raise not_found("biomarker run", bm_id, "/analysis/biomarkers")
@@ -263,7 +258,7 @@ def gene_views(
     input (see ``value_kind``); ``p`` a two-sided Mann–Whitney U test over cells."""
     symbol = gene.strip().upper() if gene and gene.strip() else None
     store = store_of(request)
-    if "gene_views" not in analysis_tables(store):
+    if "gene_views" not in existing_tables(store):
         return {"gene": symbol, "genes": [], "n": 0, "items": []}
     genes = store.query(
         "SELECT gene, COUNT(*) AS n_datasets, MAX(created_at) AS created_at FROM gene_views GROUP BY gene "

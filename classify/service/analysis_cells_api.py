@@ -24,7 +24,8 @@ import pandas as pd
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse
 
-from classify.service.analysis_api import Metric, analysis_tables, not_found, parse_json, store_of
+from classify.analyze.tables import existing_tables
+from classify.service.analysis_api import Metric, not_found, parse_json, store_of
 from classify.service.errors import ApiError
 from classify.service.queries import to_records
 
@@ -114,7 +115,7 @@ def corrections(request: Request) -> dict[str, Any]:
     batch key, cells, batches, Harmony parameters and ``n_comparisons`` (pairs of uncorrected /
     corrected runs in ``correction_metrics``)."""
     store = store_of(request)
-    items = _corrections(store, analysis_tables(store))
+    items = _corrections(store, existing_tables(store))
     return {"n": len(items), "items": items}
 
 
@@ -131,7 +132,7 @@ def correction_metrics(
     each pair — with ``uncorrected``, ``corrected`` and ``difference`` (corrected − uncorrected).
     404 for a revision that is not a correction."""
     store = store_of(request)
-    tables = analysis_tables(store)
+    tables = existing_tables(store)
     found = _corrections(store, tables, " WHERE c.revision = ?", [revision])
     if not found:
         raise not_found("corrected revision", revision, "/analysis/corrections")
@@ -182,7 +183,7 @@ def pseudotime_list(request: Request, dataset: str | None = None) -> dict[str, A
     correlated, root cell and rule, Spearman correlation of pseudotime with the label (resistant =
     1) and with the run's P(resistant), and the AUROC of pseudotime for resistant cells."""
     store = store_of(request)
-    if "pseudotime_runs" not in analysis_tables(store):
+    if "pseudotime_runs" not in existing_tables(store):
         return {"n": 0, "items": []}
     cond, params = (" WHERE dataset_id = ?", [dataset]) if dataset else ("", [])
     items = to_records(store.query(_PT_RUN.format("") + f"{cond} ORDER BY created_at DESC, pt_id", params))
@@ -206,7 +207,7 @@ def pseudotime_cells(
     finite pseudotime and their median and mean pseudotime (all cells, not thinned).
     ``n_unreachable``: cells without a finite pseudotime. 404 for an unknown id or a missing file."""
     store = store_of(request)
-    has = "pseudotime_runs" in analysis_tables(store)
+    has = "pseudotime_runs" in existing_tables(store)
     runs = (
         to_records(store.query(_PT_RUN.format(", cells_path") + " WHERE pt_id = ?", [pt_id])) if has else []
     )
@@ -249,13 +250,6 @@ def pseudotime_cells(
 
 
 # ---- label confidence -------------------------------------------------------------------------
-_DATASET_EVIDENCE = (
-    "label_confidence",
-    "confidence_source",
-    "exposure_days",
-    "sample_origin",
-    "intrinsic_resistance",
-)
 
 
 @router.get("/confidence")
@@ -263,23 +257,12 @@ def confidence(request: Request, run_id: str | None = None) -> dict[str, Any]:
     """Label confidence stars per dataset (a ``scdrugmap analyze confidence set`` row, else the
     ingest value) with their evidence; ``counts`` per stars (``none`` = no stars). With ``run_id``,
     also that run's metrics per confidence stratum (``confidence_metrics``; 0 = no stars)."""
+    from classify.analyze.confidence import dataset_confidence
+
     store = store_of(request)
-    tables = analysis_tables(store)
-    cols = store.query("SELECT column_name FROM information_schema.columns WHERE table_name = 'datasets'")
-    d = {c: f"d.{c}" if c in set(cols["column_name"]) else "NULL" for c in _DATASET_EVIDENCE}
-    has = "label_confidence" in tables
-    l_stars, l_source, l_reason = (
-        ("l.stars", "l.source", "json_extract_string(l.evidence, '$.reason')") if has else ("NULL",) * 3
-    )
-    join = " LEFT JOIN label_confidence l USING (dataset_id)" if has else ""
-    df = store.query(
-        f"SELECT d.dataset_id, d.cancer_type, d.drug, CAST(COALESCE({l_stars}, {d['label_confidence']}) AS INTEGER) "
-        f"AS stars, CASE WHEN {l_stars} IS NOT NULL THEN {l_source} WHEN {d['label_confidence']} IS NOT NULL THEN "
-        f"COALESCE({d['confidence_source']}, 'explicit') END AS source, CASE WHEN {l_stars} IS NOT NULL THEN "
-        f"'analyze' WHEN {d['label_confidence']} IS NOT NULL THEN 'ingest' END AS set_at, {l_reason} AS reason, "
-        f"{d['exposure_days']} AS exposure_days, {d['sample_origin']} AS sample_origin, "
-        f"{d['intrinsic_resistance']} AS intrinsic_resistance FROM datasets d{join} ORDER BY d.dataset_id"
-    )
+    tables = existing_tables(store)
+    meta = store.query("SELECT dataset_id, cancer_type, drug FROM datasets")
+    df = meta.merge(dataset_confidence(store), on="dataset_id").sort_values("dataset_id")
     items = to_records(df)
     counts = {
         k: sum(i["stars"] == v for i in items) for k, v in (("1", 1), ("2", 2), ("3", 3), ("none", None))
