@@ -2,9 +2,8 @@
 // biomarkers, diffusion pseudotime by label, gene lookup, Harmony corrections (uncorrected vs
 // corrected per held-out study), dataset label confidence and the figure gallery of `scdrugmap analyze`.
 import { api, fillSelect, fmt, getJSON, getToken, renderTable } from "./api.js";
-import { barPoints } from "./charts.js";
+import { barPoints, el as svgEl, text as svgText } from "./charts.js";
 
-const NS = "http://www.w3.org/2000/svg";
 const COLOURS = { up: "#e76f51", down: "#2a9d8f", ns: "#c4c8cf" };
 const NAMES = { up: "up in resistant", down: "down in resistant", ns: "not significant" };
 const LABEL_COLOURS = { resistant: "#e76f51", sensitive: "#2a9d8f", unlabelled: "#9ca3af" };
@@ -12,17 +11,6 @@ const LABEL_ORDER = ["resistant", "sensitive", "unlabelled"];
 const stars = (n) => (n ? "★".repeat(n) + "☆".repeat(3 - n) : "—");
 const sci = (v) => (v === null || v === undefined ? "" : v === 0 ? "0" : Math.abs(v) < 1e-3 ? v.toExponential(2) : fmt(v));
 const deLabel = (r) => `${r.dataset_ids.join("+")} · ${r.method} · ${r.labels}${r.cells && r.cells !== "labelled" ? ` (${r.cells})` : ""}`;
-
-function svgEl(name, attrs = {}, parent = null) {
-  const node = document.createElementNS(NS, name);
-  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
-  if (parent) parent.appendChild(node);
-  return node;
-}
-
-function svgText(parent, x, y, content, attrs = {}) {
-  svgEl("text", { x, y, ...attrs }, parent).textContent = content;
-}
 
 /** About n round tick values covering [lo, hi]. */
 function ticks(lo, hi, n = 6) {

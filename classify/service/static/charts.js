@@ -6,14 +6,16 @@ export const PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "
   "#7f7f7f", "#bcbd22", "#17becf"];
 const VIRIDIS = ["#440154", "#3b528b", "#21918c", "#5ec962", "#fde725"];
 
-function el(name, attrs = {}, parent = null) {
+/** An SVG element with attributes, appended to parent when given. */
+export function el(name, attrs = {}, parent = null) {
   const node = document.createElementNS(NS, name);
   for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
   if (parent) parent.appendChild(node);
   return node;
 }
 
-function text(parent, x, y, content, attrs = {}) {
+/** An SVG text element at (x, y). */
+export function text(parent, x, y, content, attrs = {}) {
   const t = el("text", { x, y, ...attrs }, parent);
   t.textContent = content;
   return t;
