@@ -27,7 +27,7 @@ from store.errors import InputError, StoreError
 __all__ = ["DEFAULT_STORE", "SCHEMA", "Store", "default_store_path"]
 
 DEFAULT_STORE = "./scdrugmap-store"
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
@@ -53,7 +53,7 @@ CREATE TABLE IF NOT EXISTS cells (
 );
 CREATE TABLE IF NOT EXISTS genes (
     dataset_id VARCHAR, var_index INTEGER, feature VARCHAR, symbol VARCHAR, ensembl_id VARCHAR,
-    match VARCHAR,
+    match VARCHAR, file_symbol VARCHAR, file_ensembl_id VARCHAR,
     PRIMARY KEY (dataset_id, var_index)
 );
 CREATE TABLE IF NOT EXISTS embeddings (
@@ -66,6 +66,9 @@ CREATE TABLE IF NOT EXISTS embedded_cells (
 );
 CREATE TABLE IF NOT EXISTS coverage (
     revision VARCHAR, dataset_id VARCHAR, model VARCHAR, frac_genes DOUBLE, frac_counts DOUBLE,
+    gene_matching VARCHAR, n_genes INTEGER,
+    genes_exact INTEGER, genes_alias INTEGER, genes_crossmap INTEGER, genes_none INTEGER,
+    counts_exact DOUBLE, counts_alias DOUBLE, counts_crossmap DOUBLE, counts_none DOUBLE,
     PRIMARY KEY (revision, dataset_id)
 );
 CREATE TABLE IF NOT EXISTS fold_sets (
@@ -105,6 +108,22 @@ UPDATE datasets SET confidence_source = 'explicit'
     WHERE label_confidence IS NOT NULL AND confidence_source IS NULL;
 ALTER TABLE eval_runs ADD COLUMN IF NOT EXISTS min_confidence INTEGER DEFAULT 0;
 UPDATE eval_runs SET min_confidence = 0 WHERE min_confidence IS NULL;
+""",
+    # 2 → 3: the file's own gene identifiers beside the harmonised ones; how each gene of a dataset
+    # matched a model's vocabulary (exact / previous symbol or alias / Ensembl cross-map / none).
+    "2": """
+ALTER TABLE genes ADD COLUMN IF NOT EXISTS file_symbol VARCHAR;
+ALTER TABLE genes ADD COLUMN IF NOT EXISTS file_ensembl_id VARCHAR;
+ALTER TABLE coverage ADD COLUMN IF NOT EXISTS gene_matching VARCHAR;
+ALTER TABLE coverage ADD COLUMN IF NOT EXISTS n_genes INTEGER;
+ALTER TABLE coverage ADD COLUMN IF NOT EXISTS genes_exact INTEGER;
+ALTER TABLE coverage ADD COLUMN IF NOT EXISTS genes_alias INTEGER;
+ALTER TABLE coverage ADD COLUMN IF NOT EXISTS genes_crossmap INTEGER;
+ALTER TABLE coverage ADD COLUMN IF NOT EXISTS genes_none INTEGER;
+ALTER TABLE coverage ADD COLUMN IF NOT EXISTS counts_exact DOUBLE;
+ALTER TABLE coverage ADD COLUMN IF NOT EXISTS counts_alias DOUBLE;
+ALTER TABLE coverage ADD COLUMN IF NOT EXISTS counts_crossmap DOUBLE;
+ALTER TABLE coverage ADD COLUMN IF NOT EXISTS counts_none DOUBLE;
 """,
 }
 

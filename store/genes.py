@@ -16,7 +16,7 @@ from functools import lru_cache
 import numpy as np
 import pandas as pd
 
-__all__ = ["SYMBOL_COLUMNS", "harmonise_genes", "pick_gene_identifiers"]
+__all__ = ["GENE_COLUMNS", "SYMBOL_COLUMNS", "harmonise_genes", "pick_gene_identifiers"]
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,18 @@ SYMBOL_COLUMNS = (
     "gene_ids",
     "ensembl_id",
     "gene_id",
+)
+
+#: columns of the catalog's ``genes`` table, in order
+GENE_COLUMNS = (
+    "dataset_id",
+    "var_index",
+    "feature",
+    "symbol",
+    "ensembl_id",
+    "match",
+    "file_symbol",
+    "file_ensembl_id",
 )
 
 _CACHE: dict[str, tuple[str, str, str]] = {}

@@ -25,6 +25,7 @@ import numpy as np
 
 from store.catalog import Store
 from store.errors import InputError
+from store.genes import GENE_COLUMNS
 from store.metadata import META_FIELDS
 from store.prepare import IngestSpec, InputType, Prepared, file_sha256, prepare, read_h5ad_checked
 
@@ -158,12 +159,12 @@ def write_prepared(store: Store, items: Sequence[Prepared]) -> list[IngestReport
                 ]
                 cells = cells.astype({"sample_id": object, "label": object})
                 con.register("_cells", cells)
-                con.execute("INSERT INTO cells SELECT * FROM _cells")
+                con.execute("INSERT INTO cells BY NAME SELECT * FROM _cells")
                 con.unregister("_cells")
                 if len(p.genes):
-                    genes = p.genes[["dataset_id", "var_index", "feature", "symbol", "ensembl_id", "match"]]
+                    genes = p.genes[[c for c in GENE_COLUMNS if c in p.genes.columns]]
                     con.register("_genes", genes)
-                    con.execute("INSERT INTO genes SELECT * FROM _genes")
+                    con.execute("INSERT INTO genes BY NAME SELECT * FROM _genes")
                     con.unregister("_genes")
             for p, tmp in zip(todo, tmp_files, strict=True):
                 final = store.dataset_file(p.spec.dataset_id)
