@@ -65,12 +65,43 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except ScDrugMapError as exc:
             raise click.ClickException(str(exc)) from None
+        except (click.exceptions.Exit, click.Abort, click.ClickException):
+            raise
+        except (Exception, KeyboardInterrupt) as exc:
+            if (ctx.obj or {}).get("debug"):
+                raise
+            raise _failure(exc, (ctx.obj or {}).get("store", ".")) from None
 
 
-def _store(ctx: click.Context, *, create: bool = False):
+class _Failed(click.ClickException):
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _failure(exc: BaseException, store: Path) -> click.ClickException:
+    """One line for any other exception: a known failure family, or a summary + traceback file."""
+    import sys
+
+    from store.failures import explain, write_traceback
+
+    known = explain(exc, store)
+    if known is not None:
+        return _Failed(known.message, known.exit_code)
+    where = write_traceback(exc, " ".join(["scdrugmap", *sys.argv[1:]]))
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    saved = f"full traceback in {where}" if where else "the traceback could not be saved"
+    return _Failed(f"unexpected {type(exc).__name__}: {first} ({saved}; rerun with --debug to show it)", 1)
+
+
+def _store(ctx: click.Context, *, create: bool = False, write: bool = False):
+    """Open the command's store; ``write=True`` holds the store lock until the command ends."""
     from store import Store
 
-    return Store.open(ctx.obj["store"], create=create)
+    st = Store.open(ctx.obj["store"], create=create)
+    if write:
+        ctx.with_resource(st.writing())
+    return st
 
 
 @contextlib.contextmanager
@@ -123,18 +154,27 @@ def _table(df, *, max_rows: int = 200) -> None:
     help="Store directory (catalog.duckdb + embeddings.zarr); env SCDRUGMAP_STORE.",
 )
 @click.option("-v", "--verbose", is_flag=True, help="Show informational log messages.")
+@click.option("--debug", is_flag=True, help="Show the Python traceback of unexpected failures.")
+@click.option("--wait-timeout", type=click.FloatRange(min=0), envvar="SCDRUGMAP_WAIT_TIMEOUT", default=600.0,
+              show_default=True, help="Seconds to wait while another process holds the store.")  # fmt: skip
+@click.option("--no-wait", is_flag=True, help="Refuse at once when another process holds the store.")
 @click.version_option(package_name="scdrugmap")
 @click.pass_context
-def main(ctx: click.Context, store_path: Path, verbose: bool) -> None:
+def main(
+    ctx: click.Context, store_path: Path, verbose: bool, debug: bool, wait_timeout: float, no_wait: bool
+) -> None:
     """Predict drug sensitive/resistant single cells from scRNA-seq with foundation-model embeddings.
 
     Flow: ingest h5ad → embed (per model, into Zarr) → evaluate (pooled / cross-data) → results / sql.
     """
+    from store.locking import configure
+
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s: %(message)s"
     )
+    configure(timeout_s=wait_timeout, no_wait=no_wait)
     ctx.ensure_object(dict)
-    ctx.obj["store"] = store_path
+    ctx.obj.update(store=store_path, debug=debug)
 
 
 @main.command(context_settings=CONTEXT)
@@ -174,7 +214,7 @@ def ingest(
     if manifest is None and not kw["dataset_id"]:
         raise click.UsageError("--dataset-id is required with FILE.h5ad")
     with _new_store_guard(ctx):
-        st = _store(ctx, create=True)
+        st = _store(ctx, create=True, write=True)
         if manifest is not None:
             reports = ingest_manifest(st, manifest)
         else:
@@ -204,7 +244,8 @@ def import_embeddings_cmd(ctx: click.Context, file: Path, meta: tuple[str, ...],
     from store.imports import import_embeddings
 
     with _new_store_guard(ctx):
-        r = import_embeddings(_store(ctx, create=True), file, meta=_parse_kv(meta, "--meta"), **kw)
+        st = _store(ctx, create=True, write=True)
+        r = import_embeddings(st, file, meta=_parse_kv(meta, "--meta"), **kw)
     click.echo(
         f"{r.model} revision {r.revision}: {r.n_rows} × {r.dim} rows for {r.dataset_id}"
         f"{' (dataset ingested from the file)' if r.dataset_ingested else ''}"
@@ -219,12 +260,11 @@ def datasets(ctx: click.Context, where: str | None, filters: tuple[str, ...]) ->
     """List ingested datasets and their metadata."""
     from store.ingest import META_FIELDS
 
-    conds = [f"({where})"] if where else []
+    df = _store(ctx).datasets(where)  # the filter is checked and evaluated read-only
     for k, v in _parse_kv(filters, "--filter").items():
         if k not in (*META_FIELDS, "dataset_id", "x_kind"):
             raise click.BadParameter(f"unknown field {k!r}", param_hint="--filter")
-        conds.append(f"{k} = '{v.replace(chr(39), chr(39) * 2)}'")
-    df = _store(ctx).datasets(" AND ".join(conds) or None)
+        df = df[df[k].astype("string").fillna("") == v]
     cols = [
         "dataset_id",
         "study",
@@ -283,7 +323,7 @@ def embed(ctx: click.Context, model: str, checkpoint: Path | None, dataset_ids: 
     for key, val in (("pooling", pooling), ("batch_size", batch_size), ("device", device)):
         if val is not None:
             opts[key] = val
-    st = _store(ctx)
+    st = _store(ctx, write=True)
     selected = [d.strip() for item in dataset_ids for d in item.split(",") if d.strip()] or None
     if correct == "harmony":  # refuse a bad batch key before embedding anything
         from classify.analyze.harmony import HarmonySpec, check_batch_key

@@ -31,11 +31,33 @@ T = TypeVar("T")
 
 
 def pick_device(device: str | None = None):
-    """Return ``torch.device(device)``, or CUDA when available, else CPU."""
+    """Return ``torch.device(device)``, or CUDA when available, else CPU.
+
+    Raises
+    ------
+    InputError
+        An unknown device name, or a CUDA device on a machine (or torch build) without CUDA.
+    """
     import torch
 
+    from store.errors import InputError
+
     if device:
-        return torch.device(device)
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, ValueError) as exc:
+            msg = f"unknown --device {device!r} ({str(exc).splitlines()[0]}); use cpu, cuda or cuda:N"
+            raise InputError(msg) from exc
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            msg = (
+                f"--device {device}: CUDA is not available here (no GPU, driver or CUDA build of torch "
+                f"{torch.__version__}); use --device cpu or run on a machine with a GPU"
+            )
+            raise InputError(msg)
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            msg = f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here; use cuda:0 … or cpu"
+            raise InputError(msg)
+        return dev
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -252,7 +274,7 @@ class SortedBatchEmbedder(Embedder):
 
         if self._hashes is None:
             self._hashes = hash_files(self._files)
-        return {
+        out = {
             "model": self.name,
             "files": self._hashes,
             "tokenizer": self._tokenizer_spec(),

@@ -161,6 +161,9 @@ class Store:
     (``scdrugmap sql``) can read between writes.
     """
 
+    #: seconds to wait for a store busy in another process (None: the process policy, :mod:`store.locking`)
+    busy_timeout_s: float | None = None
+
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
 
@@ -218,7 +221,7 @@ class Store:
                 raise StoreError(msg)
             st.path.mkdir(parents=True, exist_ok=True)
             st.datasets_dir.mkdir(exist_ok=True)
-            with st.connect() as con:
+            with st.writing(), st.connect() as con:
                 con.execute(SCHEMA)
                 con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [SCHEMA_VERSION])
         else:
@@ -245,7 +248,7 @@ class Store:
             row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         if row is not None and row[0] == SCHEMA_VERSION:
             return None
-        with self.connect() as con:
+        with self.writing(), self.connect() as con:
             row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             start = row[0] if row else "1"
             if start == SCHEMA_VERSION:
@@ -286,19 +289,40 @@ class Store:
                 "autoload_known_extensions": False,
                 "autoinstall_known_extensions": False,
             }
-            con = duckdb.connect(str(self.catalog_path), read_only=True, config=config)
+            con = self._open(read_only=True, config=config)
             con.execute("SET lock_configuration = true")
         else:
-            con = duckdb.connect(str(self.catalog_path))
+            con = self._open(read_only=False, config={})
         try:
             yield con
         finally:
             con.close()
 
+    def _open(self, *, read_only: bool, config: dict[str, Any]) -> duckdb.DuckDBPyConnection:
+        """Open the catalog file, waiting (bounded) while another process holds it."""
+        from store.locking import retry_busy
+
+        path = str(self.catalog_path)
+        return retry_busy(
+            self.path,
+            lambda: duckdb.connect(path, read_only=read_only, config=config),
+            timeout_s=self.busy_timeout_s,
+        )
+
+    def writing(self) -> contextlib.AbstractContextManager[None]:
+        """Hold the store's writer lock (``<store>/.lock``) for a block of reads and writes.
+
+        Re-entrant; other writers wait (bounded) or refuse with ``--no-wait``
+        (:mod:`store.locking`). :meth:`transaction` takes it for one transaction.
+        """
+        from store.locking import store_lock
+
+        return store_lock(self.path, timeout_s=self.busy_timeout_s)
+
     @contextlib.contextmanager
     def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A write connection inside BEGIN/COMMIT; rolled back on any exception."""
-        with self.connect() as con:
+        """A write connection inside BEGIN/COMMIT (under the store lock); rolled back on any exception."""
+        with self.writing(), self.connect() as con:
             con.execute("BEGIN TRANSACTION")
             try:
                 yield con
@@ -327,6 +351,9 @@ class Store:
         InputError
             When the statement fails or tries to write (message from DuckDB, one line).
         """
+        from store.filters import check_query
+
+        check_query(sql)
         try:
             with self.connect(read_only=True) as con:
                 rel = con.sql(sql)
@@ -343,16 +370,19 @@ class Store:
 
     # ---- common lookups -----------------------------------------------------------------
     def datasets(self, where: str | None = None) -> pd.DataFrame:
-        """The ``datasets`` table, optionally filtered by a SQL ``WHERE`` expression."""
-        sql = "SELECT * FROM datasets"
-        if where:
-            sql += f" WHERE {where}"
-        sql += " ORDER BY dataset_id"
-        try:
-            return self.query(sql)
-        except duckdb.Error as exc:
-            msg = f"bad --where expression {where!r}: {str(exc).splitlines()[0]}"
-            raise InputError(msg) from exc
+        """The ``datasets`` table, optionally filtered by a user's SQL expression.
+
+        The expression is checked and evaluated read-only (:func:`store.filters.matching_keys`);
+        only the matching ids reach this query, as a bound parameter.
+        """
+        if not where:
+            return self.query("SELECT * FROM datasets ORDER BY dataset_id")
+        from store.filters import matching_keys
+
+        ids = matching_keys(self, where)
+        return self.query(
+            "SELECT * FROM datasets WHERE list_contains(?, dataset_id) ORDER BY dataset_id", [ids]
+        )
 
     def next_cell_uid(self, con: duckdb.DuckDBPyConnection) -> int:
         """First unused ``cell_uid`` (cells are numbered 0, 1, 2, … across datasets)."""

@@ -7,7 +7,7 @@ the fix; the CLI prints it as one line and exits with status 1.
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "InputError", "ScDrugMapError", "StoreError"]
+__all__ = ["CheckpointError", "InputError", "ScDrugMapError", "StoreBusyError", "StoreError"]
 
 
 class ScDrugMapError(Exception):
@@ -24,3 +24,7 @@ class CheckpointError(ScDrugMapError, ValueError):
 
 class StoreError(ScDrugMapError, RuntimeError):
     """The store (catalog + Zarr) is missing, inconsistent, or asked for absent data."""
+
+
+class StoreBusyError(StoreError):
+    """Another process held the store (its lock or the catalog file) for longer than the wait allowed."""
