@@ -30,6 +30,7 @@ LAZY_COMMANDS: dict[str, str] = {
     "evaluate": "classify.commands:evaluate",
     "predict": "classify.commands:predict",
     "results": "classify.commands:results",
+    "doctor": "store.commands:doctor",
 }
 
 
@@ -70,28 +71,9 @@ class _Group(click.Group):
         except (Exception, KeyboardInterrupt) as exc:
             if (ctx.obj or {}).get("debug"):
                 raise
-            raise _failure(exc, (ctx.obj or {}).get("store", ".")) from None
+            from store.commands import failure_exception
 
-
-class _Failed(click.ClickException):
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-def _failure(exc: BaseException, store: Path) -> click.ClickException:
-    """One line for any other exception: a known failure family, or a summary + traceback file."""
-    import sys
-
-    from store.failures import explain, write_traceback
-
-    known = explain(exc, store)
-    if known is not None:
-        return _Failed(known.message, known.exit_code)
-    where = write_traceback(exc, " ".join(["scdrugmap", *sys.argv[1:]]))
-    first = (str(exc).strip().splitlines() or [""])[0][:300]
-    saved = f"full traceback in {where}" if where else "the traceback could not be saved"
-    return _Failed(f"unexpected {type(exc).__name__}: {first} ({saved}; rerun with --debug to show it)", 1)
+            raise failure_exception(exc, (ctx.obj or {}).get("store", ".")) from None
 
 
 def _store(ctx: click.Context, *, create: bool = False, write: bool = False):
@@ -122,8 +104,11 @@ def _parse_kv(items: tuple[str, ...], what: str) -> dict[str, str]:
     for item in items:
         if "=" not in item:
             raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint=what)
-        k, v = item.split("=", 1)
-        out[k.strip()] = v.strip()
+        k, v = (part.strip() for part in item.split("=", 1))
+        if k in out and out[k] != v:
+            msg = f"{k} given twice with different values ({out[k]!r}, {v!r})"
+            raise click.BadParameter(msg, param_hint=what)
+        out[k] = v
     return out
 
 

@@ -60,6 +60,9 @@ class HeadSpec:
             )
             raise InputError(msg)
         merged = {**_DEFAULTS[name], **given}
+        from classify.head_params import check_head_values
+
+        check_head_values(name, merged)  # epochs=-1, batch_size=0, lr=abc … refused
         return cls(name, tuple(sorted(merged.items())))
 
     def as_dict(self) -> dict[str, Any]:

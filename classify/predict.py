@@ -188,6 +188,10 @@ def predict_file(
     from store.ingest import IngestSpec, prepare, read_h5ad_checked
 
     path = Path(path)
+    if out is not None:  # refuse an unwritable output before any work
+        from store.failures import check_writable
+
+        check_writable(out)
     if _run_row(store, run_id)["strategy"] == "lora":
         emb, score, meta = _lora_scorer(store, run_id, fold, checkpoint)
     else:

@@ -313,11 +313,13 @@ class Store:
         """Hold the store's writer lock (``<store>/.lock``) for a block of reads and writes.
 
         Re-entrant; other writers wait (bounded) or refuse with ``--no-wait``
-        (:mod:`store.locking`). :meth:`transaction` takes it for one transaction.
+        (:mod:`store.locking`). :meth:`transaction` takes it for one transaction. Taking it
+        removes temporary files of writers that died (:func:`store.doctor.remove_debris`).
         """
+        from store.doctor import remove_debris
         from store.locking import store_lock
 
-        return store_lock(self.path, timeout_s=self.busy_timeout_s)
+        return store_lock(self.path, timeout_s=self.busy_timeout_s, on_acquire=lambda: remove_debris(self))
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:

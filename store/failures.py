@@ -18,7 +18,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Failure", "explain", "write_traceback"]
+__all__ = ["Failure", "check_writable", "explain", "write_traceback"]
 
 _DAMAGED_CATALOG = (
     "not a valid duckdb database",
@@ -117,6 +117,9 @@ def explain(exc: BaseException, store: str | Path) -> Failure | None:
             text = _os_error(e, store)
             if text:
                 return Failure(text)
+    for e in chain:  # DuckDB reports a full disk as its own IOException
+        if any(s in str(e) for s in ("No space left on device", "Disk quota exceeded")):
+            return Failure(_os_error(OSError(errno.ENOSPC, "No space left on device"), store) or "disk full")
     catalog = store / "catalog.duckdb"
     for e in chain:
         if isinstance(e, duckdb.Error) and any(s in str(e).lower() for s in _DAMAGED_CATALOG):
@@ -144,4 +147,28 @@ def write_traceback(exc: BaseException, command: str) -> Path | None:
         path.write_text(f"{command}\n\n" + "".join(traceback.format_exception(exc)))
     except OSError:
         return None
+    return path
+
+
+def check_writable(path: str | Path, *, what: str = "--out") -> Path:
+    """Refuse an output file whose folder is missing or not writable, before any work is done.
+
+    Raises
+    ------
+    store.errors.InputError
+        The folder does not exist, is not a folder, or cannot be written; the path is a folder.
+    """
+    from store.errors import InputError
+
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        msg = f"{what} {str(path)!r} is a folder; give a file name (e.g. {str(path / 'out.h5ad')!r})"
+        raise InputError(msg)
+    if not folder.is_dir():
+        msg = f"{what} {str(path)!r}: the folder {str(folder)!r} does not exist; create it first (mkdir -p)"
+        raise InputError(msg)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        msg = f"{what} {str(path)!r}: the folder {str(folder)!r} is not writable; choose another location"
+        raise InputError(msg)
     return path

@@ -76,8 +76,8 @@ def map_labels(
     Raises
     ------
     InputError
-        When a value is in both mappings, or a non-missing value is not mapped (the message
-        lists the unmapped values and shows how to map them).
+        When a value is in both mappings, a non-missing value is not mapped (the message
+        lists the unmapped values and shows how to map them), or every value is missing.
     """
     ser = pd.Series(values)
     sens = {_norm(v) for v in sensitive}
@@ -105,5 +105,11 @@ def map_labels(
             else "add them to --sensitive / --resistant, or set them to missing (NaN) for unlabelled cells"
         )
         msg = f"label column {key!r} has values that are neither sensitive nor resistant: {bad}; {hint}"
+        raise InputError(msg)
+    if len(ser) and missing.all():
+        msg = (
+            f"label column {key!r} has no usable label: all {len(ser)} values are missing; give the column that "
+            "holds the labels, or omit --label-key to ingest unlabelled cells"
+        )
         raise InputError(msg)
     return out

@@ -187,7 +187,11 @@ def retry_busy(
 
 @contextlib.contextmanager
 def store_lock(
-    store_path: str | Path, *, timeout_s: float | None = None, no_wait: bool | None = None
+    store_path: str | Path,
+    *,
+    timeout_s: float | None = None,
+    no_wait: bool | None = None,
+    on_acquire: Callable[[], object] | None = None,
 ) -> Iterator[None]:
     """Hold the store's writer lock (``<store>/.lock``); re-entrant within a process.
 
@@ -197,6 +201,9 @@ def store_lock(
         The store directory (must exist).
     timeout_s, no_wait
         Override this process's policy (:func:`configure`).
+    on_acquire
+        Called once when this process takes the lock (not on re-entry): the store's clean-up of
+        crash debris (:func:`store.doctor.remove_debris`); its OS errors are ignored.
 
     Raises
     ------
@@ -212,6 +219,9 @@ def store_lock(
         fd = _acquire(Path(store_path), timeout_s, no_wait)
         with _guard:
             _held[key] = entry = [fd, 1]
+        if on_acquire is not None:
+            with contextlib.suppress(OSError):
+                on_acquire()
     try:
         yield
     finally:

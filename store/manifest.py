@@ -55,6 +55,9 @@ def ingest_manifest(store: Store, manifest: str | Path) -> list[IngestReport]:
         raise InputError(msg)
     try:
         df = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError as exc:
+        msg = f"{manifest.name} is empty; a manifest needs a header line with at least path,dataset_id"
+        raise InputError(msg) from exc
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         msg = f"{manifest.name} is not a readable CSV: {exc}"
         raise InputError(msg) from exc
@@ -78,10 +81,21 @@ def ingest_manifest(store: Store, manifest: str | Path) -> list[IngestReport]:
             input_type=get("input_type") or "auto",  # type: ignore[arg-type]
             layer=get("layer"),
             gene_key=get("gene_key"),
-            min_genes=int(get("min_genes") or 500),
-            max_pct_mito=float(get("max_pct_mito") or 10.0),
+            min_genes=_number(get("min_genes"), int, 500, f"{manifest.name}: min_genes"),
+            max_pct_mito=_number(get("max_pct_mito"), float, 10.0, f"{manifest.name}: max_pct_mito"),
             meta=tuple(sorted((k, rec[k].strip()) for k in META_FIELDS if (rec.get(k) or "").strip())),
         )
         path = Path(rec["path"])
         items.append(prepare(path if path.is_absolute() else manifest.parent / path, spec))
     return write_prepared(store, items)
+
+
+def _number(text: str | None, cast: type, default: float, what: str) -> float:
+    """``cast(text)`` or ``default`` when empty; a value that is not a number → one-line InputError."""
+    if text is None:
+        return default
+    try:
+        return cast(text)
+    except ValueError:
+        msg = f"{what} {text!r} is not a{'n integer' if cast is int else ' number'}"
+        raise InputError(msg) from None

@@ -48,6 +48,8 @@ DRUG_CLASSES = {
     "chemo": "chemotherapy",
     "immunotherapy": "immunotherapy",
 }
+#: longest dataset id / model name (the store's file names must stay under the file-system limit)
+MAX_ID_LENGTH = 128
 _ID_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
 
@@ -124,4 +126,7 @@ def check_identifier(name: str, *, what: str) -> None:
     """
     if not name or not set(name) <= _ID_OK or name[0] in "._-":
         msg = f"bad {what} {name!r}: use letters, digits, '.', '_' or '-' (starting with a letter or digit)"
+        raise InputError(msg)
+    if len(name) > MAX_ID_LENGTH:  # file names (datasets/<id>.h5ad, .<id>.h5ad.tmp-<pid>) must fit
+        msg = f"{what} {name[:40]}… is {len(name)} characters long; use at most {MAX_ID_LENGTH}"
         raise InputError(msg)

@@ -23,7 +23,7 @@ from store.errors import InputError
 from store.genes import pick_gene_identifiers
 from store.labels import map_labels
 from store.metadata import check_identifier, clean_meta
-from store.qc import check_finite, detect_x_kind, run_qc
+from store.qc import check_finite, detect_x_kind, expression_matrix, run_qc
 
 __all__ = ["IngestSpec", "InputType", "Prepared", "file_sha256", "prepare", "read_h5ad_checked"]
 
@@ -187,7 +187,7 @@ def prepare(path: str | Path, spec: IngestSpec, *, require_x: bool = True) -> Pr
     obs["label"] = pd.array(labels, dtype="string")
     row: dict[str, Any] = {"dataset_id": spec.dataset_id, **meta, "n_cells_input": n_input}
     if has_x:
-        X = adata.layers[spec.layer] if spec.layer else adata.X
+        X = expression_matrix(adata, spec.layer, name=name)
         if spec.layer and spec.layer not in adata.layers:
             msg = f"{name}: --layer {spec.layer!r} not found; layers: {list(adata.layers.keys())}"
             raise InputError(msg)

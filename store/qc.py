@@ -19,7 +19,7 @@ from anndata import AnnData
 
 from store.errors import InputError
 
-__all__ = ["QCResult", "XKind", "check_finite", "detect_x_kind", "run_qc"]
+__all__ = ["QCResult", "XKind", "check_finite", "detect_x_kind", "expression_matrix", "run_qc"]
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,31 @@ XKind = Literal["counts", "lognorm", "scaled"]
 
 def _values(X) -> np.ndarray:
     return X.data if sp.issparse(X) else np.asarray(X).ravel()
+
+
+def expression_matrix(adata, layer: str | None, *, name: str):
+    """``adata.layers[layer]`` (or ``X``), refusing an absent layer or an absent ``X`` with one line.
+
+    Raises
+    ------
+    InputError
+        The layer is not in the file, or the file has no ``X`` (say which layers it has).
+    """
+    layers = list(adata.layers.keys())
+    if layer:
+        if layer not in adata.layers:
+            msg = f"{name}: --layer {layer!r} not found; layers: {layers or 'none'}"
+            raise InputError(msg)
+        return adata.layers[layer]
+    if adata.X is None:
+        hint = (
+            f"choose one of its layers with --layer (e.g. --layer {layers[0]})"
+            if layers
+            else "it holds no layers"
+        )
+        msg = f"{name}: the file has no X matrix; {hint}"
+        raise InputError(msg)
+    return adata.X
 
 
 def check_finite(X, *, name: str) -> None:
