@@ -30,6 +30,7 @@ LAZY_COMMANDS: dict[str, str] = {
     "evaluate": "classify.commands:evaluate",
     "predict": "classify.commands:predict",
     "results": "classify.commands:results",
+    "leakage": "classify.leakage:leakage_command",
     "doctor": "store.commands:doctor",
 }
 
@@ -171,7 +172,9 @@ def main(
 @click.option("--label-key", help="obs column with response labels (omit for unlabelled data).")
 @click.option("--sensitive", multiple=True, help="Label value meaning sensitive (repeatable).")
 @click.option("--resistant", multiple=True, help="Label value meaning resistant (repeatable).")
-@click.option("--sample-key", help="obs column with sample/patient ids.")
+@click.option("--sample-key", help="obs column with sample (replicate/culture/biopsy) ids.")
+@click.option("--patient-key", help="obs column with patient (donor) ids; folds group by patient.")
+@click.option("--patient-scope", help="Datasets with the same scope share patient ids (default: own).")
 @click.option(
     "--input-type",
     type=click.Choice(["auto", "counts", "lognorm", "scaled"]),
@@ -367,16 +370,20 @@ def sql(ctx: click.Context, query: str, limit: int, as_csv: bool) -> None:
 @click.option("--scale", type=float, help="Cell-count scale factor with --catalogue (default 0.01).")
 @click.option("--study-effect", default=1.0, show_default=True,
               help="Multiplier of the per-study batch effect (e.g. 3 for strong study effects; 0 = none).")  # fmt: skip
+@click.option("--sample-effect", default=0.08, show_default=True,
+              help="Sd of each sample's gene-wise effect; 0.3-0.6 is as large as real cultures/biopsies.")  # fmt: skip
+@click.option("--samples-per-patient", default=1, show_default=True,
+              help="Above 1: samples form patients (obs patient_id, manifest patient_key).")  # fmt: skip
 def simulate(
     out_dir: Path, n_cells: int, n_genes: int, seed: int, catalogue: Path | None, scale: float | None,
-    study_effect: float,
+    study_effect: float, sample_effect: float, samples_per_patient: int,
 ) -> None:  # fmt: skip
     """Write a simulated multi-study collection (h5ad per dataset + manifest.csv)."""
     from store.simulate import simulate_collection
 
     manifest = simulate_collection(
         out_dir, n_cells=n_cells, n_genes=n_genes, seed=seed, catalogue=catalogue, scale=scale,
-        study_effect=study_effect,
+        study_effect=study_effect, sample_effect=sample_effect, samples_per_patient=samples_per_patient,
     )  # fmt: skip
     click.echo(f"wrote {manifest}")
 
@@ -384,9 +391,11 @@ def simulate(
 @main.command(context_settings=CONTEXT)
 @click.option("--n-cells", default=3000, show_default=True, help="Cells in the simulated collection.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--heads", default="logreg,mlp", show_default=True, help="Comma-separated heads to evaluate.")
+@click.option("--heads", default="logreg,mlp_paper,mlp", show_default=True, help="Comma-separated heads.")
+@click.option("--sample-effect", default=0.08, show_default=True,
+              help="Per-sample effect of the simulation (0.5: real-culture-sized; see `scdrugmap leakage`).")  # fmt: skip
 @click.pass_context
-def demo(ctx: click.Context, n_cells: int, seed: int, heads: str) -> None:
+def demo(ctx: click.Context, n_cells: int, seed: int, heads: str, sample_effect: float) -> None:
     """Simulate → ingest → embed pca → evaluate pooled and cross-data → results, in a fresh store."""
     from classify.demo import run_demo
 
@@ -396,6 +405,7 @@ def demo(ctx: click.Context, n_cells: int, seed: int, heads: str) -> None:
         seed=seed,
         heads=[h.strip() for h in heads.split(",") if h.strip()],
         echo=click.echo,
+        sample_effect=sample_effect,
     )
     from classify.commands import print_summary
 

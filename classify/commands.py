@@ -19,9 +19,14 @@ __all__ = ["evaluate", "predict", "print_summary", "results"]
 @click.option("--model", required=True, help="Embedding model name.")
 @click.option("--revision", help="Embedding revision (default: latest of the model).")
 @click.option(
-    "--head", type=click.Choice(["mlp", "logreg", "lightgbm", "rf"]), default="mlp", show_default=True
+    "--head",
+    type=click.Choice(["mlp", "mlp_paper", "logreg", "lightgbm", "rf"]),
+    default="mlp",
+    show_default=True,
+    help="mlp: trained to convergence (early stopping); mlp_paper: scDrugMap's fixed 10 epochs (reproduction).",
 )
-@click.option("--protocol", type=click.Choice(["pooled", "cross"]), default="pooled", show_default=True)
+@click.option("--protocol", type=click.Choice(["pooled", "cross", "external"]), default="pooled", show_default=True,
+              help="external: train on --train-where datasets (default the primary collection), test on the others.")  # fmt: skip
 @click.option(
     "--category", default="tissue", show_default=True, help="tissue, cancer_type, drug_class, regimen, …"
 )
@@ -29,11 +34,21 @@ __all__ = ["evaluate", "predict", "print_summary", "results"]
 @click.option(
     "--group",
     "grouping",
-    type=click.Choice(["sample", "cell"]),
-    help="Pooled split unit (default sample when sample ids exist).",
+    type=click.Choice(["patient", "sample", "cell"]),
+    help="Pooled split unit (default patient when patient ids exist, else sample, else cell).",
 )
 @click.option("--k", default=10, show_default=True, help="Pooled folds.")
 @click.option("--seed", default=0, show_default=True)
+@click.option(
+    "--seeds", help="Comma-separated seeds (e.g. 0,1,2): one fold set and run per seed, summary over seeds."
+)
+@click.option(
+    "--prevalence", type=float, default=0.0, help="Subsample each test side to this positive fraction."
+)
+@click.option("--train-where", default="", help="external: SQL on datasets for the training side.")
+@click.option(
+    "--test-where", default="", help="external: SQL on datasets for the test side (default: not train)."
+)
 @click.option(
     "--positive", type=click.Choice(["sensitive", "resistant"]), default="sensitive", show_default=True
 )
@@ -58,14 +73,22 @@ def evaluate(
     positive: str,
     corrected: str | None,
     by_confidence: bool,
+    seeds: str | None,
     **kw: Any,
 ) -> None:
-    """Train a head on frozen embeddings and evaluate it (pooled CV or leave-one-study-out)."""
+    """Train a head on frozen embeddings and evaluate it (pooled CV, leave-one-study-out or external)."""
     from classify.evaluate import evaluate as run_eval
     from classify.evaluate import summarise
 
     st = _store(ctx)
     head_params = {k: _coerce(v) for k, v in _parse_kv(params, "--param").items()}
+    if seeds is not None:
+        try:
+            kw["seeds"] = [int(x) for x in seeds.split(",") if x.strip()]
+        except ValueError:
+            raise click.BadParameter(
+                f"{seeds!r} is not a comma-separated list of integers", param_hint="--seeds"
+            ) from None
     correction, corr_outcomes = None, []
     if corrected:  # checked before anything is evaluated
         from classify.analyze.correction import evaluate_pair
@@ -105,45 +128,24 @@ def evaluate(
 
 
 def print_summary(df) -> None:
-    if df.empty:
-        click.echo("(no results)")
-        return
-    df = df.copy()
-    df["mean±sd"] = [
-        "NULL" if m != m else f"{m:.3f} ± {0.0 if s != s else s:.3f}"
-        for m, s in zip(df["mean"], df["sd"], strict=True)
-    ]
-    keys = ["model", "strategy", "head", "protocol", "category", "value"]
-    if "min_confidence" in df.columns and (df["min_confidence"] > 0).any():
-        keys.append("min_confidence")  # runs filtered by label-confidence stars (evaluate --min-confidence)
-    wide = df.pivot_table(
-        index=keys,
-        columns="metric",
-        values="mean±sd",
-        aggfunc="first",
-    ).reset_index()
-    cols = [
-        c
-        for c in [
-            "model",
-            "strategy",
-            "head",
-            "protocol",
-            "category",
-            "value",
-            "min_confidence",
-            "f1",
-            "auroc",
-            "auprc",
-            "accuracy",
-            "precision",
-            "recall",
-            "balanced_accuracy",
-            "mcc",
-        ]
-        if c in wide.columns
-    ]
-    _table(wide[cols])
+    """Print :func:`classify.summary.format_summary`, and over-seed intervals when runs repeat seeds."""
+    from classify.summary import format_summary, seed_summary
+
+    click.echo(format_summary(df))
+    if (
+        not df.empty
+        and df.groupby(["model", "head", "protocol", "category", "value", "grouping"])["seed"].nunique().max()
+        > 1
+    ):
+        seeds = seed_summary(df[df["metric"].isin(["f1", "auroc", "auprc", "balanced_accuracy", "mcc"])])
+        seeds = seeds[seeds["n_seeds"] > 1]
+        click.echo("\nOver seeds (mean and 95 % t-interval of the per-seed fold means; folds within a seed share "
+                   "training cells and are not independent replicates):")  # fmt: skip
+        for _, r in seeds.iterrows():
+            click.echo(
+                f"  {r['model']}/{r['head']} {r['protocol']} {r['value']} {r['metric']}: {r['mean']:.3f} "
+                f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}] over seeds {r['seeds']} (baseline {r['baseline']:.3f})"
+            )
 
 
 @click.command(context_settings=CONTEXT)

@@ -40,9 +40,10 @@ def run_demo(
     *,
     n_cells: int = 3000,
     seed: int = 0,
-    heads: Sequence[str] = ("logreg", "mlp"),
+    heads: Sequence[str] = ("logreg", "mlp_paper", "mlp"),
     category: str = "tissue",
     echo: Callable[[str], None] = print,
+    sample_effect: float = 0.08,
 ) -> pd.DataFrame:
     """Run the whole flow on a simulated collection.
 
@@ -58,6 +59,9 @@ def run_demo(
         Category for pooled (10-fold, grouped by sample) and cross-data (leave-one-study-out).
     echo
         Progress printer.
+    sample_effect
+        Sd of the simulated per-sample effect (:func:`store.simulate.simulate_collection`; 0.5 makes
+        cell-level splits visibly leak).
 
     Returns
     -------
@@ -76,7 +80,9 @@ def run_demo(
 
     t0 = time.perf_counter()
     st = _fresh_store(Path(store_path))
-    manifest = simulate_collection(st.path / "demo_input", n_cells=n_cells, seed=seed)
+    manifest = simulate_collection(
+        st.path / "demo_input", n_cells=n_cells, seed=seed, sample_effect=sample_effect
+    )
     echo(f"[{time.perf_counter() - t0:5.1f}s] simulated collection: {manifest}")
     reports = ingest_manifest(st, manifest)
     echo(

@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -58,6 +59,7 @@ class RunSpec:
     shots: int = 0
     min_confidence: int = 0
     selection: str = ""
+    prevalence: float = 0.0
 
     @property
     def run_id(self) -> str:
@@ -70,6 +72,8 @@ class RunSpec:
         spec = asdict(self)
         if not self.min_confidence:
             del spec["min_confidence"], spec["selection"]
+        if not self.prevalence:  # test-side subsampling (``prevalence``) likewise
+            del spec["prevalence"]
         return "run-" + spec_hash(spec)
 
 
@@ -127,12 +131,16 @@ def _evaluate_one(store: Store, spec: RunSpec, fs: FoldSet, rerun: bool, cells: 
     X = X[ok]
     y = (cells["label"] == spec.positive_class).to_numpy().astype(int)
 
+    # heads that validate internally (mlp) split by the same unit as the folds
+    groups = cells["cell_uid"].to_numpy() if spec.grouping == "cell" else cells["group"].to_numpy()
+
     def fit_predict(train: np.ndarray, test: np.ndarray, fold: int) -> np.ndarray:
-        return make_head(spec.head, seed=spec.seed + fold).fit(X[train], y[train]).predict_proba(X[test])
+        head = make_head(spec.head, seed=spec.seed + fold).fit(X[train], y[train], groups=groups[train])
+        return head.predict_proba(X[test])
 
     metrics, preds = run_folds(
         cells["cell_uid"].to_numpy(), y, cells["fold"].to_numpy(), len(fs.fold_names), fit_predict,
-        shots=spec.shots, seed=spec.seed,
+        shots=spec.shots, seed=spec.seed, prevalence=spec.prevalence,
     )  # fmt: skip
     if spec.min_confidence:
         emptied = sorted(set(fs.cells["fold"]) - kept_folds)
@@ -189,6 +197,10 @@ def evaluate(
     shots: int = 0,
     min_confidence: int = 0,
     rerun: bool = False,
+    seeds: Sequence[int] | None = None,
+    prevalence: float = 0.0,
+    train_where: str = "",
+    test_where: str = "",
 ) -> list[RunOutcome]:
     """Evaluate ``model``'s frozen embedding with a head on one or all values of a category.
 
@@ -201,12 +213,15 @@ def evaluate(
     head
         ``mlp``, ``logreg``, ``lightgbm`` or ``rf``; ``head_params`` override its defaults.
     protocol
-        ``pooled`` (k-fold CV within the value) or ``cross`` (leave-one-study-out).
+        ``pooled`` (k-fold CV within the value), ``cross`` (leave-one-study-out) or ``external``
+        (train on the ``train_where`` datasets of the value, default the primary collection; test on
+        the ``test_where`` ones, default the others).
     category, value
         E.g. ``tissue`` / ``"Cell line"``; ``value=None`` evaluates every value that has
         labelled cells (values whose split is impossible are skipped with a warning).
     grouping
-        ``sample`` or ``cell`` (pooled); default sample when sample ids exist.
+        ``patient``, ``sample`` or ``cell`` (pooled); default patient when patient ids exist, else
+        sample when sample ids exist, else cell.
     k, seed
         Pooled folds and seed (fold assignment, head initialisation).
     positive_class
@@ -219,6 +234,13 @@ def evaluate(
         scored (datasets without stars are left out); 0 = every labelled cell.
     rerun
         Recompute even when the catalog holds this run.
+    seeds
+        Repeat with each seed (fold assignment and head initialisation): one fold set and one run
+        per seed (``seed`` is then ignored). Summaries give the mean and 95 % interval over seeds.
+    prevalence
+        0 < P < 1: subsample every test side to a positive-class fraction of P (seeded); 0 = as is.
+    train_where, test_where
+        ``external`` only: SQL conditions on ``datasets`` columns for the two sides.
 
     Returns
     -------
@@ -245,6 +267,18 @@ def evaluate(
     if shots < 0:
         msg = f"--shots must be ≥ 0, got {shots}"
         raise InputError(msg)
+    if not 0 <= prevalence < 1:
+        msg = f"--prevalence must be a fraction between 0 and 1 (exclusive), got {prevalence}"
+        raise InputError(msg)
+    if seeds is not None:
+        if not seeds:
+            msg = "--seeds needs at least one seed, e.g. 0,1,2"
+            raise InputError(msg)
+        kw = {"model": model, "head": head, "protocol": protocol, "category": category, "value": value,
+              "grouping": grouping, "k": k, "positive_class": positive_class, "revision": revision,
+              "head_params": head_params, "shots": shots, "min_confidence": min_confidence, "rerun": rerun,
+              "prevalence": prevalence, "train_where": train_where, "test_where": test_where}  # fmt: skip
+        return [o for s in dict.fromkeys(int(x) for x in seeds) for o in evaluate(store, seed=s, **kw)]
     if positive_class not in ("sensitive", "resistant"):
         msg = f"positive class must be sensitive or resistant, got {positive_class!r}"
         raise InputError(msg)
@@ -264,8 +298,9 @@ def evaluate(
                 else None
             )  # fmt: skip
             fs = get_fold_set(
-                store, protocol=protocol, category=category, value=v, grouping=grouping, k=k, seed=seed
-            )
+                store, protocol=protocol, category=category, value=v, grouping=grouping, k=k, seed=seed,
+                train_where=train_where, test_where=test_where,
+            )  # fmt: skip
         except InputError as exc:
             if value is not None:
                 raise
@@ -290,6 +325,7 @@ def evaluate(
             shots=int(shots),
             min_confidence=int(min_confidence),
             selection=_selection_hash(cells) if kept is not None else "",
+            prevalence=float(prevalence),
         )
         outcomes.append(_evaluate_one(store, spec, fs, rerun, cells))
         _store_confidence_metrics(store, spec.run_id)
@@ -312,40 +348,7 @@ def _store_confidence_metrics(store: Store, run_id: str) -> None:
 
 
 def summarise(store: Store, run_ids: list[str] | None = None, *, where: str | None = None) -> pd.DataFrame:
-    """Mean ± sd per run × metric over folds where the metric is defined.
+    """Mean ± sd per run × metric with baselines and flags (:func:`classify.summary.summarise`)."""
+    from classify.summary import summarise as _summarise
 
-    Parameters
-    ----------
-    store
-        The store.
-    run_ids
-        Restrict to these runs (default all).
-    where
-        Extra SQL filter on ``eval_runs`` columns (e.g. ``"model = 'pca'"``).
-
-    Returns
-    -------
-    pandas.DataFrame
-        Columns ``run_id, model, strategy, head, protocol, category, value, min_confidence (0 = no
-        filter), metric, mean, sd, n_folds, n_undefined``.
-    """
-    conds = ["TRUE"]
-    params: list[Any] = []
-    if run_ids is not None:
-        conds.append("list_contains(?, r.run_id)")
-        params.append(list(run_ids))
-    if where:
-        conds.append(f"r.run_id IN (SELECT run_id FROM eval_runs WHERE {where})")
-    sql = (
-        "SELECT r.run_id, r.model, r.strategy, r.head, r.protocol, r.category, r.value, "
-        "COALESCE(r.min_confidence, 0) AS min_confidence, m.metric, "
-        "AVG(m.value) AS mean, STDDEV_SAMP(m.value) AS sd, COUNT(m.value) AS n_folds, "
-        "COUNT(*) - COUNT(m.value) AS n_undefined "
-        f"FROM eval_runs r JOIN metrics m USING (run_id) WHERE {' AND '.join(conds)} "
-        "GROUP BY ALL ORDER BY r.category, r.value, r.protocol, r.model, r.head, m.metric"
-    )
-    try:
-        return store.query(sql, params)
-    except Exception as exc:
-        msg = f"bad results filter {where!r}: {str(exc).splitlines()[0]}"
-        raise InputError(msg) from exc
+    return _summarise(store, run_ids, where=where)

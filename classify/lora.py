@@ -146,7 +146,7 @@ def build_head(dim: int, *, seed: int, device: Any) -> Any:
     """scDrugMap's MLP head ``dim → 512 → 512 → 2`` (ReLU), seeded."""
     from classify.heads import HeadSpec, make_head
 
-    mlp = make_head(HeadSpec.create("mlp"), seed=seed).inner
+    mlp = make_head(HeadSpec.create("mlp_paper"), seed=seed).inner
     mlp.build(dim)
     return mlp.net.to(device)
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from classify.heads import HeadSpec, MLPHead, ScaledHead, make_head
+from classify.heads import MLP_HEADS, HeadSpec, MLPHead, ScaledHead, make_head
 from store.errors import InputError, StoreError
 
 __all__ = ["load_head", "save_head"]
@@ -52,7 +52,7 @@ def save_head(model: ScaledHead, spec: HeadSpec, directory: Path, *, extra: dict
         "scaler.std": np.ascontiguousarray(model.std),
     }
     inner = model.inner
-    if spec.name == "mlp":
+    if spec.name in MLP_HEADS:
         for k, v in inner.net.state_dict().items():
             tensors[f"net.{k}"] = v.detach().cpu().numpy()
     elif spec.name == "logreg":
@@ -109,10 +109,10 @@ def load_head(directory: Path) -> tuple[ScaledHead, dict[str, Any]]:
         raise StoreError(msg)
     meta = json.loads(meta_path.read_text())
     tensors = load_file(str(directory / "head.safetensors"))
-    spec = HeadSpec.create(meta["head"], meta["params"])
+    spec = HeadSpec.stored(meta["head"], meta["params"])
     scaled = make_head(spec, seed=0)
     scaled.mean, scaled.std = tensors["scaler.mean"], tensors["scaler.std"]
-    if spec.name == "mlp":
+    if spec.name in MLP_HEADS:
         import torch
 
         mlp: MLPHead = scaled.inner

@@ -96,7 +96,7 @@ def final_head(store: Store, run_id: str) -> tuple[Any, dict[str, Any]]:
     X = read_rows(open_array(store, row["model"], row["revision"]), cells["cell_uid"].to_numpy())
     ok = np.isfinite(X).all(axis=1)
     y = (cells["label"] == row["positive_class"]).to_numpy().astype(int)
-    spec = HeadSpec.create(row["head"], json.loads(row["head_params"]))
+    spec = HeadSpec.stored(row["head"], json.loads(row["head_params"]))
     head = make_head(spec, seed=int(row["seed"])).fit(X[ok], y[ok])
     calibrators = _calibrators(store, run_id, row["positive_class"])
     extra = {

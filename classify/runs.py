@@ -22,13 +22,15 @@ FitPredict = Callable[[np.ndarray, np.ndarray, int], np.ndarray]
 
 
 def fold_masks(
-    folds: np.ndarray, y: np.ndarray, fold: int, *, shots: int = 0, seed: int = 0
+    folds: np.ndarray, y: np.ndarray, fold: int, *, shots: int = 0, seed: int = 0, prevalence: float = 0.0
 ) -> tuple[np.ndarray, np.ndarray]:
     """Train/test masks of one fold; with ``shots`` K, K cells per class of the test side train too.
 
     Few-shot adaptation (scDrugMap's cross-data setting extended): the K labelled cells per class
     are drawn from the held-out side with ``numpy.random.default_rng(seed + fold)`` and removed
-    from the evaluated cells.
+    from the evaluated cells. With ``prevalence`` P (0 < P < 1), the test side is subsampled (seeded)
+    to a positive fraction of P by dropping cells of the over-represented class; dropped cells are
+    neither trained nor scored.
 
     Returns
     -------
@@ -44,7 +46,23 @@ def fold_masks(
             take = rng.choice(idx, size=min(shots, idx.size), replace=False) if idx.size else idx
             train[take] = True
             test[take] = False
+    if prevalence:
+        test &= _subsample_to(test, y, prevalence, np.random.default_rng([seed, fold, 1]))
     return train, test
+
+
+def _subsample_to(test: np.ndarray, y: np.ndarray, p: float, rng: np.random.Generator) -> np.ndarray:
+    pos, neg = np.flatnonzero(test & (y == 1)), np.flatnonzero(test & (y == 0))
+    keep = np.zeros_like(test)
+    if pos.size == 0 or neg.size == 0:
+        keep[test] = True
+        return keep
+    if pos.size / (pos.size + neg.size) > p:
+        pos = rng.choice(pos, max(1, round(p * neg.size / (1 - p))), replace=False)
+    else:
+        neg = rng.choice(neg, max(1, min(neg.size, round(pos.size * (1 - p) / p))), replace=False)
+    keep[pos] = keep[neg] = True
+    return keep
 
 
 def run_folds(
@@ -56,6 +74,7 @@ def run_folds(
     *,
     shots: int = 0,
     seed: int = 0,
+    prevalence: float = 0.0,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Train and score per fold.
 
@@ -71,8 +90,9 @@ def run_folds(
         Number of folds.
     fit_predict
         ``(train_index, test_index, fold) -> probability (len(test_index),)``.
-    shots, seed
-        Few-shot cells per class moved from the test side (see :func:`fold_masks`).
+    shots, seed, prevalence
+        Few-shot cells per class moved from the test side; test-side subsampling to a positive
+        fraction (see :func:`fold_masks`).
 
     Returns
     -------
@@ -84,7 +104,7 @@ def run_folds(
     metric_rows: list[dict[str, Any]] = []
     pred_parts: list[pd.DataFrame] = []
     for f in range(n_folds):
-        train, test = fold_masks(folds, y, f, shots=shots, seed=seed)
+        train, test = fold_masks(folds, y, f, shots=shots, seed=seed, prevalence=prevalence)
         n_train, n_test = int(train.sum()), int(test.sum())
         if np.unique(y[train]).size < 2:
             vals = dict.fromkeys(METRICS, (None, "training side has one class"))

@@ -49,7 +49,8 @@ CREATE TABLE IF NOT EXISTS cells (
     obs_name VARCHAR NOT NULL,
     sample_id VARCHAR,
     label VARCHAR CHECK (label IN ('sensitive', 'resistant')),
-    n_counts DOUBLE, n_genes INTEGER, pct_mito DOUBLE
+    n_counts DOUBLE, n_genes INTEGER, pct_mito DOUBLE,
+    patient_id VARCHAR
 );
 CREATE TABLE IF NOT EXISTS genes (
     dataset_id VARCHAR, var_index INTEGER, feature VARCHAR, symbol VARCHAR, ensembl_id VARCHAR,
@@ -93,6 +94,11 @@ CREATE TABLE IF NOT EXISTS metrics (
 CREATE TABLE IF NOT EXISTS predictions (
     run_id VARCHAR, fold INTEGER, cell_uid BIGINT, probability DOUBLE, PRIMARY KEY (run_id, cell_uid)
 );
+CREATE TABLE IF NOT EXISTS leakage (
+    report_id VARCHAR, model VARCHAR, revision VARCHAR, head VARCHAR, category VARCHAR, value VARCHAR,
+    seed INTEGER, grouping VARCHAR, run_id VARCHAR, metric VARCHAR, mean DOUBLE, n_folds INTEGER,
+    reference VARCHAR, inflation DOUBLE, created_at TIMESTAMP, PRIMARY KEY (report_id, grouping, metric)
+);
 """
 
 #: schema_version → statements bringing a catalog of that version to the next one (idempotent)
@@ -110,7 +116,8 @@ ALTER TABLE eval_runs ADD COLUMN IF NOT EXISTS min_confidence INTEGER DEFAULT 0;
 UPDATE eval_runs SET min_confidence = 0 WHERE min_confidence IS NULL;
 """,
     # 2 → 3: the file's own gene identifiers beside the harmonised ones; how each gene of a dataset
-    # matched a model's vocabulary (exact / previous symbol or alias / Ensembl cross-map / none).
+    # matched a model's vocabulary (exact / previous symbol or alias / Ensembl cross-map / none);
+    # each cell's patient (donor) id; leakage reports (the same cells under each split grouping).
     "2": """
 ALTER TABLE genes ADD COLUMN IF NOT EXISTS file_symbol VARCHAR;
 ALTER TABLE genes ADD COLUMN IF NOT EXISTS file_ensembl_id VARCHAR;
@@ -124,6 +131,12 @@ ALTER TABLE coverage ADD COLUMN IF NOT EXISTS counts_exact DOUBLE;
 ALTER TABLE coverage ADD COLUMN IF NOT EXISTS counts_alias DOUBLE;
 ALTER TABLE coverage ADD COLUMN IF NOT EXISTS counts_crossmap DOUBLE;
 ALTER TABLE coverage ADD COLUMN IF NOT EXISTS counts_none DOUBLE;
+ALTER TABLE cells ADD COLUMN IF NOT EXISTS patient_id VARCHAR;
+CREATE TABLE IF NOT EXISTS leakage (
+    report_id VARCHAR, model VARCHAR, revision VARCHAR, head VARCHAR, category VARCHAR, value VARCHAR,
+    seed INTEGER, grouping VARCHAR, run_id VARCHAR, metric VARCHAR, mean DOUBLE, n_folds INTEGER,
+    reference VARCHAR, inflation DOUBLE, created_at TIMESTAMP, PRIMARY KEY (report_id, grouping, metric)
+);
 """,
 }
 

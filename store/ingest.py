@@ -155,9 +155,10 @@ def write_prepared(store: Store, items: Sequence[Prepared]) -> list[IngestReport
                         "n_counts",
                         "n_genes",
                         "pct_mito",
+                        "patient_id",
                     ]
                 ]
-                cells = cells.astype({"sample_id": object, "label": object})
+                cells = cells.astype({"sample_id": object, "label": object, "patient_id": object})
                 con.register("_cells", cells)
                 con.execute("INSERT INTO cells BY NAME SELECT * FROM _cells")
                 con.unregister("_cells")
@@ -187,6 +188,8 @@ def ingest_h5ad(
     sensitive: Sequence[str] = (),
     resistant: Sequence[str] = (),
     sample_key: str | None = None,
+    patient_key: str | None = None,
+    patient_scope: str | None = None,
     input_type: InputType = "auto",
     layer: str | None = None,
     gene_key: str | None = None,
@@ -212,6 +215,8 @@ def ingest_h5ad(
         sensitive=tuple(str(s) for s in sensitive),
         resistant=tuple(str(s) for s in resistant),
         sample_key=sample_key,
+        patient_key=patient_key,
+        patient_scope=patient_scope,
         input_type=input_type,
         layer=layer,
         gene_key=gene_key,

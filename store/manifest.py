@@ -2,7 +2,9 @@
 
 One row per dataset; columns :data:`MANIFEST_COLUMNS`: ``path`` (relative to the manifest's
 folder, or absolute) and ``dataset_id`` are required; ``label_key``, ``sensitive`` /
-``resistant`` (several values separated by ``|``), ``sample_key``, ``input_type``, ``layer``,
+``resistant`` (several values separated by ``|``), ``sample_key``, ``patient_key`` (obs column of
+patient / donor ids), ``patient_scope`` (rows with the same scope share patient ids, e.g. a study's
+pre- and post-treatment datasets; default: each dataset its own), ``input_type``, ``layer``,
 ``gene_key``, ``min_genes``, ``max_pct_mito`` and the dataset metadata fields are optional
 (label-confidence evidence included: ``exposure_days``, ``sample_origin``, ``intrinsic_resistance``;
 stars are derived from it when ``label_confidence`` is empty). Every dataset is validated before
@@ -28,6 +30,8 @@ MANIFEST_COLUMNS = (
     "sensitive",
     "resistant",
     "sample_key",
+    "patient_key",
+    "patient_scope",
     "input_type",
     "layer",
     "gene_key",
@@ -78,6 +82,8 @@ def ingest_manifest(store: Store, manifest: str | Path) -> list[IngestReport]:
             sensitive=tuple(v for v in (get("sensitive") or "").split("|") if v),
             resistant=tuple(v for v in (get("resistant") or "").split("|") if v),
             sample_key=get("sample_key"),
+            patient_key=get("patient_key"),
+            patient_scope=get("patient_scope"),
             input_type=get("input_type") or "auto",  # type: ignore[arg-type]
             layer=get("layer"),
             gene_key=get("gene_key"),

@@ -45,7 +45,13 @@ class IngestSpec:
     sensitive, resistant
         Explicit label values; empty = recognised spellings only.
     sample_key
-        obs column with sample (patient/replicate) ids.
+        obs column with sample (replicate / culture / biopsy) ids.
+    patient_key
+        obs column with patient (donor) ids.
+    patient_scope
+        Datasets ingested with the same scope share patient ids (e.g. the pre- and post-treatment
+        datasets of one study); default: the dataset id, so ids of different datasets never match.
+        Stored per cell as ``cells.patient_id = "<scope>/<patient>"``.
     input_type
         ``auto`` (detect), ``counts``, ``lognorm`` or ``scaled``.
     layer
@@ -69,6 +75,8 @@ class IngestSpec:
     min_genes: int = 500
     max_pct_mito: float = 10.0
     meta: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+    patient_key: str | None = None
+    patient_scope: str | None = None
 
     def __post_init__(self) -> None:
         if self.input_type not in ("auto", "counts", "lognorm", "scaled"):
@@ -80,7 +88,11 @@ class IngestSpec:
 
     def hash(self) -> str:
         """SHA-256 (16 hex) of the spec."""
-        text = json.dumps(asdict(self), sort_keys=True, default=str)
+        spec = asdict(self)
+        for key in ("patient_key", "patient_scope"):  # unset: hashes as before patients existed
+            if spec[key] is None:
+                del spec[key]
+        text = json.dumps(spec, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -161,7 +173,8 @@ def prepare(path: str | Path, spec: IngestSpec, *, require_x: bool = True) -> Pr
         dups = adata.obs_names[adata.obs_names.duplicated()].unique()[:3].tolist()
         msg = f"{name}: duplicate obs names such as {dups}; make them unique (adata.obs_names_make_unique()) and re-run"
         raise InputError(msg)
-    for key, what in ((spec.label_key, "--label-key"), (spec.sample_key, "--sample-key")):
+    for key, what in ((spec.label_key, "--label-key"), (spec.sample_key, "--sample-key"),
+                      (spec.patient_key, "--patient-key")):  # fmt: skip
         if key is not None and key not in adata.obs.columns:
             msg = f"{name}: {what} {key!r} is not an obs column; available: {list(adata.obs.columns)}"
             raise InputError(msg)
@@ -184,6 +197,7 @@ def prepare(path: str | Path, spec: IngestSpec, *, require_x: bool = True) -> Pr
     obs = pd.DataFrame(index=adata.obs_names.astype(str))
     obs["dataset_id"] = spec.dataset_id
     obs["sample_id"] = pd.array(samples, dtype="string")
+    obs["patient_id"] = pd.array(_patients(adata, spec), dtype="string")
     obs["label"] = pd.array(labels, dtype="string")
     row: dict[str, Any] = {"dataset_id": spec.dataset_id, **meta, "n_cells_input": n_input}
     if has_x:
@@ -237,3 +251,15 @@ def prepare(path: str | Path, spec: IngestSpec, *, require_x: bool = True) -> Pr
     out.uns["scdrugmap"] = {"x_kind": row["x_kind"] or "none", "dataset_id": spec.dataset_id}
     row["n_cells"] = int(out.n_obs)
     return Prepared(spec, path, file_sha256(path), out, row, genes)
+
+
+def _patients(adata: ad.AnnData, spec: IngestSpec) -> np.ndarray:
+    """``<scope>/<patient>`` per cell (None without ``patient_key`` or a missing value)."""
+    if spec.patient_key is None:
+        if spec.patient_scope is not None:
+            msg = f"{spec.dataset_id}: a patient scope needs --patient-key (the obs column with patient ids)"
+            raise InputError(msg)
+        return np.full(adata.n_obs, None, dtype=object)
+    scope = spec.patient_scope or spec.dataset_id
+    values = adata.obs[spec.patient_key].astype("string").to_numpy(dtype=object, na_value=None)
+    return np.array([None if v is None else f"{scope}/{v}" for v in values], dtype=object)

@@ -16,8 +16,12 @@ another one is added):
   study-specific part; its per-cell activity depends on the sample's label with overlapping distributions, so
   cells are separable but not trivially, and leave-one-study-out is harder than pooled CV;
 * samples: each sample shifts the cell-state programmes a little (``_STATE_SHIFT_SD``) and every gene
-  a little (sample effect), so cells of one sample are not independent, yet a cell-level DE test still
-  recovers the planted programme;
+  (sample effect, sd ``sample_effect``, 0.08 by default), so cells of one sample are not independent, yet a
+  cell-level DE test still recovers the planted programme. Real cultures and biopsies differ much more
+  (``sample_effect`` 0.3-0.6): then the label is confounded with the culture, cell-level splits inflate
+  metrics and pooled CV is easier than cross-data;
+* patients (``samples_per_patient`` > 1): consecutive samples of one label belong to one patient
+  (``obs['patient_id']``), which adds its own gene-wise effect of the same size;
 * low-quality cells (about 3 %): either a tiny library (few detected genes) or a high mitochondrial fraction.
 """
 
@@ -56,6 +60,7 @@ _PANEL_SEED = 20_240_601  # the gene panel does not depend on ``seed``
 _CHUNK = 2048  # cells generated at once (fixed, so results never depend on memory)
 _N_STATES = 4
 _STATE_SHIFT_SD = 0.2  # per-sample shift of the cell-state programmes (sample heterogeneity)
+_SAMPLE_SD = 0.08  # default sd of the per-sample gene-wise effect
 _HOUSEKEEPING = tuple("ACTB GAPDH B2M TMSB4X EEF1A1 RPL13 RPS18 FTL".split())
 _RESISTANCE_UP = tuple("ABCB1 ABCC1 ABCG2 AXL ALDH1A1 CD44 VIM ZEB1 NFE2L2 GSTP1 BCL2".split())
 _RESISTANCE_DOWN = tuple("CDH1 EPCAM KRT8 KRT18 MKI67 TOP2A".split())
@@ -93,11 +98,14 @@ def _gene_panel(n_genes: int) -> tuple[np.ndarray, np.ndarray]:
 class _Model:
     """Gene-level parameters shared by all datasets of one collection."""
 
-    def __init__(self, symbols: np.ndarray, seed: int, study_effect: float = 1.0) -> None:
+    def __init__(
+        self, symbols: np.ndarray, seed: int, study_effect: float = 1.0, sample_effect: float = _SAMPLE_SD
+    ) -> None:
         rng = _rng(seed, "global")
         g = len(symbols)
         self.n_genes = g
         self.study_effect = float(study_effect)  # multiplies the per-study batch term (1.0: unchanged)
+        self.sample_effect = float(sample_effect)  # sd of the per-sample gene-wise term
         self.mito = np.char.startswith(symbols.astype(str), "MT-")
         self.base = rng.normal(0.0, 1.3, g).astype(np.float32)
         self.base[np.isin(symbols, _HOUSEKEEPING)] += 3.0
@@ -136,7 +144,9 @@ class _Model:
         return base.astype(np.float32), programme.astype(np.float32)
 
 
-def _simulate_dataset(model: _Model, ds: _Dataset, seed: int) -> tuple[sp.csr_matrix, pd.DataFrame]:
+def _simulate_dataset(
+    model: _Model, ds: _Dataset, seed: int, samples_per_patient: int = 1
+) -> tuple[sp.csr_matrix, pd.DataFrame]:
     """Counts (CSR, float32) and obs for one dataset."""
     rng = _rng(seed, "dataset", ds.dataset_id)
     base, programme = model.profile(seed, ds)
@@ -147,7 +157,14 @@ def _simulate_dataset(model: _Model, ds: _Dataset, seed: int) -> tuple[sp.csr_ma
     sample = np.repeat(np.arange(n_samples), per_sample)
     resistant = np.array([lab == "resistant" for lab in labels])
     centre = np.where(resistant, rng.uniform(0.6, 0.9, n_samples), rng.uniform(0.0, 0.25, n_samples))
-    sample_effect = rng.normal(0.0, 0.08, (n_samples, model.n_genes)).astype(np.float32)
+    sample_effect = rng.normal(0.0, _SAMPLE_SD, (n_samples, model.n_genes)) * (
+        model.sample_effect / _SAMPLE_SD
+    )
+    patient = _patients(labels, samples_per_patient)
+    if samples_per_patient > 1:  # own generator: the default streams stay unchanged
+        prng = _rng(seed, "patients", ds.dataset_id)
+        sample_effect += prng.normal(0.0, model.sample_effect, (patient.max() + 1, model.n_genes))[patient]
+    sample_effect = sample_effect.astype(np.float32)
     state_shift = rng.normal(0.0, _STATE_SHIFT_SD, (n_samples, _N_STATES))
     activity = np.clip(centre[sample] + rng.normal(0.0, 0.4, n), 0.0, None).astype(np.float32)
     scores = (state_shift[sample] + rng.normal(0.0, 1.0, (n, _N_STATES))).astype(np.float32)
@@ -189,7 +206,21 @@ def _simulate_dataset(model: _Model, ds: _Dataset, seed: int) -> tuple[sp.csr_ma
         },
         index=pd.Index([f"{ds.dataset_id}_{i:06d}" for i in range(n)]),
     )
+    if samples_per_patient > 1:
+        obs["patient_id"] = pd.Categorical([f"{ds.dataset_id}_P{p + 1:02d}" for p in patient[sample]])
     return sp.vstack(blocks, format="csr"), obs
+
+
+def _patients(labels: list[str], per_patient: int) -> np.ndarray:
+    """Patient index of each sample: runs of ``per_patient`` consecutive samples of one label."""
+    out, nxt, i = np.zeros(len(labels), dtype=np.int64), 0, 0
+    while i < len(labels):
+        j = i
+        while j < len(labels) and j - i < per_patient and labels[j] == labels[i]:
+            out[j] = nxt
+            j += 1
+        nxt, i = nxt + 1, j
+    return out
 
 
 def simulate_collection(
@@ -201,6 +232,8 @@ def simulate_collection(
     catalogue: str | Path | None = None,
     scale: float | None = None,
     study_effect: float = 1.0,
+    sample_effect: float = _SAMPLE_SD,
+    samples_per_patient: int = 1,
 ) -> Path:
     """Write a simulated drug-response collection (one ``.h5ad`` per dataset) and its manifest.
 
@@ -236,6 +269,12 @@ def simulate_collection(
         Multiplier of the per-study batch effect (gene-wise log-scale shifts, sd 0.35 at 1.0); larger values
         give stronger study effects (e.g. 3.0 to test batch correction), 0 removes them. The default 1.0
         leaves every simulated number unchanged.
+    sample_effect
+        Sd of each sample's gene-wise log-scale effect (default 0.08, small); 0.3-0.6 mimics real
+        cultures and biopsies, where cell-level splits inflate metrics.
+    samples_per_patient
+        Above 1: consecutive samples of one label form a patient (``obs['patient_id']``, manifest
+        ``patient_key``) with its own gene-wise effect of sd ``sample_effect``.
 
     Returns
     -------
@@ -270,23 +309,36 @@ def simulate_collection(
     if bad_effect or not 0 <= study_effect <= 10:
         msg = f"study_effect={study_effect!r} must be a number from 0 to 10 (1.0 = the default study effects)"
         raise InputError(msg)
+    bad = isinstance(sample_effect, bool) or not isinstance(sample_effect, int | float)
+    if bad or not 0 <= sample_effect <= 5:
+        msg = f"sample_effect={sample_effect!r} must be a number from 0 to 5 (default {_SAMPLE_SD})"
+        raise InputError(msg)
+    if (
+        isinstance(samples_per_patient, bool)
+        or not isinstance(samples_per_patient, int)
+        or samples_per_patient < 1
+    ):
+        msg = f"samples_per_patient={samples_per_patient!r} must be a positive integer"
+        raise InputError(msg)
     symbols, ensembl = _gene_panel(int(n_genes))
-    model = _Model(symbols, seed, study_effect=float(study_effect))
+    model = _Model(symbols, seed, study_effect=float(study_effect), sample_effect=float(sample_effect))
+    columns = (*MANIFEST_COLUMNS, "patient_key") if samples_per_patient > 1 else MANIFEST_COLUMNS
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     var = pd.DataFrame({"ensembl_id": ensembl.astype(str)}, index=pd.Index(symbols.astype(str)))
     rows = []
     for ds in datasets:
-        x, obs = _simulate_dataset(model, ds, seed)
+        x, obs = _simulate_dataset(model, ds, seed, samples_per_patient)
         adata = ad.AnnData(X=x, obs=obs, var=var.copy())
         adata.uns["simulation"] = {"seed": int(seed), "dataset_id": ds.dataset_id, "study": ds.study}
         adata.write_h5ad(out / f"{ds.dataset_id}.h5ad")
         fixed = {"path": f"{ds.dataset_id}.h5ad", "label_key": "response", "sensitive": "sensitive",
-                 "resistant": "resistant", "sample_key": "sample_id", "organism": "Homo sapiens"}  # fmt: skip
-        rows.append({c: fixed.get(c, getattr(ds, c, "")) for c in MANIFEST_COLUMNS})
+                 "resistant": "resistant", "sample_key": "sample_id", "organism": "Homo sapiens",
+                 "patient_key": "patient_id"}  # fmt: skip
+        rows.append({c: fixed.get(c, getattr(ds, c, "")) for c in columns})
     manifest = out / "manifest.csv"
     with manifest.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
+        writer = csv.DictWriter(fh, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
     return manifest

@@ -1,0 +1,158 @@
+"""The ``mlp`` head: scDrugMap's network, trained to convergence at any data size.
+
+scDrugMap's fixed schedule (lr 1e-4, 10 epochs, batch 256; head ``mlp_paper``) makes about 40
+optimiser steps on a thousand cells and leaves the network near its initialisation. This head keeps
+the architecture (``d → 512 → 512 → 2``, ReLU, AdamW) and trains it properly:
+
+- an inner validation split of the training side (``val_fraction``) that respects the grouping:
+  :class:`sklearn.model_selection.StratifiedGroupKFold` over the groups of the outer folds (samples,
+  patients or cells), so early stopping never sees a validation cell whose sample also trains;
+- at least ``min_steps`` optimiser steps, at most ``max_epochs`` epochs; after ``min_steps``,
+  training stops when the validation loss has not improved for ``patience`` epochs and the weights
+  of the best epoch are restored;
+- ``class_weight="balanced"`` weights the loss by inverse class frequency (default ``"none"``).
+
+When no inner split with both classes on both sides exists (too few groups), it trains
+``min_steps`` steps on the whole training side without early stopping.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import numpy as np
+
+from classify.heads import MLPHead
+
+__all__ = ["TunedMLPHead", "inner_split"]
+
+log = logging.getLogger(__name__)
+
+
+def inner_split(
+    y: np.ndarray, groups: np.ndarray | None, *, val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Train/validation indices of a grouped, stratified inner split, or None when impossible.
+
+    Parameters
+    ----------
+    y
+        0/1 labels of the training side.
+    groups
+        Group of each cell (None: every cell its own group).
+    val_fraction
+        About this fraction of the groups validates (``n_splits = round(1 / val_fraction)``).
+    seed
+        Shuffling seed.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    groups = np.arange(len(y)) if groups is None else np.asarray(groups)
+    n_groups = len(np.unique(groups))
+    n_splits = min(max(2, round(1 / val_fraction)), n_groups)
+    if n_splits < 2:
+        return None
+    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    try:
+        for train, val in splitter.split(np.zeros(len(y)), y, groups):
+            if np.unique(y[train]).size == 2 and np.unique(y[val]).size == 2:
+                return train, val
+    except ValueError:
+        return None
+    return None
+
+
+class TunedMLPHead(MLPHead):
+    """scDrugMap's MLP with early stopping on a grouped inner split (see module docstring)."""
+
+    accepts_groups = True
+
+    def __init__(
+        self,
+        *,
+        hidden: int,
+        lr: float,
+        batch_size: int,
+        weight_decay: float,
+        max_epochs: int,
+        min_steps: int,
+        patience: int,
+        val_fraction: float,
+        class_weight: Literal["none", "balanced"],
+        seed: int,
+    ) -> None:
+        super().__init__(
+            hidden=hidden,
+            lr=lr,
+            epochs=max_epochs,
+            batch_size=batch_size,
+            weight_decay=weight_decay,
+            seed=seed,
+        )
+        self.min_steps, self.patience, self.val_fraction = min_steps, patience, val_fraction
+        self.class_weight = class_weight
+        self.groups: np.ndarray | None = None
+        self.steps = 0
+        self.best_epoch = -1
+
+    def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None) -> TunedMLPHead:
+        """Train on ``X``/``y``; ``groups`` (one per cell) keep the inner split grouped."""
+        self.groups = groups
+        super().fit(X, y)
+        return self
+
+    def _fit(self, X: np.ndarray, y: np.ndarray) -> TunedMLPHead:
+        import torch
+        from torch import nn
+
+        y = np.asarray(y, dtype=np.int64)
+        split = inner_split(y, self.groups, val_fraction=self.val_fraction, seed=self.seed)
+        train, val = split if split is not None else (np.arange(len(y)), None)
+        if split is None:
+            log.info(
+                "mlp: no grouped inner split with both classes; %d steps without early stopping",
+                self.min_steps,
+            )
+        gen = torch.Generator().manual_seed(self.seed)
+        self.build(X.shape[1])
+        opt = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        Xt = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
+        yt = torch.from_numpy(y)
+        weight = None
+        if self.class_weight == "balanced":
+            counts = np.bincount(y[train], minlength=2).astype(np.float32)
+            weight = torch.from_numpy(len(train) / (2 * np.maximum(counts, 1)))
+        loss_fn = nn.CrossEntropyLoss(weight=weight)
+        tr = torch.from_numpy(train)
+        batch = min(self.batch_size, max(16, len(train) // 4))
+        per_epoch = -(-len(train) // batch)
+        epochs = max(self.epochs, -(-self.min_steps // per_epoch)) if val is None else self.epochs
+        best, best_state, since = np.inf, None, 0
+        for epoch in range(epochs):
+            self.net.train()
+            perm = tr[torch.randperm(len(tr), generator=gen)]
+            for start in range(0, len(perm), batch):
+                idx = perm[start : start + batch]
+                opt.zero_grad()
+                loss_fn(self.net(Xt[idx]), yt[idx]).backward()
+                opt.step()
+                self.steps += 1
+            if val is None:
+                if self.steps >= self.min_steps:
+                    break
+                continue
+            self.net.eval()
+            with torch.no_grad():
+                v = float(loss_fn(self.net(Xt[val]), yt[val]))
+            if v < best - 1e-4:
+                best, since, self.best_epoch = v, 0, epoch
+                best_state = {k: t.clone() for k, t in self.net.state_dict().items()}
+            else:
+                since += 1
+            if self.steps >= self.min_steps and since >= self.patience:
+                break
+        if best_state is not None:
+            self.net.load_state_dict(best_state)
+        self.net.eval()
+        return self
