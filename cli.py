@@ -32,6 +32,7 @@ LAZY_COMMANDS: dict[str, str] = {
     "results": "classify.commands:results",
     "leakage": "classify.leakage:leakage_command",
     "doctor": "store.commands:doctor",
+    "coverage": "store.coverage:coverage_command",
 }
 
 

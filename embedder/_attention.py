@@ -38,6 +38,7 @@ from embedder._torch import (
     autocast_context,
     pick_device,
 )
+from embedder.vocab import GENE_MATCHING
 from store.errors import InputError
 
 __all__ = [
@@ -152,7 +153,12 @@ def counts_csr(adata: AnnData, model: str) -> sp.csr_matrix:
     return X
 
 
-COMMON_DEFAULTS: dict[str, Any] = {"device": None, "batch_size": 32, "precision": "fp32"}
+COMMON_DEFAULTS: dict[str, Any] = {
+    "device": None,
+    "batch_size": 32,
+    "precision": "fp32",
+    "gene_matching": "best",
+}
 
 
 def check_int(model: str, key: str, value: Any, *, minimum: int) -> int:
@@ -179,7 +185,11 @@ def parse_options(
         msg = f"unknown option(s) {', '.join(unknown)} for model {model!r}; valid: {', '.join(sorted(known))}"
         raise InputError(msg)
     out = {**known, **options}
-    for key, allowed in {"precision": ("fp32", "bf16", "fp16"), **choices}.items():
+    for key, allowed in {
+        "precision": ("fp32", "bf16", "fp16"),
+        "gene_matching": GENE_MATCHING,
+        **choices,
+    }.items():
         if out[key] not in allowed:
             msg = (
                 f"option {key}={out[key]!r} for model {model!r} is not one of {', '.join(map(str, allowed))}"
@@ -221,6 +231,7 @@ class MHAEmbedder(SortedBatchEmbedder):
         self.batch_size = int(options["batch_size"])
         self.precision = str(options["precision"])
         self.pooling = str(options["pooling"])
+        self.gene_matching = str(options["gene_matching"])
         self._module = module.to(self.device).eval()
         self._files = sorted(Path(f) for f in files)
         self._hashes: dict[str, str] | None = None

@@ -30,6 +30,7 @@ from embedder._performer_blocks import (
 )
 from embedder._torch import PaddingReport, autocast_context, embed_length_sorted, pick_device
 from embedder.base import Embedder, hash_files
+from embedder.vocab import Vocabulary, check_gene_matching
 from store.errors import CheckpointError, InputError
 
 __all__ = [
@@ -46,7 +47,6 @@ __all__ = [
     "infer_performer_config",
     "load_gene2vec",
     "log2_normalise_on_panel",
-    "panel_columns",
     "require_counts",
     "unwrap_state_dict",
     "validate_options",
@@ -136,30 +136,6 @@ def require_counts(adata, model: str) -> None:
         raise InputError(msg)
 
 
-def panel_columns(symbols: Sequence[str], panel: Sequence[str]) -> np.ndarray:
-    """Index of each dataset gene in a fixed gene panel (−1 when absent).
-
-    When several dataset genes share a symbol the first one is used (as scBERT's
-    ``preprocess.py`` does with ``list.index``); later duplicates get −1.
-
-    Returns
-    -------
-    numpy.ndarray
-        int64 ``(len(symbols),)``.
-    """
-    lookup: dict[str, int] = {}
-    for i, g in enumerate(panel):
-        lookup.setdefault(str(g), i)
-    out = np.full(len(symbols), -1, dtype=np.int64)
-    taken: set[int] = set()
-    for j, s in enumerate(symbols):
-        i = lookup.get(str(s)) if s else None
-        if i is not None and i not in taken:
-            out[j] = i
-            taken.add(i)
-    return out
-
-
 def log2_normalise_on_panel(x, columns: np.ndarray, n_panel: int) -> sp.csr_matrix:
     """Re-index counts onto the panel, ``normalize_total(1e4)`` then ``log1p(base=2)``.
 
@@ -171,7 +147,7 @@ def log2_normalise_on_panel(x, columns: np.ndarray, n_panel: int) -> sp.csr_matr
     x
         Counts ``(n_cells, n_genes)``, dense or sparse.
     columns
-        :func:`panel_columns` of the dataset's genes.
+        panel position of each dataset gene (-1 when absent), :meth:`Embedder.match_genes`.
     n_panel
         Panel size.
 
@@ -200,9 +176,17 @@ def log2_normalise_on_panel(x, columns: np.ndarray, n_panel: int) -> sp.csr_matr
 
 
 def validate_options(
-    model: str, *, unknown: dict, pooling: str, poolings: Sequence[str], precision: str, batch_size: int
+    model: str,
+    *,
+    unknown: dict,
+    pooling: str,
+    poolings: Sequence[str],
+    precision: str,
+    batch_size: int,
+    gene_matching: str = "best",
 ) -> None:
     """Raise InputError naming unknown options or bad values of the standard ones."""
+    check_gene_matching(model, gene_matching)
     if unknown:
         msg = f"unknown {model} option(s): {', '.join(sorted(unknown))}"
         raise InputError(msg)
@@ -263,9 +247,18 @@ def build_performer(
     return model, dev
 
 
-def performer_options(dev, *, batch_size: int, precision: str, pooling: str, seed: int) -> dict[str, Any]:
+def performer_options(
+    dev, *, batch_size: int, precision: str, pooling: str, seed: int, gene_matching: str = "best"
+) -> dict[str, Any]:
     """The ``options`` dict of a :class:`PerformerEmbedder`."""
-    return {"device": dev, "batch_size": batch_size, "precision": precision, "pooling": pooling, "seed": seed}
+    return {
+        "device": dev,
+        "batch_size": batch_size,
+        "precision": precision,
+        "pooling": pooling,
+        "seed": seed,
+        "gene_matching": gene_matching,
+    }
 
 
 class PerformerEmbedder(Embedder):
@@ -284,7 +277,8 @@ class PerformerEmbedder(Embedder):
         self.model = model
         self.config = config
         self.panel = panel
-        self._lookup = {g: i for i, g in enumerate(panel)}
+        self.vocab = Vocabulary(panel, kind="symbol")
+        self.gene_matching = str(options.get("gene_matching", "best"))
         self.files = files
         self.options = options
         self.device = options["device"]
@@ -304,10 +298,8 @@ class PerformerEmbedder(Embedder):
             "pooling": self.options["pooling"],
             "precision": self.options["precision"],
             "seed": self.options["seed"],
+            "gene_matching": self.gene_matching,
         }
-
-    def in_vocabulary(self, var: Any) -> np.ndarray:
-        return np.array([bool(s) and s in self._lookup for s in var["symbol"].astype(str)], dtype=bool)
 
     def vocabulary(self) -> pd.DataFrame:
         """The genes the model knows: columns ``symbol`` and ``ensembl_id`` (one row per gene)."""
@@ -320,7 +312,7 @@ class PerformerEmbedder(Embedder):
     def _panel_values(self, adata) -> sp.csr_matrix:
         """Cells placed on the panel and log2-normalised, CSR ``(n, gene_num)``."""
         require_counts(adata, self.name)
-        cols = panel_columns(adata.var["symbol"].astype(str).tolist(), self.panel)
+        cols = self.match_genes(adata.var).index  # the file's symbols, then renamed genes (embedder.vocab)
         return log2_normalise_on_panel(adata.X, cols, len(self.panel))
 
     def _tensors(self, tokens) -> dict[str, torch.Tensor]:

@@ -281,3 +281,6 @@ class SortedBatchEmbedder(Embedder):
             "pooling": self.pooling,
             "precision": self.precision,
         }
+        if self.vocab is not None:
+            out["gene_matching"] = self.gene_matching
+        return out

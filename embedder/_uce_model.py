@@ -108,7 +108,11 @@ def build_module(state: Mapping[str, Any], n_tokens: int, nhead: int) -> UCEMode
     d_model, token_dim = state["encoder.0.weight"].shape
     nlayers = len({k.split(".")[2] for k in state if k.startswith("transformer_encoder.layers.")})
     if d_model % nhead:
-        msg = f"nhead={nhead} does not divide the model width {d_model}; pass the nhead the model was trained with"
+        ok = ", ".join(str(h) for h in range(1, d_model + 1) if d_model % h == 0 and h <= 64)
+        msg = (
+            f"nhead={nhead} does not divide the model width {d_model} (UCE checkpoints do not record it); "
+            f"pass the nhead the model was trained with, --option nhead=N, one of: {ok} (the release uses 20)"
+        )
         raise InputError(msg)
     return UCEModel(
         token_dim=int(token_dim),

@@ -9,9 +9,11 @@ The AnnData contract (what the runner passes to :meth:`Embedder.embed`):
 - ``X``: the dataset's expression as ingested and QC-filtered, ``(n_cells, n_genes)``,
   float32, CSR or dense. Raw counts when ``adata.uns["scdrugmap"]["x_kind"] == "counts"``;
   otherwise log-normalised (``"lognorm"``) or scaled/z-scored (``"scaled"``).
-- ``var``: index = the dataset's own gene identifiers; columns ``symbol`` (HGNC approved
-  symbol, ``""`` when unmapped) and ``ensembl_id`` (Ensembl gene id without version,
-  ``""`` when unmapped).
+- ``var``: index = the dataset's own gene identifiers; columns ``file_symbol`` and
+  ``file_ensembl_id`` (the file's own identifiers, verbatim), ``symbol`` (HGNC approved symbol;
+  the file's name when HGNC cannot place the gene) and ``ensembl_id`` (Ensembl gene id without
+  version). Adapters match genes through :class:`embedder.vocab.Vocabulary`, which reads the
+  file's identifiers (or, for any other AnnData, var_names and the usual id columns).
 - ``obs``: ``n_counts`` (total counts per cell over all genes of the file, counts input
   only), ``cell_uid`` (int64), ``dataset_id``, ``sample_id``.
 """
@@ -28,6 +30,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 from anndata import AnnData
 
+from embedder.vocab import GeneMatch, Vocabulary
 from store.errors import InputError
 
 __all__ = [
@@ -114,6 +117,10 @@ class Embedder(ABC):
     lora_target_parameters: ClassVar[tuple[str, ...]] = ()
     #: set on a fine-tuned instance (hash of its LoRA adapter): gives it its own revision
     adapter_hash: str | None = None
+    #: the model's gene vocabulary (set by adapters that read genes by name)
+    vocab: Vocabulary | None = None
+    #: ``"best"`` (exact, then renamed genes recovered) or ``"original"`` (the original's matching)
+    gene_matching: str = "best"
 
     @classmethod
     @abstractmethod
@@ -183,23 +190,41 @@ class Embedder(ABC):
     def set_state(self, state: dict[str, np.ndarray]) -> None:  # noqa: B027 - optional hook
         """Restore a state written by :meth:`get_state`."""
 
+    def match_genes(self, var: Any) -> GeneMatch | None:
+        """Each gene's vocabulary entry and how it matched (:mod:`embedder.vocab`).
+
+        Parameters
+        ----------
+        var
+            ``adata.var`` of a dataset (see the module docstring).
+
+        Returns
+        -------
+        GeneMatch or None
+            None for embedders without a gene vocabulary.
+        """
+        if self.vocab is None:
+            return None
+        return self.vocab.match(var, gene_matching=self.gene_matching)  # type: ignore[arg-type]
+
     def in_vocabulary(self, var: Any) -> np.ndarray:
         """Which of a dataset's genes the model knows.
 
         Parameters
         ----------
         var
-            ``adata.var`` with ``symbol`` and ``ensembl_id`` columns.
+            ``adata.var`` of a dataset (see the module docstring).
 
         Returns
         -------
         numpy.ndarray
-            bool ``(n_genes,)``. The default (models without a vocabulary) is all True.
+            bool ``(n_genes,)``. The default for models without a vocabulary is all True.
         """
-        return np.ones(len(var), dtype=bool)
+        match = self.match_genes(var)
+        return match.found if match is not None else np.ones(len(var), dtype=bool)
 
-    def coverage(self, adata: AnnData) -> dict[str, float]:
-        """Fraction of genes and of total expression the model's vocabulary covers.
+    def coverage(self, adata: AnnData) -> dict[str, Any]:
+        """Fraction of genes and of total expression the model's vocabulary covers, by route.
 
         Parameters
         ----------
@@ -210,8 +235,13 @@ class Embedder(ABC):
         -------
         dict
             ``{"genes": fraction of var in vocabulary, "counts": fraction of the summed
-            X (non-negative part) that falls on in-vocabulary genes}``, both in [0, 1].
+            |X| that falls on in-vocabulary genes}``, both in [0, 1]; for models with a gene
+            vocabulary also ``gene_matching``, ``n_genes`` and, per route of
+            :data:`embedder.vocab.ROUTES`, ``genes_<route>`` and ``counts_<route>``.
         """
+        match = self.match_genes(adata.var)
+        if match is not None:
+            return {"gene_matching": self.gene_matching, **match.summary(adata.X)}
         mask = np.asarray(self.in_vocabulary(adata.var), dtype=bool)
         frac_genes = float(mask.mean()) if mask.size else 0.0
         col = np.asarray(abs(adata.X).sum(axis=0)).ravel()

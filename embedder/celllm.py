@@ -144,6 +144,7 @@ class CellLMEmbedder(PerformerEmbedder):
         precision: Literal["fp32", "bf16", "fp16"] = "fp32",
         pooling: Literal["cls", "masked_mean", "masked_mean_with_cls"] = "cls",
         seed: int = 0,
+        gene_matching: Literal["best", "original"] = "best",
         **unknown: Any,
     ) -> CellLMEmbedder:
         """Read a CellLM checkpoint directory.
@@ -162,6 +163,7 @@ class CellLMEmbedder(PerformerEmbedder):
             poolings=POOLINGS,
             precision=precision,
             batch_size=batch_size,
+            gene_matching=gene_matching,
         )
         root = require_dir(checkpoint, model=cls.name, expected=EXPECTED)
         layout = _read_layout(root)
@@ -189,7 +191,12 @@ class CellLMEmbedder(PerformerEmbedder):
         )
         config = {**config, "max_seq_len": layout["max_seq_len"]}
         options = performer_options(
-            dev, batch_size=batch_size, precision=precision, pooling=pooling, seed=seed
+            dev,
+            batch_size=batch_size,
+            precision=precision,
+            pooling=pooling,
+            seed=seed,
+            gene_matching=gene_matching,
         )
         files = [weights, root / layout["gene2vec"], root / GENE_LIST] + (
             [root / CONFIG] if (root / CONFIG).is_file() else []

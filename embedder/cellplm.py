@@ -52,6 +52,7 @@ from embedder._checkpoint import require_dir
 from embedder._performer import require_counts
 from embedder._torch import PaddingReport, autocast_context, pick_device
 from embedder.base import Embedder, hash_files, register
+from embedder.vocab import Vocabulary, check_gene_matching
 from store.errors import InputError
 
 __all__ = [
@@ -99,7 +100,8 @@ class CellPLMEmbedder(Embedder):
     """CellPLM (OmicsFormer, ``20230926_85M``) with a deterministic cell-batching rule.
 
     Load with :meth:`load`; the checkpoint directory holds ``<name>.config.json`` and
-    ``<name>.best.ckpt``. Raw counts in; genes are matched on ``var['ensembl_id']``.
+    ``<name>.best.ckpt``. Raw counts in; genes are matched on the file's Ensembl ids as the original
+    reads ``var_names``, then renamed genes are recovered (``gene_matching``, :mod:`embedder.vocab`).
     """
 
     name: ClassVar[str] = "cellplm"
@@ -112,7 +114,8 @@ class CellPLMEmbedder(Embedder):
         self.model, self.config, self.files, self.options = model, config, files, options
         self.device = options["device"]
         self.batch_size = options["batch_size"]
-        self._lookup = {g: i for i, g in enumerate(config["gene_list"])}
+        self.vocab = Vocabulary(list(config["gene_list"]), kind="ensembl")
+        self.gene_matching = str(options.get("gene_matching", "best"))
         self.padding_report = PaddingReport()  # one token per cell: nothing is ever padded
 
     @classmethod
@@ -128,6 +131,7 @@ class CellPLMEmbedder(Embedder):
         cell_batch_size: int | None = None,
         latent_y: Literal["gumbel", "argmax"] = "gumbel",
         prefix: str | None = None,
+        gene_matching: Literal["best", "original"] = "best",
         **unknown: Any,
     ) -> CellPLMEmbedder:
         """Read a CellPLM checkpoint directory.
@@ -155,6 +159,7 @@ class CellPLMEmbedder(Embedder):
         if bad:
             msg = f"bad or unknown cellplm option(s): {', '.join(bad)}"
             raise InputError(msg)
+        check_gene_matching(cls.name, gene_matching)
         root = require_dir(checkpoint, model=cls.name, expected=EXPECTED)
         model, config, files = load_checkpoint(root, prefix)
         dev = pick_device(device)
@@ -167,6 +172,7 @@ class CellPLMEmbedder(Embedder):
             "seed": int(seed),
             "cell_batch_size": int(cell_batch_size or config.get("max_batch_size", 4000)),
             "latent_y": latent_y,
+            "gene_matching": gene_matching,
         }
         return cls(model=model, config=config, files=files, options=options)
 
@@ -185,6 +191,7 @@ class CellPLMEmbedder(Embedder):
             "config": arch
             | {"enc_head": int(self.config.get("enc_head", 8)), "n_genes": len(self.config["gene_list"])},
             "tokenizer": {"gene_key": "ensembl_id", "input": "log1p(raw counts) @ gene embedding"},
+            "gene_matching": self.gene_matching,
             "cell_batching": {
                 "group_by": "obs['sample_id'] (whole input when absent), groups in order of first appearance",
                 "order": "input order within a group; cells without expressed in-vocabulary genes excluded",
@@ -198,9 +205,6 @@ class CellPLMEmbedder(Embedder):
             "seed": self.options["seed"],
         }
 
-    def in_vocabulary(self, var: Any) -> np.ndarray:
-        return np.array([bool(e) and e in self._lookup for e in var["ensembl_id"].astype(str)], dtype=bool)
-
     def vocabulary(self) -> pd.DataFrame:
         """The genes the model knows: columns ``symbol`` and ``ensembl_id`` (one row per gene)."""
         return pd.DataFrame({"symbol": "", "ensembl_id": list(self.config["gene_list"])})
@@ -212,10 +216,11 @@ class CellPLMEmbedder(Embedder):
     def tokenize(self, adata) -> CellPLMTokens:
         """Select in-vocabulary genes and form the attention batches (see the module docstring)."""
         require_counts(adata, self.name)
-        keep = np.flatnonzero(self.in_vocabulary(adata.var))
+        index = self.match_genes(adata.var).index  # the file's Ensembl ids, then renamed genes
+        keep = np.flatnonzero(index >= 0)
         counts = sp.csr_matrix(adata.X, dtype=np.float32)[:, keep]
         counts.eliminate_zeros()
-        gene_index = np.array([self._lookup[e] for e in adata.var["ensembl_id"].astype(str).to_numpy()[keep]])
+        gene_index = index[keep]
         usable = np.diff(counts.indptr) > 0
         if not usable.all():
             log.warning(

@@ -34,11 +34,12 @@ from embedder._hf import (
     load_weights,
     parse_options,
     read_config,
-    var_column,
     weight_files,
 )
 from embedder.base import register
+from embedder.vocab import GENE_MATCHING, GeneMatch, Vocabulary, check_gene_matching
 from store.errors import CheckpointError, InputError
+from store.genes import file_identifiers
 
 __all__ = ["GeneformerEmbedder", "Pooling"]
 
@@ -83,8 +84,9 @@ class GeneformerEmbedder(HFEmbedder):
     (``pooling="penultimate_mean"``) or of the last layer (``"last_mean"``).
 
     Load options: ``device``, ``batch_size`` (32), ``precision`` (``"fp32"``), ``pooling``
-    (``"penultimate_mean"``), ``symbol_fallback`` (False; True maps genes without an Ensembl id
-    through ``gene_name_id_dict`` — an addition, not in the original).
+    (``"penultimate_mean"``), ``gene_matching`` (``"best"``: renamed genes recovered through HGNC,
+    :mod:`embedder.vocab`; ``"original"``: the file's Ensembl ids only), ``symbol_fallback``
+    (False; True also maps unmatched genes through ``gene_name_id_dict`` — not in the original).
     """
 
     name: ClassVar[str] = "geneformer"
@@ -105,10 +107,12 @@ class GeneformerEmbedder(HFEmbedder):
     ) -> None:
         super().__init__(module, files, options, device)
         self.symbol_fallback = bool(options["symbol_fallback"])
+        self.gene_matching = check_gene_matching(self.name, options["gene_matching"])
         self.max_length = int(module.config.max_position_embeddings)
         self._tokens = {k: int(v) for k, v in tokens.items()}
         self._medians = {k: float(v) for k, v in medians.items() if k in self._tokens}
         self._name_to_id = dict(name_to_id)
+        self.vocab = Vocabulary(sorted(self._medians), kind="ensembl")
         self.pad_id = self._tokens["<pad>"]
 
     @classmethod
@@ -127,8 +131,12 @@ class GeneformerEmbedder(HFEmbedder):
         opts = parse_options(
             cls.name,
             options,
-            {"pooling": "penultimate_mean", "symbol_fallback": False},
-            {"pooling": cls.pooling_choices, "symbol_fallback": (False, True)},
+            {"pooling": "penultimate_mean", "symbol_fallback": False, "gene_matching": "best"},
+            {
+                "pooling": cls.pooling_choices,
+                "symbol_fallback": (False, True),
+                "gene_matching": GENE_MATCHING,
+            },
         )
         directory = require_dir(checkpoint, model=cls.name, expected=EXPECTED)
         require_files(directory, ("config.json", *DICTIONARIES), model=cls.name, expected=EXPECTED)
@@ -150,22 +158,29 @@ class GeneformerEmbedder(HFEmbedder):
         return cls(module, files, opts, device, tokens=tokens, medians=medians, name_to_id=name_to_id)
 
     # -- vocabulary ---------------------------------------------------------------------
-    def _gene_ids(self, var: Any) -> np.ndarray:
-        ens = var_column(var, "ensembl_id")
-        if self.symbol_fallback:
-            sym = var_column(var, "symbol")
-            ens = np.array(
-                [
-                    e if e in self._medians else self._name_to_id.get(s, e)
-                    for e, s in zip(ens, sym, strict=True)
-                ],
-                dtype=object,
-            )
-        return ens
+    def match_genes(self, var: Any) -> GeneMatch:
+        """Vocabulary entry of each gene (:mod:`embedder.vocab`, Ensembl ids as the original reads
+        ``var['ensembl_id']``); with ``symbol_fallback`` genes still unmatched are looked up in the
+        checkpoint's ``gene_name_id_dict`` by the file's symbol (route ``crossmap``)."""
+        match = super().match_genes(var)
+        assert match is not None
+        if not self.symbol_fallback:
+            return match
+        index, route = match.index.copy(), match.route.copy()
+        taken = set(index[index >= 0].tolist())
+        symbols = file_identifiers(var)["file_symbol"].to_numpy()
+        for i in np.flatnonzero(index < 0):
+            ens = self._name_to_id.get(str(symbols[i]), "")
+            pos = self.vocab.position(ens) if ens else -1
+            if pos >= 0 and pos not in taken:
+                index[i], route[i] = pos, "crossmap"
+                taken.add(pos)
+        return GeneMatch(index, route)
 
-    def in_vocabulary(self, var: Any) -> np.ndarray:
-        """bool ``(n_genes,)``: Ensembl id (or, with ``symbol_fallback``, symbol) in the vocabulary."""
-        return np.array([e in self._medians for e in self._gene_ids(var)], dtype=bool)
+    def _gene_ids(self, var: Any) -> np.ndarray:
+        """The vocabulary's Ensembl id of each gene, ``""`` when unmatched."""
+        tokens = self.vocab.tokens
+        return np.array([tokens[i] if i >= 0 else "" for i in self.match_genes(var).index], dtype=object)
 
     def vocabulary(self) -> pd.DataFrame:
         """The model's genes: columns ``ensembl_id`` and ``symbol`` (``""`` when unknown)."""
@@ -192,7 +207,7 @@ class GeneformerEmbedder(HFEmbedder):
             msg = f"geneformer needs raw counts; this dataset's X is {x_kind!r} (re-ingest the raw counts)"
             raise InputError(msg)
         genes = self._gene_ids(adata.var)
-        keep = np.array([e in self._medians for e in genes], dtype=bool)
+        keep = genes != ""
         token_col = np.array(
             [self._tokens[e] if k else -1 for e, k in zip(genes, keep, strict=True)], np.int64
         )

@@ -131,6 +131,34 @@ def _register(
         _refresh_counts(con, revision)
 
 
+def record_coverage(con, revision: str, dataset_id: str, model: str, cov: dict[str, Any]) -> None:
+    """Write one ``coverage`` row: matched fractions and, per route, genes and share of counts.
+
+    Parameters
+    ----------
+    con
+        A writable catalog connection (inside the caller's transaction).
+    revision, dataset_id, model
+        The row's key and model name.
+    cov
+        :meth:`Embedder.coverage` of the dataset (route columns absent for models without a
+        gene vocabulary are stored as NULL).
+    """
+    from embedder.vocab import ROUTES
+
+    row = {"revision": revision, "dataset_id": dataset_id, "model": model}
+    row |= {"frac_genes": cov["genes"], "frac_counts": cov["counts"]}
+    row |= {"gene_matching": cov.get("gene_matching"), "n_genes": cov.get("n_genes")}
+    for route in ROUTES:
+        row[f"genes_{route}"] = cov.get(f"genes_{route}")
+        row[f"counts_{route}"] = cov.get(f"counts_{route}")
+    cols = list(row)
+    con.execute(
+        f"INSERT OR REPLACE INTO coverage ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})",
+        [row[c] for c in cols],
+    )
+
+
 def _refresh_counts(con, revision: str) -> tuple[int, int]:
     spec = json.loads(con.execute("SELECT spec FROM embeddings WHERE revision = ?", [revision]).fetchone()[0])
     n_sel = con.execute(
@@ -217,10 +245,7 @@ def embed_datasets(
         adata = _read_dataset(store, str(dataset_id))
         cov = emb.coverage(adata)
         with store.transaction() as con:
-            con.execute(
-                "INSERT OR REPLACE INTO coverage VALUES (?, ?, ?, ?, ?)",
-                [revision, dataset_id, emb.name, cov["genes"], cov["counts"]],
-            )
+            record_coverage(con, revision, str(dataset_id), emb.name, cov)
         if cov["genes"] < 0.5:
             log.warning(
                 "%s covers only %.0f %% of the genes (%.0f %% of counts) of dataset %s",

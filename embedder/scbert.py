@@ -117,6 +117,7 @@ class ScBertEmbedder(PerformerEmbedder):
         precision: Literal["fp32", "bf16", "fp16"] = "fp32",
         pooling: Literal["masked_mean", "mean", "last"] = "masked_mean",
         seed: int = 0,
+        gene_matching: Literal["best", "original"] = "best",
         **unknown: Any,
     ) -> ScBertEmbedder:
         """Read a scBERT checkpoint directory.
@@ -135,6 +136,7 @@ class ScBertEmbedder(PerformerEmbedder):
             poolings=POOLINGS,
             precision=precision,
             batch_size=batch_size,
+            gene_matching=gene_matching,
         )
         root = require_dir(checkpoint, model=cls.name, expected=EXPECTED)
         weights = _weights_file(root)
@@ -152,7 +154,12 @@ class ScBertEmbedder(PerformerEmbedder):
             config, state, weights=weights, gene2vec=gene2vec, gene2vec_path=root / GENE2VEC, device=device
         )
         options = performer_options(
-            dev, batch_size=batch_size, precision=precision, pooling=pooling, seed=seed
+            dev,
+            batch_size=batch_size,
+            precision=precision,
+            pooling=pooling,
+            seed=seed,
+            gene_matching=gene_matching,
         )
         files = [weights, root / GENE2VEC, root / PANEL] + (
             [root / CONFIG] if (root / CONFIG).is_file() else []

@@ -11,8 +11,10 @@ Checkpoint directory = the repository's ``model/`` folder::
     models/models.ckpt                  {'gene'|'cell'|'rde': {'config', 'state_dict'}}
     OS_scRNA_gene_index.19264.tsv       the gene panel (header gene_name, index), released order
 
-(the panel ships with the code, the weights are downloaded separately: pass
-``gene_panel=PATH`` when it lives elsewhere).
+(the panel ships with the code, the weights are downloaded separately). The released panel is
+bundled with this package (``embedder/data/OS_scRNA_gene_index.19264.tsv``, Apache-2.0, see
+``embedder/data/NOTICE.md``), so a directory holding only ``models/models.ckpt`` works; a panel in
+the directory, or ``gene_panel=PATH``, wins over the bundled one.
 
 Per cell: counts re-indexed to the 19,264-gene panel (symbols; other genes dropped),
 ``x = log1p(counts / total · 1e4)`` with ``total`` = the cell's sum over panel genes, the
@@ -24,7 +26,7 @@ concat(S, T, max over genes, mean over genes) = 4 × hidden (3,072 for the relea
 Deviations: the original embeds one cell per forward and reads S/T at positions −1/−2 of
 the (padded) batch, pooling over padding too — correct only at batch size 1; here S/T are
 read at each cell's own last positions and max/mean are masked, so any batch size gives
-the batch-size-1 result. Duplicate symbols are summed (the original breaks on them);
+the batch-size-1 result. Of duplicate symbols the first is used (the original breaks on them);
 inputs with ≥ 19,264 columns are re-indexed too (the original skips that step); T and S are
 always kept (the original drops a token whose value is ≤ 0, i.e. S for a total of 1).
 """
@@ -51,18 +53,20 @@ from embedder._attention import (
     counts_csr,
     encoder_stack,
     parse_options,
-    var_symbols,
 )
 from embedder._checkpoint import load_state_dict, load_strict, require_dir, require_files
 from embedder._torch import masked_mean
 from embedder.base import register
+from embedder.vocab import Vocabulary
 from store.errors import CheckpointError, InputError
 
 __all__ = ["ScFoundationEmbedder", "ScFoundationModel", "build_module", "flat_config"]
 
 CKPT = "models/models.ckpt"
 PANEL = "OS_scRNA_gene_index.19264.tsv"
-EXPECTED = (CKPT, PANEL)
+EXPECTED = (CKPT, f"{PANEL} (optional: the released panel is bundled)")
+#: scFoundation's released panel, shipped with this package (Apache-2.0; embedder/data/NOTICE.md)
+BUNDLED_PANEL = Path(__file__).resolve().parent / "data" / PANEL
 VERSIONS = {"ce": "cell", "rde": "rde"}
 
 
@@ -228,7 +232,7 @@ class ScFoundationEmbedder(MHAEmbedder):
         super().__init__(module, files, options)
         self.config = config
         self.panel = panel
-        self._panel_index = {g: i for i, g in reversed(list(enumerate(panel)))}
+        self.vocab = Vocabulary(panel, kind="symbol")
         self.tgthighres = str(options["tgthighres"])
         self.version = str(options["version"])
         self.hidden = int(config["encoder"]["hidden_dim"])
@@ -256,10 +260,12 @@ class ScFoundationEmbedder(MHAEmbedder):
         directory = require_dir(checkpoint, model=cls.name, expected=EXPECTED)
         require_files(directory, [CKPT], model=cls.name, expected=EXPECTED)
         panel_path = Path(opts["gene_panel"]) if opts["gene_panel"] else directory / PANEL
+        if not opts["gene_panel"] and not panel_path.is_file():
+            panel_path = BUNDLED_PANEL
         if not panel_path.is_file():
             msg = (
-                f"gene panel {str(panel_path)!r} for 'scfoundation' is missing: copy {PANEL} from the scFoundation "
-                f"repository's model/ folder into {str(directory)!r} or pass gene_panel=PATH; expected: {', '.join(EXPECTED)}"
+                f"gene panel {str(panel_path)!r} for 'scfoundation' is missing: give the path of {PANEL} "
+                f"(the scFoundation repository's model/ folder) with gene_panel=PATH; expected: {', '.join(EXPECTED)}"
             )
             raise CheckpointError(msg)
         weights = directory / CKPT
@@ -283,14 +289,12 @@ class ScFoundationEmbedder(MHAEmbedder):
         return 4 * self.hidden if self.pooling == "all" else self.hidden
 
     def _panel_columns(self, var: Any) -> np.ndarray:
-        return np.asarray([self._panel_index.get(s, -1) for s in var_symbols(var)], dtype=np.int64)
+        """Panel position of each gene (-1 when unmatched): the file's symbol exactly, as
+        ``main_gene_selection`` re-indexes, then renamed genes (:mod:`embedder.vocab`)."""
+        return self.match_genes(var).index
 
     def _vocab_symbols(self) -> list[str]:
         return list(self.panel)
-
-    def in_vocabulary(self, var: Any) -> np.ndarray:
-        """Genes whose ``symbol`` is in the 19,264-gene panel."""
-        return self._panel_columns(var) >= 0
 
     def _t_value(self, total: float) -> float:
         kind, n = self.tgthighres[0], float(self.tgthighres[1:])

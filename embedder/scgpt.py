@@ -42,11 +42,11 @@ from embedder._attention import (
     check_int,
     counts_csr,
     parse_options,
-    var_symbols,
 )
 from embedder._checkpoint import load_state_dict, load_strict, require_dir, require_files
 from embedder._torch import masked_mean
 from embedder.base import register
+from embedder.vocab import Vocabulary
 from store.errors import CheckpointError
 
 __all__ = ["ScGPTEmbedder", "ScGPTModel", "bin_values", "module_key", "release_key"]
@@ -223,8 +223,11 @@ class ScGPTEmbedder(MHAEmbedder):
 
     def __init__(self, module: ScGPTModel, files, options, vocab: dict[str, int], args: dict[str, Any]):
         super().__init__(module, files, options)
-        self.vocab = vocab
+        self.token_ids = vocab
         self.args = args
+        genes = [g for g in vocab if g not in SPECIALS]
+        self.vocab = Vocabulary(genes, kind="symbol")
+        self._gene_token = np.array([vocab[g] for g in genes], dtype=np.int64)
         self.seed = int(options["seed"])
         self.max_length = int(options["max_length"])
         self.pad_id = vocab[args.get("pad_token", "<pad>")]
@@ -271,15 +274,13 @@ class ScGPTEmbedder(MHAEmbedder):
         return int(self.args["embsize"])
 
     def _gene_ids(self, var: Any) -> np.ndarray:
-        ids = [-1 if s in SPECIALS else self.vocab.get(s, -1) for s in var_symbols(var)]
-        return np.asarray(ids, dtype=np.int64)
+        """``vocab.json`` id of each gene (-1 when unmatched): the file's symbol exactly, as
+        ``embed_data`` reads ``var[gene_col]``, then renamed genes (:mod:`embedder.vocab`)."""
+        index = self.match_genes(var).index
+        return np.where(index >= 0, self._gene_token[np.maximum(index, 0)], -1)
 
     def _vocab_symbols(self) -> list[str]:
-        return [g for g in self.vocab if g not in SPECIALS]
-
-    def in_vocabulary(self, var: Any) -> np.ndarray:
-        """Genes whose ``symbol`` is in ``vocab.json`` (exact, case-sensitive, as ``embed_data``)."""
-        return self._gene_ids(var) >= 0
+        return list(self.vocab.tokens)
 
     def tokenize(self, adata: AnnData) -> RaggedTokens:
         """Per cell ``gene_ids`` and binned ``values`` (``<cls>``/pad value first), see module docstring.
@@ -341,7 +342,7 @@ class ScGPTEmbedder(MHAEmbedder):
     def _tokenizer_spec(self) -> dict[str, Any]:
         return {
             "gene_key": "symbol",
-            "vocab_size": len(self.vocab),
+            "vocab_size": len(self.token_ids),
             "input": "raw X of expressed in-vocabulary genes, var order",
             "n_bins": N_BINS,
             "cls_value": self.pad_value,

@@ -38,10 +38,10 @@ from embedder._hf import (
     parse_options,
     positive_int,
     read_config,
-    var_column,
     weight_files,
 )
 from embedder.base import register
+from embedder.vocab import GENE_MATCHING, Vocabulary, check_gene_matching
 from store.errors import CheckpointError, InputError
 
 __all__ = ["Pooling", "TGPTEmbedder", "normalise_symbol"]
@@ -101,6 +101,10 @@ class TGPTEmbedder(HFEmbedder):
             tokenizer.unk_token_id,
         }
         self._vocab = {k: v for k, v in tokenizer.get_vocab().items() if v not in special}
+        words = sorted(self._vocab, key=self._vocab.__getitem__)
+        self.vocab = Vocabulary(words, kind="symbol", normalise=normalise_symbol)
+        self._word_ids = np.array([self._vocab[w] for w in words], dtype=np.int64)
+        self.gene_matching = check_gene_matching(self.name, options["gene_matching"])
         self.pad_id = int(tokenizer.pad_token_id)
         self.bos_id = int(tokenizer.bos_token_id)
         self.eos_id = int(tokenizer.eos_token_id)
@@ -120,7 +124,10 @@ class TGPTEmbedder(HFEmbedder):
         from transformers import GPT2Config, GPT2LMHeadModel
 
         opts = parse_options(
-            cls.name, options, {"pooling": "gene_mean", "max_length": 64}, {"pooling": cls.pooling_choices}
+            cls.name,
+            options,
+            {"pooling": "gene_mean", "max_length": 64, "gene_matching": "best"},
+            {"pooling": cls.pooling_choices, "gene_matching": GENE_MATCHING},
         )
         opts["max_length"] = positive_int(cls.name, "max_length", opts["max_length"], minimum=3)
         directory = require_dir(checkpoint, model=cls.name, expected=EXPECTED)
@@ -148,15 +155,9 @@ class TGPTEmbedder(HFEmbedder):
 
     # -- vocabulary ---------------------------------------------------------------------
     def _token_column(self, var: Any) -> np.ndarray:
-        """Token id per gene of ``var`` (-1 when not in the vocabulary)."""
-        symbols = var_column(var, "symbol")
-        return np.array(
-            [self._vocab.get(normalise_symbol(s), -1) if s else -1 for s in symbols], dtype=np.int64
-        )
-
-    def in_vocabulary(self, var: Any) -> np.ndarray:
-        """bool ``(n_genes,)``: the normalised ``var['symbol']`` is a (non-special) vocabulary word."""
-        return self._token_column(var) >= 0
+        """Token id per gene of ``var`` (-1 when not in the vocabulary; :mod:`embedder.vocab`)."""
+        index = self.match_genes(var).index
+        return np.where(index >= 0, self._word_ids[np.maximum(index, 0)], -1)
 
     def vocabulary(self) -> pd.DataFrame:
         """The model's genes: column ``symbol`` (vocabulary spelling, ``_`` for ``-``/``.``)."""

@@ -52,11 +52,11 @@ from embedder._attention import (
     check_int,
     counts_csr,
     parse_options,
-    var_symbols,
 )
 from embedder._checkpoint import load_state_dict, load_strict, require_dir, require_files, safe_unpickle
 from embedder._uce_model import UCEModel, build_module
 from embedder.base import register
+from embedder.vocab import Vocabulary
 from store.errors import CheckpointError, InputError
 
 __all__ = ["UCEEmbedder", "UCEModel", "build_module"]
@@ -166,6 +166,8 @@ class UCEEmbedder(MHAEmbedder):
         self.sample_size, self.min_cells = int(options["sample_size"]), int(options["min_cells"])
         self.sampling, self.nhead = str(options["sampling"]), int(options["nhead"])
         self.max_len = int(module.pos_encoder.pe.shape[0])
+        self.vocab = Vocabulary(list(genes), kind="symbol", normalise=str.upper)
+        self._rows = np.asarray(list(genes.values()), dtype=np.int64).reshape(-1, 3)
         self._dim = int(module.decoder[3].weight.shape[0])
 
     @classmethod
@@ -234,15 +236,16 @@ class UCEEmbedder(MHAEmbedder):
         return self._dim
 
     def _lookup(self, var: Any) -> np.ndarray:
-        rows = [self.genes.get(s.upper(), (-1, -1, -1)) if s else (-1, -1, -1) for s in var_symbols(var)]
-        return np.asarray(rows, dtype=np.int64).reshape(-1, 3)
+        """``(n_genes, 3)`` token id, chromosome code and start per gene (-1 rows when unmatched).
+
+        Genes with a protein embedding and a chromosome position, matched on the file's symbol
+        case-insensitively (as ``get_species_to_pe``), then renamed genes (:mod:`embedder.vocab`).
+        """
+        index = self.match_genes(var).index
+        return np.where((index >= 0)[:, None], self._rows[np.maximum(index, 0)], -1)
 
     def _vocab_symbols(self) -> list[str]:
         return list(self.genes)
-
-    def in_vocabulary(self, var: Any) -> np.ndarray:
-        """Genes with a protein embedding and a chromosome position (symbol, case-insensitive)."""
-        return self._lookup(var)[:, 0] >= 0
 
     def _sentence(self, counts: np.ndarray, rs: np.random.RandomState, tok, chroms, starts) -> np.ndarray:
         """``sample_cell_sentences`` for one cell (same numpy calls, same order of RNG draws)."""

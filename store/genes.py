@@ -16,7 +16,14 @@ from functools import lru_cache
 import numpy as np
 import pandas as pd
 
-__all__ = ["GENE_COLUMNS", "SYMBOL_COLUMNS", "harmonise_genes", "pick_gene_identifiers"]
+__all__ = [
+    "GENE_COLUMNS",
+    "ID_COLUMNS",
+    "SYMBOL_COLUMNS",
+    "file_identifiers",
+    "harmonise_genes",
+    "pick_gene_identifiers",
+]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +49,22 @@ GENE_COLUMNS = (
     "match",
     "file_symbol",
     "file_ensembl_id",
+)
+
+#: var columns that may hold a file's own gene identifiers (symbols or Ensembl ids), in the order
+#: they are read when a gene's identifier is not in var_names
+ID_COLUMNS = (
+    *SYMBOL_COLUMNS,
+    "gene_symbols_original",
+    "symbols",
+    "gene_names",
+    "gene_short_name",
+    "gene",
+    "ensembl_ids",
+    "ensembl_gene_id",
+    "gene_ensembl_id",
+    "feature_id",
+    "ensembl",
 )
 
 _CACHE: dict[str, tuple[str, str, str]] = {}
@@ -151,3 +174,72 @@ def pick_gene_identifiers(var: pd.DataFrame, *, gene_key: str | None, name: str)
                 if cfrac > frac:
                     best, frac = (col, cand), cfrac
     return best
+
+
+def _usable(value: object) -> str:
+    text = "" if value is None else str(value).strip()
+    if text.lower() in ("", "nan", "none", "na", "<na>") or text.replace(".", "").isdigit():
+        return ""
+    return text
+
+
+def file_identifiers(var: pd.DataFrame, *, gene_key: str | None = None) -> pd.DataFrame:
+    """The file's own symbol and Ensembl id of every gene, verbatim.
+
+    Sources are ``gene_key``, ``var_names`` and the :data:`ID_COLUMNS` present, in that order.
+    A source whose values are mostly Ensembl ids (:data:`store.gene_reference.ENSEMBL_PATTERN`,
+    so ``ENSA`` is a symbol) is an Ensembl source, any other a symbol source. A gene's
+    ``file_symbol`` is its first non-empty value in a symbol source, exactly as written (also when
+    it looks like an Ensembl id, as census-style var_names do for genes without a symbol: that is
+    what a symbol-reading model sees), else a non-Ensembl value of an Ensembl source; its
+    ``file_ensembl_id`` is its first Ensembl-id value in an Ensembl source, else in a symbol source. The store's ingested copies carry the result as
+    ``var['file_symbol']`` and ``var['file_ensembl_id']``; those columns are returned when present.
+
+    Parameters
+    ----------
+    var
+        ``adata.var``: index = var_names.
+    gene_key
+        A var column to read first.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``(n_genes,)`` rows, index = ``var.index``, columns ``file_symbol`` and ``file_ensembl_id``
+        (strings exactly as in the file, version suffixes kept; ``""`` when the file gives none).
+    """
+    from store.gene_reference import is_ensembl_id
+
+    if "file_symbol" in var.columns and "file_ensembl_id" in var.columns:
+        return pd.DataFrame(
+            {
+                "file_symbol": var["file_symbol"].fillna("").astype(str).to_numpy(),
+                "file_ensembl_id": var["file_ensembl_id"].fillna("").astype(str).to_numpy(),
+            },
+            index=var.index,
+        )
+    sources: list[np.ndarray] = []
+    if gene_key is not None and gene_key in var.columns:
+        sources.append(var[gene_key].astype(object).to_numpy())
+    sources.append(var.index.astype(object).to_numpy())
+    ingested_copy = "gene_source" in var.columns  # made before file ids were kept: 'symbol' is HGNC's
+    columns = ("feature",) if ingested_copy else ID_COLUMNS
+    sources += [var[c].astype(object).to_numpy() for c in columns if c in var.columns and c != gene_key]
+    n = len(var)
+    symbol = np.full(n, "", dtype=object)
+    ensembl = np.full(n, "", dtype=object)
+    typed = []
+    for values in sources:
+        clean = [_usable(v) for v in values]
+        is_ens = np.array([bool(t) and is_ensembl_id(t) for t in clean], dtype=bool)
+        filled = sum(1 for t in clean if t)
+        typed.append((clean, is_ens, filled > 0 and is_ens.sum() > filled / 2))
+    for clean, is_ens, _ in sorted(typed, key=lambda t: not t[2]):  # Ensembl sources first
+        for i, text in enumerate(clean):
+            if text and is_ens[i] and not ensembl[i]:
+                ensembl[i] = text
+    for clean, is_ens, ensembl_source in sorted(typed, key=lambda t: t[2]):  # symbol sources first
+        for i, text in enumerate(clean):
+            if text and not symbol[i] and not (ensembl_source and is_ens[i]):
+                symbol[i] = text
+    return pd.DataFrame({"file_symbol": symbol, "file_ensembl_id": ensembl}, index=var.index)

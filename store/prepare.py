@@ -20,7 +20,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from store.errors import InputError
-from store.genes import pick_gene_identifiers
+from store.genes import GENE_COLUMNS, ID_COLUMNS, file_identifiers, pick_gene_identifiers
 from store.labels import map_labels
 from store.metadata import check_identifier, clean_meta
 from store.qc import check_finite, detect_x_kind, expression_matrix, run_qc
@@ -201,14 +201,16 @@ def prepare(path: str | Path, spec: IngestSpec, *, require_x: bool = True) -> Pr
     obs["label"] = pd.array(labels, dtype="string")
     row: dict[str, Any] = {"dataset_id": spec.dataset_id, **meta, "n_cells_input": n_input}
     if has_x:
-        X = expression_matrix(adata, spec.layer, name=name)
         if spec.layer and spec.layer not in adata.layers:
             msg = f"{name}: --layer {spec.layer!r} not found; layers: {list(adata.layers.keys())}"
             raise InputError(msg)
+        X = expression_matrix(adata, spec.layer, name=name)
         X = sp.csr_matrix(X, dtype=np.float32) if not sp.issparse(X) else X.tocsr().astype(np.float32)
         check_finite(X, name=name)
         x_kind = detect_x_kind(X, declared=spec.input_type, name=name)
         source, genes = pick_gene_identifiers(adata.var, gene_key=spec.gene_key, name=name)
+        n_mapped = int((genes["ensembl_id"] != "").sum())
+        genes = _keep_file_names(genes, file_identifiers(adata.var, gene_key=spec.gene_key))
         mito = genes["symbol"].str.startswith("MT-").to_numpy()
         qc = run_qc(
             ad.AnnData(X=X),
@@ -225,11 +227,17 @@ def prepare(path: str | Path, spec: IngestSpec, *, require_x: bool = True) -> Pr
         )
         var["ensembl_id"] = genes["ensembl_id"].to_numpy()
         var["gene_source"] = source
+        var["file_symbol"] = genes["file_symbol"].to_numpy()
+        var["file_ensembl_id"] = genes["file_ensembl_id"].to_numpy()
+        var["file_var_name"] = adata.var_names.astype(str).to_numpy()
+        for col in ID_COLUMNS:
+            if col in adata.var.columns:  # the file's identifier columns, verbatim
+                var[f"orig_{col}"] = adata.var[col].astype(str).to_numpy()
         out = ad.AnnData(X=X[qc.keep], obs=obs.loc[qc.keep].copy(), var=var)
         out.var_names_make_unique()
         row.update(
             n_genes=int(adata.n_vars),
-            n_genes_mapped=int((genes["ensembl_id"] != "").sum()),
+            n_genes_mapped=n_mapped,
             x_kind=x_kind,
             qc_applied=qc.applied,
             has_expression=True,
@@ -247,10 +255,30 @@ def prepare(path: str | Path, spec: IngestSpec, *, require_x: bool = True) -> Pr
             obs[col] = np.nan
         out = ad.AnnData(obs=obs)
         row.update(n_genes=0, n_genes_mapped=0, x_kind=None, qc_applied=False, has_expression=False)
-        genes = pd.DataFrame(columns=["dataset_id", "var_index", "feature", "symbol", "ensembl_id", "match"])
+        genes = pd.DataFrame(columns=list(GENE_COLUMNS))
     out.uns["scdrugmap"] = {"x_kind": row["x_kind"] or "none", "dataset_id": spec.dataset_id}
     row["n_cells"] = int(out.n_obs)
     return Prepared(spec, path, file_sha256(path), out, row, genes)
+
+
+def _keep_file_names(genes: pd.DataFrame, ids: pd.DataFrame) -> pd.DataFrame:
+    """Add the file's own identifiers; a gene HGNC cannot place keeps its own names, not a blank.
+
+    ``symbol``/``ensembl_id`` stay HGNC's where the gene was placed; for an unplaced gene they
+    take the file's symbol and its Ensembl id without version (``match`` keeps saying unmapped).
+    """
+    from store.gene_reference import strip_version
+
+    out = genes.copy()
+    out["file_symbol"] = ids["file_symbol"].to_numpy()
+    out["file_ensembl_id"] = ids["file_ensembl_id"].to_numpy()
+    unplaced = (out["symbol"] == "") & ~out["match"].eq("duplicate")
+    out.loc[unplaced, "symbol"] = out.loc[unplaced, "file_symbol"]
+    stripped = out["file_ensembl_id"].map(strip_version)
+    taken = set(out.loc[~unplaced, "ensembl_id"]) - {""}
+    fill = unplaced & (out["ensembl_id"] == "") & ~stripped.isin(taken)
+    out.loc[fill, "ensembl_id"] = stripped[fill]
+    return out
 
 
 def _patients(adata: ad.AnnData, spec: IngestSpec) -> np.ndarray:

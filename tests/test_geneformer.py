@@ -146,12 +146,22 @@ def test_requires_counts(emb, adata):
         emb.tokenize(lognorm)
 
 
-def test_symbol_fallback(fixture_dir, emb, adata):
+def test_symbol_only_file(fixture_dir, emb, adata):
+    """A file naming genes by symbol only: the original finds nothing; the default recovers the
+    genes through HGNC's symbol → Ensembl map, symbol_fallback through gene_name_id_dict."""
     sub = adata.copy()
-    sub.var["ensembl_id"] = ""
-    assert not emb.in_vocabulary(sub.var).any()
-    fb = load_embedder("geneformer", fixture_dir / "tiny", device="cpu", symbol_fallback=True)
-    assert fb.in_vocabulary(sub.var).sum() > 0
+    sub.var_names = sub.var["gene_symbols"].astype(str).to_numpy()
+    sub.var = sub.var.drop(columns=["ensembl_id", "symbol"])
+    kw = {"device": "cpu", "gene_matching": "original"}
+    assert not load_embedder("geneformer", fixture_dir / "tiny", **kw).in_vocabulary(sub.var).any()
+    fb = load_embedder("geneformer", fixture_dir / "tiny", symbol_fallback=True, **kw)
+    assert (fb.match_genes(sub.var).route == "crossmap").sum() > 0
+    best = emb.match_genes(sub.var)
+    exact = emb.match_genes(adata.var)
+    mapped = best.found
+    assert mapped.sum() >= 0.9 * exact.found.sum()
+    assert set(best.route[mapped]) == {"crossmap"}
+    np.testing.assert_array_equal(best.index[mapped], exact.index[mapped])  # the same genes
 
 
 def test_spec(emb, fixture_dir):

@@ -133,8 +133,8 @@ def test_lora_on_attention_projections_gets_gradients(ckdir):
 
 def test_bad_checkpoints(fx, ckdir, tmp_path):
     d, _ = fx
-    with pytest.raises(CheckpointError, match=r"OS_scRNA_gene_index\.19264\.tsv"):
-        load_embedder("scfoundation", d / "tiny")  # the weights alone: the panel is named as missing
+    with pytest.raises(CheckpointError, match=r"nowhere\.tsv"):
+        _load(d / "tiny", gene_panel=str(tmp_path / "nowhere.tsv"))  # a missing panel is named
     with pytest.raises(CheckpointError, match=r"lacks models/models\.ckpt"):
         load_embedder("scfoundation", tmp_path)
     short = tmp_path / "short.tsv"
