@@ -148,6 +148,7 @@ def test_datasets_filters_paging_and_detail(client: TestClient) -> None:
     assert c["n_resistant"] > 0
     assert d["coverage"][0]["model"] == "pca"
     assert d["coverage"][0]["frac_genes"] == pytest.approx(1.0)
+    assert d["coverage"][0]["genes_exact"] is None  # pca has no gene vocabulary: no routes
     assert d["embeddings"][0]["n_cells_embedded"] == c["n_cells"]
     missing = client.get("/datasets/NOPE")
     assert missing.status_code == 404

@@ -111,3 +111,13 @@ def test_file_identifiers_read_var_names_then_id_columns():
 def test_bad_gene_matching_is_refused_with_the_choices():
     with pytest.raises(InputError, match=r"gene_matching='strict'.*best, original"):
         check_gene_matching("tgpt", "strict")
+
+
+def test_copies_ingested_before_file_ids_were_kept_are_read_from_their_feature_column():
+    # a version-2 store's copy: 'symbol' holds HGNC's renaming, 'feature' the file's own name
+    old = _var(
+        ["H2AFZ", "TP53"], feature=["H2AFZ", "TP53"], symbol=["H2AZ1", "TP53"], gene_source="var_names"
+    )
+    assert file_identifiers(old)["file_symbol"].tolist() == ["H2AFZ", "TP53"]
+    vocab = Vocabulary(["H2AFZ", "TP53"], kind="symbol")  # a model that spells it the old way
+    assert _match(vocab, ["H2AFZ", "TP53"], "original", **old.to_dict("list")).index.tolist() == [0, 1]

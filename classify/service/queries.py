@@ -162,11 +162,9 @@ def dataset_detail(store: Store, dataset_id: str) -> dict[str, Any]:
         "COUNT(DISTINCT sample_id) AS n_samples FROM cells WHERE dataset_id = ?",
         [dataset_id],
     ).iloc[0]
-    coverage = store.query(
-        "SELECT c.model, c.revision, c.frac_genes, c.frac_counts FROM coverage c WHERE c.dataset_id = ? "
-        "ORDER BY c.model, c.revision",
-        [dataset_id],
-    )
+    from store.coverage import coverage_table
+
+    coverage = coverage_table(store, dataset=dataset_id).drop(columns=["dataset_id"])
     embedded = store.query(
         "SELECT e.model, e.revision, e.dim, COUNT(*) AS n_cells_embedded FROM embedded_cells ec "
         "JOIN cells c USING (cell_uid) JOIN embeddings e USING (revision) WHERE c.dataset_id = ? "

@@ -116,10 +116,23 @@ async function showDetail(id) {
     { key: "model", label: "Model" }, { key: "revision", label: "Revision", render: (r) => r.revision.slice(0, 10) },
     { key: "frac_genes", label: "Genes covered", render: (r) => pct(r.frac_genes) },
     { key: "frac_counts", label: "Counts covered", render: (r) => pct(r.frac_counts) },
+    ...["exact", "alias", "crossmap", "none"].map((route) => ({
+      key: `genes_${route}`,
+      label: { exact: "Exact", alias: "Alias", crossmap: "Cross-map", none: "Unmatched" }[route],
+      render: (r) => (r[`genes_${route}`] === null ? "–"
+        : `${fmt(r[`genes_${route}`])} (${Math.round(100 * r[`counts_${route}`])} %)`),
+    })),
     { key: "embedded", label: "Cells embedded", render: (r) => fmt(embedded[r.revision] ?? 0) },
   ], d.coverage);
   const covTitle = document.createElement("h3");
   covTitle.textContent = "Gene coverage per model";
-  box.append(h, bar, dl, covTitle, d.coverage.length ? cov : Object.assign(document.createElement("p"),
-    { textContent: "No model has embedded this dataset yet." }));
+  const covNote = document.createElement("p");
+  covNote.className = "muted";
+  covNote.textContent = "How this file's genes met each model's vocabulary, as genes (share of the dataset's "
+    + "counts). Exact: the file's own spelling, read as the original model reads it. Alias: recovered through a "
+    + "current, previous or alias HGNC symbol (e.g. H2AFZ = H2AZ1). Cross-map: recovered through the Ensembl id "
+    + "↔ symbol map. Unmatched: not in the vocabulary, so the model never sees it. "
+    + "Embedding with --option gene_matching=original keeps only the exact matches.";
+  box.append(h, bar, dl, covTitle, ...(d.coverage.length ? [covNote, cov] : [Object.assign(document.createElement("p"),
+    { textContent: "No model has embedded this dataset yet." })]));
 }
