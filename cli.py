@@ -350,10 +350,12 @@ def embed(ctx: click.Context, model: str, checkpoint: Path | None, dataset_ids: 
 @click.argument("query")
 @click.option("--limit", default=1000, show_default=True, help="Maximum rows printed.")
 @click.option("--csv", "as_csv", is_flag=True, help="Print CSV instead of a table.")
+@click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
+              help="Interrupt the query after this many seconds.")  # fmt: skip
 @click.pass_context
-def sql(ctx: click.Context, query: str, limit: int, as_csv: bool) -> None:
+def sql(ctx: click.Context, query: str, limit: int, as_csv: bool, time_limit: float) -> None:
     """Run a read-only SQL query on the catalog (writes, files, extensions and attachments are refused)."""
-    df = _store(ctx).sql(query, limit=limit)
+    df = _store(ctx).sql(query, limit=limit, time_limit_s=time_limit)
     if as_csv:
         click.echo(df.to_csv(index=False), nl=False)
     else:

@@ -22,7 +22,7 @@ from typing import Any
 import duckdb
 import pandas as pd
 
-from store.errors import InputError, StoreError
+from store.errors import StoreError
 
 __all__ = ["DEFAULT_STORE", "SCHEMA", "Store", "default_store_path"]
 
@@ -358,30 +358,20 @@ class Store:
         with self.connect() as con:
             return con.execute(sql, params or []).df()
 
-    def sql(self, sql: str, *, limit: int | None = 10_000) -> pd.DataFrame:
+    def sql(self, sql: str, *, limit: int | None = 10_000, time_limit_s: float | None = None) -> pd.DataFrame:
         """Run a user's SQL on a read-only connection (the ``scdrugmap sql`` surface).
+
+        One ``SELECT``-type statement only (:func:`store.filters.run_user_sql`); interrupted after
+        ``time_limit_s`` seconds when given.
 
         Raises
         ------
         InputError
-            When the statement fails or tries to write (message from DuckDB, one line).
+            When the statement is refused, fails (DuckDB's message, one line) or runs too long.
         """
-        from store.filters import check_query
+        from store.filters import run_user_sql
 
-        check_query(sql)
-        try:
-            with self.connect(read_only=True) as con:
-                rel = con.sql(sql)
-                if rel is None:
-                    msg = "the statement returned no rows; `scdrugmap sql` only runs read-only queries"
-                    raise InputError(msg)
-                if limit is not None:
-                    rel = rel.limit(limit)
-                return rel.df()
-        except duckdb.Error as exc:
-            first = str(exc).splitlines()[0]
-            msg = f"query refused or failed: {first} (the catalog is read-only here; only SELECT-style queries run)"
-            raise InputError(msg) from exc
+        return run_user_sql(self, sql, limit=limit, time_limit_s=time_limit_s)
 
     # ---- common lookups -----------------------------------------------------------------
     def datasets(self, where: str | None = None) -> pd.DataFrame:

@@ -102,7 +102,9 @@ def explain(exc: BaseException, store: str | Path) -> Failure | None:
 
     store = Path(store)
     chain = _chain(exc)
-    if isinstance(exc, KeyboardInterrupt) or any(isinstance(e, duckdb.InterruptException) for e in chain):
+    if isinstance(exc, KeyboardInterrupt) or any(
+        isinstance(e, duckdb.InterruptException) or str(e) == "Query interrupted" for e in chain
+    ):
         return Failure(
             "interrupted (Ctrl-C); nothing was half-written — run the command again to finish", 130
         )

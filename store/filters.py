@@ -11,8 +11,10 @@ user text ever reaches a connection that can write.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import duckdb
@@ -20,9 +22,11 @@ import duckdb
 from store.errors import InputError
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from store.catalog import Store
 
-__all__ = ["FORBIDDEN_FUNCTIONS", "check_expression", "check_query", "matching_keys"]
+__all__ = ["FORBIDDEN_FUNCTIONS", "check_expression", "check_query", "matching_keys", "run_user_sql"]
 
 #: functions that read files, URLs, the environment, secrets or other databases
 FORBIDDEN_FUNCTIONS = re.compile(
@@ -153,19 +157,8 @@ def matching_keys(store: Store, expr: str, *, table: str = "datasets", what: str
     key = FILTER_TABLES[table]
     stopped = threading.Event()
     try:
-        with store.connect(read_only=True) as con:
-
-            def stop() -> None:
-                stopped.set()
-                con.interrupt()
-
-            timer = threading.Timer(FILTER_TIME_LIMIT_S, stop)
-            timer.daemon = True
-            timer.start()
-            try:
-                rows = con.execute(f"SELECT DISTINCT {key} FROM {table} WHERE ({text}) ORDER BY 1").fetchall()
-            finally:
-                timer.cancel()
+        with store.connect(read_only=True) as con, _time_limit(con, FILTER_TIME_LIMIT_S, stopped.set):
+            rows = con.execute(f"SELECT DISTINCT {key} FROM {table} WHERE ({text}) ORDER BY 1").fetchall()
     except duckdb.Error as exc:
         if stopped.is_set():
             msg = f"{what} filter stopped after {FILTER_TIME_LIMIT_S:g} s: {text!r}"
@@ -173,3 +166,85 @@ def matching_keys(store: Store, expr: str, *, table: str = "datasets", what: str
             msg = f"bad {what} expression {text!r}: {str(exc).splitlines()[0]}"
         raise InputError(msg) from exc
     return [r[0] for r in rows]
+
+
+@contextlib.contextmanager
+def _time_limit(
+    con: duckdb.DuckDBPyConnection, seconds: float | None, on_stop: Callable[[], None]
+) -> Iterator[None]:
+    """Interrupt ``con``'s query after ``seconds`` (None: no limit), calling ``on_stop`` first."""
+    if seconds is None:
+        yield
+        return
+
+    def stop() -> None:
+        on_stop()
+        con.interrupt()
+
+    timer = threading.Timer(seconds, stop)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+def run_user_sql(
+    store: Store, sql: str, *, limit: int | None = 10_000, time_limit_s: float | None = None
+) -> pd.DataFrame:
+    """Run one checked read-only query (:func:`check_query`) on the catalog's read-only connection.
+
+    Parameters
+    ----------
+    store
+        The store.
+    sql
+        The user's statement.
+    limit
+        Most rows returned (None: all).
+    time_limit_s
+        Interrupt the query after this many seconds (None: no limit).
+
+    Returns
+    -------
+    pandas.DataFrame
+        The rows.
+
+    Raises
+    ------
+    InputError
+        A refused statement, a failing query (DuckDB's message, one line), or the time limit.
+    KeyboardInterrupt
+        Ctrl-C during the query (the CLI prints one line).
+    """
+    if time_limit_s is not None and time_limit_s <= 0:
+        msg = f"the time limit must be positive, got {time_limit_s:g} s"
+        raise InputError(msg)
+    check_query(sql)
+    stopped = threading.Event()
+    try:
+        with store.connect(read_only=True) as con, _time_limit(con, time_limit_s, stopped.set):
+            rel = con.sql(sql)
+            if rel is None:
+                msg = "the statement returned no rows; `scdrugmap sql` only runs read-only queries"
+                raise InputError(msg)
+            if limit is not None:
+                rel = rel.limit(limit)
+            return rel.df()
+    except (
+        duckdb.InterruptException,
+        RuntimeError,
+    ) as exc:  # DuckDB's Ctrl-C: RuntimeError "Query interrupted"
+        if not isinstance(exc, duckdb.Error) and "interrupted" not in str(exc).lower():
+            raise
+        if stopped.is_set():
+            msg = f"query stopped after the time limit of {time_limit_s:g} s; narrow it, add a LIMIT or raise --time-limit"
+            raise InputError(msg) from exc
+        raise KeyboardInterrupt from exc
+    except duckdb.Error as exc:
+        first = str(exc).splitlines()[0]
+        msg = (
+            f"query refused or failed: {first} (the catalog is read-only here; only SELECT-style queries run)"
+        )
+        raise InputError(msg) from exc

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -233,3 +234,34 @@ def test_bad_head_parameters_are_refused(head: str, param: dict, needle: str) ->
     with pytest.raises(InputError, match=needle):
         HeadSpec.create(head, param)
     assert HeadSpec.create(head, {}).name == head
+
+
+SLOW_QUERY = "SELECT SUM(a.range * b.range) FROM range(1000000) a, range(1000000) b"
+
+
+def test_sql_time_limit_is_one_line(store: Path) -> None:
+    _one_line_error(_run("--store", store, "sql", SLOW_QUERY, "--time-limit", "0.5"), "time limit of 0.5 s")
+
+
+def test_sql_ctrl_c_is_one_line(store: Path) -> None:
+    import signal
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli", "--store", str(store), "sql", SLOW_QUERY],
+        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    catalog = str(store / "catalog.duckdb")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:  # wait until the query runs
+        fds = Path(f"/proc/{proc.pid}/fd")
+        if any(os.path.realpath(fd) == catalog for fd in fds.iterdir()):
+            break
+        time.sleep(0.1)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().startswith("Error: interrupted (Ctrl-C); nothing was half-written")
