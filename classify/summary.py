@@ -70,8 +70,11 @@ def summarise(store: Store, run_ids: list[str] | None = None, *, where: str | No
     if run_ids is not None:
         conds.append("list_contains(?, r.run_id)")
         params.append(list(run_ids))
-    if where:
-        conds.append(f"r.run_id IN (SELECT run_id FROM eval_runs WHERE {where})")
+    if where:  # checked and evaluated read-only; only the matching run ids reach this query
+        from store.filters import matching_keys
+
+        conds.append("list_contains(?, r.run_id)")
+        params.append(matching_keys(store, where, table="eval_runs"))
     cond = " AND ".join(conds)
     sql = (
         "WITH s AS (SELECT p.run_id, p.fold, COUNT(p.probability) AS n_scored, "

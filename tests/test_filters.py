@@ -121,3 +121,14 @@ def test_sql_command_refuses_several_statements(store: Path) -> None:
     assert "exactly one statement" in res.output
     assert _rows(store) == before
     assert set(before) == set(TABLES)
+
+
+def test_results_where_injection_changes_nothing(store: Path) -> None:
+    before = _rows(store)
+    inject = "true); DELETE FROM eval_runs; SELECT run_id FROM eval_runs WHERE (true"
+    res = CliRunner().invoke(main, ["--store", str(store), "results", "--where", inject])
+    assert res.exit_code != 0
+    assert "one SQL expression" in res.output
+    assert _rows(store) == before
+    res = CliRunner().invoke(main, ["--store", str(store), "results", "--where", "model = 'pca'"])
+    assert res.exit_code == 0, res.output
