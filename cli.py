@@ -33,6 +33,8 @@ LAZY_COMMANDS: dict[str, str] = {
     "leakage": "classify.leakage:leakage_command",
     "doctor": "store.commands:doctor",
     "coverage": "store.coverage:coverage_command",
+    "collection": "store.collection_commands:collection",
+    "weights": "embedder.weights_commands:weights",
 }
 
 
