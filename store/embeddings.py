@@ -2,7 +2,8 @@
 
 One array per (model, revision) at ``embeddings.zarr/<model>/<revision>/embedding`` with
 shape ``(n_cells_total, dim)``, float32, row = ``cell_uid``, dimension names
-``("cell", "latent")``, chunks spanning the full width and holding ≥ 1 MiB. Unwritten rows
+``("cell", "latent")``, chunks spanning the full width and holding ≥ 1 MiB, uncompressed (model
+embeddings barely compress, and decompression dominated reads). Unwritten rows
 read as NaN ("not embedded yet"). Rows are written chunk by chunk (read-modify-write of one
 chunk, one writer per chunk); a row counts as done only once the catalog's
 ``embedded_cells`` table records it.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -96,6 +98,7 @@ def ensure_array(
         chunks=(rows, dim),
         dtype="float32",
         fill_value=np.nan,
+        compressors=None,  # float32 embeddings barely compress; zstd made reads ~7x slower
         dimension_names=("cell", "latent"),
         attributes={"model": model, "revision": revision},
     )
@@ -152,8 +155,24 @@ def write_rows(arr: zarr.Array, uids: np.ndarray, values: np.ndarray) -> None:
     arr[lo:hi] = block
 
 
+#: chunks read in one slice when they are adjacent (bounds the memory of one read to ~64 chunks)
+MAX_RUN_CHUNKS = 64
+
+
 def read_rows(arr: zarr.Array, uids: np.ndarray) -> np.ndarray:
     """Read rows ``uids`` (any order); rows beyond the array's length are NaN.
+
+    Chunk-aware: each needed chunk is read once and the rows are taken from it in memory — no
+    per-row indexing. The store's own arrays (uncompressed, on a local disk) are read straight
+    from their chunk files (Zarr v3's documented layout); others through zarr, adjacent chunks in
+    one slice of at most :data:`MAX_RUN_CHUNKS` chunks (``benchmarks/bench_store_read.py``).
+
+    Parameters
+    ----------
+    arr
+        An embedding array ``(n_rows, dim)``.
+    uids
+        int64 ``(n,)`` row indices (``cell_uid``), any order, duplicates allowed.
 
     Returns
     -------
@@ -162,15 +181,89 @@ def read_rows(arr: zarr.Array, uids: np.ndarray) -> np.ndarray:
     """
     uids = np.asarray(uids, dtype=np.int64)
     out = np.full((uids.size, arr.shape[1]), np.nan, dtype=np.float32)
-    inside = uids < arr.shape[0]
-    if inside.any():
-        sel = uids[inside]
-        order = np.argsort(sel, kind="stable")
-        vals = arr.get_orthogonal_selection((sel[order], slice(None)))
-        tmp = np.empty_like(vals)
-        tmp[order] = vals
-        out[inside] = tmp
+    pos = np.flatnonzero((uids >= 0) & (uids < arr.shape[0]))
+    if pos.size == 0:
+        return out
+    order = np.argsort(uids[pos], kind="stable")
+    pos, sel = pos[order], uids[pos][order]
+    rows = int(arr.chunks[0])
+    chunk = sel // rows
+    raw = _raw_chunk_path(arr)
+    if raw is not None:  # uncompressed full-width chunks on a local disk: read the files directly
+        buf = np.empty((rows, arr.shape[1]), dtype="<f4")
+        bounds = np.flatnonzero(np.r_[True, np.diff(chunk) > 0])
+        for a, b in zip(bounds, np.r_[bounds[1:], sel.size], strict=True):
+            c = int(chunk[a])
+            n, first, p0 = b - a, int(sel[a]) - c * rows, int(pos[a])
+            # a whole chunk wanted in order (the usual case: datasets are contiguous cell_uids)
+            whole = n == rows and first == 0 and sel[b - 1] - sel[a] == n - 1 and pos[b - 1] - p0 == n - 1
+            target = out[p0 : p0 + n] if whole else buf
+            if not _read_chunk_file(raw / str(c) / "0", target):
+                block = np.asarray(arr[c * rows : min((c + 1) * rows, arr.shape[0])], dtype=np.float32)
+                target[: len(block)] = block
+            if whole:
+                continue
+            if sel[b - 1] - sel[a] == n - 1 and pos[b - 1] - p0 == n - 1:
+                out[p0 : p0 + n] = buf[first : first + n]
+            else:
+                out[pos[a:b]] = buf[sel[a:b] - c * rows]
+        return out
+    starts = np.flatnonzero(np.r_[True, np.diff(chunk) > 1])  # runs of adjacent needed chunks
+    ends = np.r_[starts[1:], sel.size]
+    for a, b in zip(starts, ends, strict=True):
+        first = int(chunk[a])
+        while a < b:
+            last = min(int(chunk[b - 1]), first + MAX_RUN_CHUNKS - 1)
+            stop = a + int(np.searchsorted(chunk[a:b], last, side="right"))
+            lo, hi = first * rows, min((last + 1) * rows, arr.shape[0])
+            block = np.asarray(arr[lo:hi], dtype=np.float32)
+            out[pos[a:stop]] = block[sel[a:stop] - lo]
+            a, first = stop, last + 1
+            if a < b:
+                first = int(chunk[a])
     return out
+
+
+def _raw_chunk_path(arr: zarr.Array) -> Path | None:
+    """Directory of the array's chunk files when they can be read as raw float32 bytes, else None.
+
+    True for the arrays :func:`ensure_array` writes on a local disk: one chunk spans the full
+    width, no compressor, the ``bytes`` codec little-endian, default ``c/<row>/<col>`` keys
+    (Zarr v3 spec), so chunk ``i`` is the file ``c/i/0`` holding ``rows × dim`` float32 values.
+    """
+    from zarr.codecs import BytesCodec
+    from zarr.storage import LocalStore
+
+    meta = arr.metadata
+    try:
+        simple = (
+            isinstance(arr.store, LocalStore)
+            and arr.dtype == np.dtype("float32")
+            and arr.chunks[1] == arr.shape[1]
+            and len(meta.codecs) == 1
+            and isinstance(meta.codecs[0], BytesCodec)
+            and str(getattr(meta.codecs[0].endian, "value", meta.codecs[0].endian)) == "little"
+            and getattr(meta.chunk_key_encoding, "name", "") == "default"
+            and getattr(meta.chunk_key_encoding, "separator", "") == "/"
+        )
+    except AttributeError:  # zarr v2 metadata or another layout: read through zarr
+        return None
+    return Path(str(arr.store.root)) / arr.path / "c" if simple else None
+
+
+def _read_chunk_file(path: Path, buf: np.ndarray) -> bool:
+    """Fill ``buf`` from one raw chunk file; a missing chunk (never written) is NaN.
+
+    Returns False when the file is not exactly one chunk (e.g. a writer is replacing it), so
+    the caller reads that chunk through zarr instead.
+    """
+    try:
+        with open(path, "rb") as fh:
+            n = fh.readinto(memoryview(buf).cast("B"))
+            return n == buf.nbytes and fh.read(1) == b""
+    except FileNotFoundError:
+        buf.fill(np.nan)
+        return True
 
 
 def resolve_revision(store: Store, model: str, revision: str | None = None) -> str:

@@ -1,0 +1,92 @@
+"""Store read throughput: rows of an embedding selected by SQL vs ``np.load`` of the same bytes.
+
+A store-shaped Zarr array (default chunking, ≥ 1 MiB full-width chunks, float32) of ``--cells`` rows
+× ``--dim`` columns and a DuckDB ``cells`` table with a category; ``--fraction`` of the cells are
+selected by a SQL filter (a random category, so the rows are spread over every chunk) and read
+with :func:`store.embeddings.read_rows`. The baseline is ``np.load`` of an ``.npy`` file holding
+exactly those rows (the same bytes, no selection work). Both are timed in-process, best of
+``--repeat``; the target (issue 18) is read_rows ≥ 0.5 × np.load throughput.
+
+Usage::
+
+    python benchmarks/bench_store_read.py --cells 100000 --dim 256 --fraction 0.3
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import duckdb
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from store.catalog import Store  # noqa: E402
+from store.embeddings import ensure_array, open_array, read_rows  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cells", type=int, default=100_000)
+    ap.add_argument("--dim", type=int, default=256)
+    ap.add_argument("--fraction", type=float, default=0.3)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument(
+        "--selection",
+        choices=("category", "scattered"),
+        default="category",
+        help="category: whole datasets (contiguous cell_uids, the usual case); scattered: a random subset",
+    )
+    args = ap.parse_args()
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Store.open(Path(tmp) / "store", create=True)
+        X = rng.normal(size=(args.cells, args.dim)).astype(np.float32)
+        arr = ensure_array(store, "bench", "r0", dim=args.dim, n_rows=args.cells)
+        arr[:] = X
+        con = duckdb.connect()
+        # datasets are ingested whole, so their cells are contiguous runs of cell_uid (60 datasets of
+        # catalogue-like uneven sizes); a category value picks whole datasets
+        sizes = rng.dirichlet(np.full(60, 0.7)) * args.cells
+        bounds = np.r_[0, np.cumsum(sizes).astype(np.int64)[:-1], args.cells]
+        dataset = np.repeat(np.arange(60), np.diff(bounds))
+        picked_ds = set(rng.permutation(60)[: max(1, round(60 * args.fraction))].tolist())
+        con.register("_cells", {"cell_uid": np.arange(args.cells), "dataset": dataset})
+        con.execute("CREATE TABLE cells AS SELECT * FROM _cells")
+        con.execute("CREATE TABLE datasets AS SELECT range AS dataset, range IN ? AS picked FROM range(60)",
+                    [sorted(picked_ds)])  # fmt: skip
+        query = {
+            "category": "SELECT c.cell_uid FROM cells c JOIN datasets d USING (dataset) WHERE d.picked",
+            "scattered": f"SELECT cell_uid FROM cells WHERE hash(cell_uid) % 1000 < {int(1000 * args.fraction)}",
+        }[args.selection]
+        t_sql = time.perf_counter()
+        uids = np.sort(con.execute(query).fetchnumpy()["cell_uid"])
+        t_sql = time.perf_counter() - t_sql
+        np.save(Path(tmp) / "rows.npy", X[uids])
+        nbytes = uids.size * args.dim * 4
+        best_store, best_np = np.inf, np.inf
+        for _ in range(args.repeat):
+            t = time.perf_counter()
+            got = read_rows(open_array(store, "bench", "r0"), uids)
+            best_store = min(best_store, time.perf_counter() - t)
+            t = time.perf_counter()
+            ref = np.load(Path(tmp) / "rows.npy")
+            best_np = min(best_np, time.perf_counter() - t)
+        assert np.array_equal(got, ref)
+        mib = nbytes / 2**20
+        print(
+            f"{args.selection} selection: {uids.size:,} of {args.cells:,} rows × {args.dim} ({mib:.1f} MiB), "
+            f"chunks {arr.chunks}"
+        )
+        print(f"SQL selection: {t_sql * 1e3:.1f} ms")
+        print(f"read_rows: {best_store:.3f} s = {mib / best_store:,.0f} MiB/s")
+        print(f"np.load:   {best_np:.3f} s = {mib / best_np:,.0f} MiB/s")
+        print(f"ratio read_rows / np.load throughput: {best_np / best_store:.2f} (target ≥ 0.5)")
+
+
+if __name__ == "__main__":
+    main()
