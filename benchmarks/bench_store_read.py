@@ -25,8 +25,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from store.catalog import Store  # noqa: E402
-from store.embeddings import ensure_array, open_array, read_rows  # noqa: E402
+from store.catalog import Store
+from store.embeddings import ensure_array, open_array, read_rows
 
 
 def main() -> None:
