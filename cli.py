@@ -315,6 +315,11 @@ def embed(ctx: click.Context, model: str, checkpoint: Path | None, dataset_ids: 
         if val is not None:
             opts[key] = val
     st = _store(ctx, write=True)
+    if checkpoint is None and not lora_run:  # weights fetched by `scdrugmap weights fetch MODEL`
+        from embedder.weights import default_checkpoint
+        from store.fetch import cache_root
+
+        checkpoint = default_checkpoint(cache_root(ctx.obj["store"]), model)
     selected = [d.strip() for item in dataset_ids for d in item.split(",") if d.strip()] or None
     if correct == "harmony":  # refuse a bad batch key before embedding anything
         from classify.analyze.harmony import HarmonySpec, check_batch_key

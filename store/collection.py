@@ -20,7 +20,7 @@ import pandas as pd
 
 from store.collection_build import COLLECTION_COLUMNS, DEFAULT_COLLECTION
 from store.errors import InputError
-from store.fetch import DownloadResult, download
+from store.fetch import DownloadResult, cache_root, download
 
 __all__ = [
     "FETCH_LOG",
@@ -32,12 +32,6 @@ __all__ = [
 ]
 
 FETCH_LOG = "scdrugmap_fetch.json"
-
-
-def cache_root(store_path: str | Path) -> Path:
-    """``$SCDRUGMAP_CACHE`` when set, else ``<store>/cache``."""
-    env = os.environ.get("SCDRUGMAP_CACHE", "")
-    return Path(env) if env else Path(store_path) / "cache"
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 from store.errors import InputError
 
-__all__ = ["DownloadResult", "download", "file_digest", "mirrored"]
+__all__ = ["DownloadResult", "cache_root", "download", "file_digest", "mirrored"]
 
 CHUNK = 1 << 20
 USER_AGENT = "scdrugmap (https://pypi.org/project/scdrugmap/)"
@@ -41,6 +41,12 @@ class DownloadResult:
     size: int
     sha256: str
     status: str  # "downloaded", "resumed" or "present"
+
+
+def cache_root(store_path: str | Path) -> Path:
+    """``$SCDRUGMAP_CACHE`` when set, else ``<store>/cache`` (downloads of the collection and weights)."""
+    env = os.environ.get("SCDRUGMAP_CACHE", "")
+    return Path(env) if env else Path(store_path) / "cache"
 
 
 def mirrored(url: str, mirror: str | None = None) -> str:
