@@ -27,8 +27,9 @@ LAZY_COMMANDS: dict[str, str] = {
     "analyze": "classify.analyze.commands:analyze",
     "genesets": "classify.analyze.commands:genesets",
     "prompt": "classify.prompting.commands:prompt",
-    "evaluate": "classify.commands:evaluate",
+    "evaluate": "classify.presets:evaluate",  # classify.commands:evaluate + --preset
     "predict": "classify.commands:predict",
+    "export": "store.export_command:export_command",
     "results": "classify.commands:results",
     "leakage": "classify.leakage:leakage_command",
     "doctor": "store.commands:doctor",
