@@ -85,3 +85,21 @@ def prepare(ctx: click.Context, dataset_ids: tuple[str, ...], out: Path | None) 
 
     manifest = prepare_datasets(_open(ctx), list(dataset_ids), out=out)
     click.echo(f"wrote {manifest}; next: scdrugmap ingest --manifest {manifest}")
+
+
+@collection.command(context_settings=CONTEXT)
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help="Overwrite OUT.")
+@click.pass_context
+def export(ctx: click.Context, out: Path, force: bool) -> None:
+    """Write a copy of the manifest to OUT.csv to curate (sample_labels, confirmed files and checksums)."""
+    import shutil
+
+    from store.errors import InputError
+
+    col = _open(ctx)
+    if out.exists() and not force:
+        msg = f"{out} exists; pass --force to overwrite it"
+        raise InputError(msg)
+    shutil.copyfile(col.source, out)
+    click.echo(f"wrote {out} ({len(col.table)} datasets); curate it, then: export SCDRUGMAP_COLLECTION={out}")

@@ -225,6 +225,9 @@ def test_controlled_access_row_says_how_to_apply(tmp_path):
     assert "EGAD00001006903" in res.output
     assert "https://ega-archive.org/datasets/EGAD00001006903" in res.output
     assert not (tmp_path / "store").exists()
+    copy = tmp_path / "mine.csv"
+    _cli("--store", str(tmp_path / "store"), "collection", "export", str(copy))
+    assert copy.read_bytes() == DEFAULT_COLLECTION.read_bytes()
     listing = _cli("--store", str(tmp_path / "store"), "collection", "list").output
     assert "needs access" in listing
     assert listing.count("\n") == 61
