@@ -177,7 +177,10 @@ def fetch_datasets(
             echo(
                 f"{row['dataset_id']}: file names follow GEO's URL pattern and are not confirmed yet ({row['file_note']})"
             )
+        logged = _read_log(folder)
         for url, name, size, sha in file_specs(row):
+            if (folder / name).is_file() and name in logged and size is None and not sha:
+                size, sha = logged[name]["size"], logged[name]["sha256"]  # verify against what was fetched
             r = download(url, folder / name, size=size, sha256=sha, progress=progress, retries=retries,
                          timeout=timeout, mirror=mirror)  # fmt: skip
             _log(folder, r)
@@ -186,10 +189,18 @@ def fetch_datasets(
     return results
 
 
+def _read_log(folder: Path) -> dict:
+    path = folder / FETCH_LOG
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError:
+        return {}
+
+
 def _log(folder: Path, r: DownloadResult) -> None:
     """Record a fetched file (url, size, sha256, time) in ``<folder>/scdrugmap_fetch.json``."""
     path = folder / FETCH_LOG
-    log = json.loads(path.read_text()) if path.is_file() else {}
+    log = _read_log(folder)
     log[r.path.name] = {"url": r.url, "size": r.size, "sha256": r.sha256,
                         "fetched_at": datetime.now(UTC).isoformat(timespec="seconds")}  # fmt: skip
     tmp = path.with_name(f".{path.name}.tmp")

@@ -81,19 +81,28 @@ def read_units(folder: Path, *, sample_regex: str = "") -> dict[str, ad.AnnData]
             if not any("barcodes" in n for n in trio) or len(trio) < 2:
                 msg = f"{d / name}: the 10x triplet is incomplete (needs {prefix}barcodes.tsv.gz and {prefix}features.tsv.gz)"
                 raise InputError(msg)
-            units[prefix.rstrip("_-.") or d.name] = sc.read_10x_mtx(d, prefix=prefix or None)
+            units[prefix.rstrip("_-.") or d.name] = _read(sc.read_10x_mtx, d / name, d, prefix=prefix or None)
             used.update([name, *trio])
         for name in names:
             if name in used or name == FETCH_LOG:
                 continue
             if name.endswith(".h5"):
-                units[name[:-3]] = sc.read_10x_h5(d / name)
+                units[name[:-3]] = _read(sc.read_10x_h5, d / name, d / name)
             elif _TABLE.match(name):
                 units.update(_read_table(d / name, _TABLE.match(name).group(1), sample_regex))
     if not units:
         msg = f"no readable count files in {folder} (10x mtx/h5 or a genes × cells csv/tsv table)"
         raise InputError(msg)
     return units
+
+
+def _read(reader, shown: Path, *args, **kw) -> ad.AnnData:
+    """``reader(*args, **kw)``; a file scanpy cannot read → one-line InputError naming it."""
+    try:
+        return reader(*args, **kw)
+    except (OSError, ValueError, KeyError, IndexError) as exc:
+        msg = f"{shown} is not a readable 10x file ({type(exc).__name__}: {exc})"
+        raise InputError(msg) from None
 
 
 def _read_table(path: Path, stem: str, sample_regex: str) -> dict[str, ad.AnnData]:

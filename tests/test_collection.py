@@ -180,7 +180,8 @@ def test_fetch_prepare_ingest_end_to_end(site):
     ]  # fmt: skip
     # a second fetch verifies and keeps the files; nothing is downloaded again
     n = len(site["log"])
-    assert "present" in _col(site, "fetch", "pc9_a", "--mirror", site["url"], "--no-progress").output
+    again = _col(site, "fetch", "pc9_a", "tab_b", "--mirror", site["url"], "--no-progress").output
+    assert again.count(" present (") == 2  # tab_b has no published checksum: verified against the fetch log
     assert len(site["log"]) == n
 
 
