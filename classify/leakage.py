@@ -154,7 +154,8 @@ def format_leakage(df: pd.DataFrame) -> str:
             return "—"
         return f"{v:+.3f}" if signed else f"{v:.3f}"
 
-    head = f"{'grouping':9}{'run_id':21}" + "".join(f"{m[:5]:>7}{'Δ':>7}" for m in _METRICS)
+    short = {"balanced_accuracy": "bacc"}
+    head = f"{'grouping':9}{'run_id':21}" + "".join(f"{short.get(m, m):>7}{'Δ':>7}" for m in _METRICS)
     lines = [head]
     for g, part in df.groupby("grouping", sort=False):
         p = part.set_index("metric")

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from classify.report_figures import METRIC_NAMES, embedding_umap, fold_bars, radar, roc_pr_curves, save_figure
+from classify.report_honest import baseline_table, leakage_figure
 from classify.service import queries
 from store.catalog import Store
 from store.errors import InputError
@@ -136,7 +137,7 @@ def _index(store: Store, rep: Report, sections: list[tuple[str, list[tuple[str, 
         f"<style>{style}</style></head><body><h1>scdrugmap report</h1>"
         f"<p>Store <code>{html.escape(str(store.path))}</code>, generated {when}. "
         f"{len(rep.figures)} figures (SVG shown; PNG linked).</p>{''.join(parts)}"
-        f"<h2>Scalability</h2>{tables}</body></html>"
+        f"{tables}</body></html>"
     )
 
 
@@ -184,7 +185,15 @@ def write_report(
     runs = queries.list_runs(store, {"status": ["complete"]}, limit=100_000)[1]
     runs = runs[runs["strategy"] != "predict"].copy()
     runs["label"] = runs.apply(_run_label, axis=1) if len(runs) else []
-    sections: dict[str, list[tuple[str, str]]] = {"Fold bars": [], "Radar": [], "ROC and PR": [], "UMAP": []}
+    sections: dict[str, list[tuple[str, str]]] = {
+        "Fold bars": [], "Radar": [], "ROC and PR": [], "Leakage": [], "UMAP": []
+    }  # fmt: skip
+    fig = leakage_figure(store)
+    if fig is not None:
+        save_figure(fig, out, "leakage")
+        sections["Leakage"].append(
+            ("Leakage — metrics of the same cells under each split grouping", "leakage")
+        )
     for (protocol, category), sub in folds.groupby(["protocol", "category"], sort=True):
         what = f"{protocol} · {category}"
         figs = {
@@ -223,7 +232,12 @@ def write_report(
     for name, df in (("scalability_embeddings", emb_table), ("scalability_heads", head_table)):
         df.to_csv(out / f"{name}.csv", index=False)
         rep.tables.append(out / f"{name}.csv")
+    baselines = baseline_table(store)
     tables = (
+        "<h2>Results beside their baselines</h2><p>Means over folds; baseline = constant classifier at each "
+        "fold's prevalence of the positive class (F1 = 2p/(1+p), AUPRC = p; AUROC and balanced accuracy 0.5, "
+        "MCC 0). Degenerate: every fold called one class, or |MCC| &lt; 0.05.</p>"
+        f"{_html_table(baselines)}<h2>Scalability</h2>"
         "<h3>Embeddings</h3><p>Throughput = cells embedded / wall time between the revision's first and last write.</p>"
         f"{_html_table(emb_table)}<h3>Heads</h3><p>Cells per second of training + scoring over all folds of all "
         f"runs (eval_runs.duration_s).</p>{_html_table(head_table)}"

@@ -266,7 +266,8 @@ def summary_metrics(store: Store, filters: Mapping[str, Sequence[str]]) -> pd.Da
     -------
     pandas.DataFrame
         ``run_id, model, strategy, head, protocol, category, value, metric, mean, sd, n_folds,
-        n_undefined``.
+        n_undefined`` and, from :func:`classify.summary.summarise`, ``positive_class, prevalence,
+        baseline`` (constant classifier), ``n_folds_total, undefined_reason, degenerate``.
     """
     df = fold_metrics(store, filters)
     keys = ["run_id", "model", "strategy", "head", "protocol", "category", "value", "metric"]
@@ -275,7 +276,11 @@ def summary_metrics(store: Store, filters: Mapping[str, Sequence[str]]) -> pd.Da
     g = df.groupby(keys, sort=False, dropna=False)["score"]
     out = g.agg(mean="mean", sd="std", n_folds="count", n_rows="size").reset_index()
     out["n_undefined"] = out.pop("n_rows") - out["n_folds"]
-    return out
+    from classify.summary import summarise  # baselines, prevalence, undefined reasons, degenerate flag
+
+    extra = ["positive_class", "prevalence", "baseline", "n_folds_total", "undefined_reason", "degenerate"]
+    honest = summarise(store, out["run_id"].unique().tolist())[["run_id", "metric", *extra]]
+    return out.merge(honest, on=["run_id", "metric"], how="left")
 
 
 def run_curves(store: Store, run_id: str, *, max_points: int = 200) -> dict[str, Any]:
