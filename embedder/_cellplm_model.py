@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from embedder._checkpoint import load_state_dict, load_strict, require_files
+from embedder._checkpoint import check_state_shapes, load_state_dict, load_strict, require_files
 from store.errors import CheckpointError
 
 __all__ = [
@@ -192,10 +192,11 @@ def load_checkpoint(root: Path, prefix: str | None) -> tuple[CellPLMModel, dict,
     """
     config_path, ckpt_path = find_checkpoint_files(root, prefix)
     config = read_config(config_path)
-    model = CellPLMModel(config)
     state = load_state_dict(ckpt_path)
     state = state.get("model_state_dict", state) if isinstance(state, dict) else state
     state = {k: v for k, v in state.items() if not k.startswith(IGNORED_PREFIXES)}
+    check_state_shapes(lambda: CellPLMModel(config), state, source=config_path, what="CellPLM model")
+    model = CellPLMModel(config)
     load_strict(model, state, source=ckpt_path)
     return model, config, [config_path, ckpt_path]
 

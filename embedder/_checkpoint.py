@@ -13,19 +13,24 @@ from __future__ import annotations
 
 import io
 import pickle
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from store.errors import CheckpointError
 
 __all__ = [
+    "check_shapes",
+    "check_state_shapes",
     "find_one",
     "load_state_dict",
     "load_strict",
     "require_dir",
     "require_files",
     "safe_unpickle",
+    "weight_shapes",
 ]
 
 # (module, name) pairs the restricted unpickler may construct
@@ -186,15 +191,144 @@ def load_state_dict(path: str | Path) -> dict[str, Any]:
     import torch
 
     path = Path(path)
+    if path.is_file() and path.stat().st_size == 0:
+        msg = f"the weights file {path} is empty (0 bytes); copy the checkpoint again"
+        raise CheckpointError(msg)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
             return dict(load_file(str(path), device="cpu"))
         return torch.load(str(path), map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, pickle.UnpicklingError, ValueError) as exc:
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as exc:
+        msg = f"cannot read weights from {path}: {exc or type(exc).__name__}".splitlines()[0]
+        raise CheckpointError(msg) from exc
+    except Exception as exc:  # safetensors' own error type (a damaged header)
+        if type(exc).__name__ != "SafetensorError":
+            raise
         msg = f"cannot read weights from {path}: {exc}".splitlines()[0]
         raise CheckpointError(msg) from exc
+
+
+def weight_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the tensors in a weights file, without reading their data when possible.
+
+    safetensors headers are read directly; ``torch.save`` files are memory-mapped.
+
+    Raises
+    ------
+    CheckpointError
+        An empty or unreadable file, or one that is not a flat state dict (name → tensor).
+    """
+    import torch
+
+    path = Path(path)
+    if path.suffix == ".safetensors" and path.is_file() and path.stat().st_size > 0:
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except Exception:  # fall through to the full reader for its error message
+            pass
+    sd = None
+    if path.suffix != ".safetensors" and path.is_file() and path.stat().st_size > 0:
+        try:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # an old (non-zip) file cannot be mapped: read it normally
+            sd = None
+    if sd is None:
+        sd = load_state_dict(path)
+    if not isinstance(sd, Mapping) or not all(
+        isinstance(k, str) and hasattr(v, "shape") for k, v in sd.items()
+    ):
+        msg = f"{path} does not hold a flat state dict (name → tensor); save it with save_pretrained"
+        raise CheckpointError(msg)
+    return {k: tuple(v.shape) for k, v in sd.items()}
+
+
+def check_shapes(
+    build: Callable[[], Any], files: Sequence[str | Path], *, source: str | Path, what: str
+) -> None:
+    """Refuse a model config whose parameter shapes do not fit the weight files, before allocating it.
+
+    Parameters
+    ----------
+    build
+        Builds the module from the config (called under ``torch.device("meta")``).
+    files
+        The weight files (shards allowed); shapes read with :func:`weight_shapes`.
+    source
+        The config file (for the message).
+    what
+        The model class (for the message).
+
+    Raises
+    ------
+    CheckpointError
+        See :func:`check_state_shapes`; also an unreadable / empty weights file.
+    """
+    theirs: dict[str, tuple[int, ...]] = {}
+    for f in files:
+        theirs.update(weight_shapes(f))
+    if not theirs:
+        msg = f"the weights {', '.join(str(f) for f in files)} hold no tensors; copy the checkpoint again"
+        raise CheckpointError(msg)
+    check_state_shapes(build, theirs, source=source, what=what)
+
+
+def check_state_shapes(
+    build: Callable[[], Any], shapes: Mapping[str, Any], *, source: str | Path, what: str
+) -> None:
+    """Refuse a model config whose parameter shapes do not fit ``shapes``, before allocating it.
+
+    ``build()`` runs under ``torch.device("meta")`` (shapes only, no memory); its state-dict
+    shapes are compared with ``shapes`` (name → shape or tensor, as the weights hold them).
+
+    Parameters
+    ----------
+    build
+        Builds the module from the config.
+    shapes
+        The weights' tensor names → shapes (or the tensors themselves).
+    source
+        The config file (for the message).
+    what
+        The model class (for the message).
+
+    Raises
+    ------
+    CheckpointError
+        Shape mismatches or no tensor name in common (the config declares another model), or a
+        config the model class cannot be built from.
+    """
+    import torch
+
+    theirs = {k: tuple(getattr(v, "shape", v)) for k, v in shapes.items()}
+    try:
+        with torch.device("meta"):
+            own = {k: tuple(v.shape) for k, v in build().state_dict().items()}
+    except (ValueError, TypeError, AssertionError) as exc:  # the config itself is invalid
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        msg = f"{source} does not describe a valid {what}: {text}"
+        raise CheckpointError(msg) from exc
+    except (RuntimeError, NotImplementedError):  # an operation meta tensors lack: the strict load checks
+        return
+    bad = [
+        f"{k}: checkpoint {theirs[k]} vs model {own[k]}" for k in own if k in theirs and theirs[k] != own[k]
+    ]
+    if bad or not (own.keys() & theirs.keys()):
+        n_params = sum(int(np.prod(s)) for s in own.values())
+        n_weights = sum(int(np.prod(s)) for s in theirs.values())
+        detail = (
+            f"shape mismatches {bad[:3]}{' …' if len(bad) > 3 else ''}" if bad else "no tensor name in common"
+        )
+        msg = (
+            f"{source} declares a {what} of {n_params:,} parameters ({4 * n_params / 1e9:.2f} GB in float32) that "
+            f"does not match its weights ({n_weights:,} values): {detail}; use the config released with "
+            "these weights"
+        )
+        raise CheckpointError(msg)
 
 
 def load_strict(module: Any, state_dict: Mapping[str, Any], *, source: str | Path) -> None:

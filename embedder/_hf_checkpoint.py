@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from embedder._checkpoint import find_one, load_state_dict, load_strict
+from embedder._checkpoint import check_shapes, find_one, load_state_dict, load_strict
 from store.errors import CheckpointError
 
 __all__ = [
@@ -56,7 +56,14 @@ def read_config(directory: Path, reader: Callable[[str], Any], *, model: str, mo
     if model_types and mtype not in model_types:
         msg = f"{path} declares model_type {mtype!r}; {model!r} expects {' or '.join(map(repr, model_types))}"
         raise CheckpointError(msg)
+    _CONFIG_DIRS[id(config)] = (config, directory)  # build_model checks it against the weights' shapes
+    while len(_CONFIG_DIRS) > 8:
+        del _CONFIG_DIRS[next(iter(_CONFIG_DIRS))]
     return config
+
+
+#: configs read by :func:`read_config` → their checkpoint directory (the object is kept so ids stay unique)
+_CONFIG_DIRS: dict[int, tuple[Any, Path]] = {}
 
 
 def weight_files(directory: Path, *, model: str, expected: Sequence[str]) -> list[Path]:
@@ -142,9 +149,27 @@ def load_weights(module: Any, files: Sequence[Path], *, legacy: Sequence[str] = 
 
 
 def build_model(model_cls: Any, config: Any, device: Any) -> Any:
-    """Instantiate ``model_cls(config)`` directly on ``device`` (``"meta"`` allowed), float32."""
+    """Instantiate ``model_cls(config)`` directly on ``device`` (``"meta"`` allowed), float32.
+
+    A config read by :func:`read_config` is first checked against its directory's weight shapes
+    on the ``meta`` device (:func:`embedder._checkpoint.check_shapes`), so a config declaring a
+    model far larger than its weights is refused before any tensor is allocated.
+
+    Raises
+    ------
+    CheckpointError
+        The weights' shapes do not fit the model ``config.json`` declares, or a weight file is
+        empty or unreadable.
+    """
     import torch
 
+    entry = _CONFIG_DIRS.get(id(config))
+    if entry is not None and entry[0] is config and torch.device(device).type != "meta":
+        directory = entry[1]
+        files = weight_files(directory, model=model_cls.__name__, expected=WEIGHT_FILES)
+        check_shapes(
+            lambda: model_cls(config), files, source=directory / "config.json", what=model_cls.__name__
+        )
     with torch.device(device):
         model = model_cls(config)
     return model.float().eval()

@@ -19,7 +19,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from embedder._checkpoint import load_strict
+from embedder._checkpoint import check_state_shapes, load_strict
 from embedder._performer_blocks import (
     FastAttention,
     FeedForward,
@@ -239,6 +239,7 @@ def build_performer(
     tuple
         ``(model in eval mode, torch.device)``.
     """
+    check_state_shapes(lambda: PerformerLM(**config), state, source=weights, what="PerformerLM")
     model = PerformerLM(**config)
     load_strict(model, state, source=weights)
     check_position_table(model, gene2vec, gene2vec_path)

@@ -109,7 +109,11 @@ def explain(exc: BaseException, store: str | Path) -> Failure | None:
             "interrupted (Ctrl-C); nothing was half-written — run the command again to finish", 130
         )
     for e in chain:
-        if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        if (
+            isinstance(e, MemoryError)
+            or type(e).__name__ == "OutOfMemoryError"
+            or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+        ):
             return Failure(
                 "out of memory: use a smaller --batch-size, fewer datasets at once (--datasets / --where) or a "
                 "machine with more memory; the store is unchanged (an interrupted embed resumes)"

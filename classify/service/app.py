@@ -19,6 +19,7 @@ from fastapi.responses import FileResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 
+from classify.service.background import SqlPool, StoreCounts
 from classify.service.errors import ApiError, install_error_handlers
 from classify.service.jobs import JobManager
 from classify.service.state import LockedStore, ServiceConfig
@@ -91,7 +92,7 @@ def create_app(
     """
     from fastapi_offline import FastAPIOffline
 
-    from classify.service import analysis_api, analysis_cells_api, catalog_api, predict_api
+    from classify.service import analysis_api, analysis_cells_api, catalog_api, leakage_api, predict_api
     from store.errors import InputError
 
     if max_upload_mb <= 0 or sql_row_limit < 1 or sql_time_limit_s <= 0 or workers < 1:
@@ -110,6 +111,8 @@ def create_app(
     )
     store = LockedStore.open(config.store_path)
     jobs = JobManager(workers=workers, ttl_s=job_ttl_s, max_jobs=max_jobs)
+    sql_pool = SqlPool(workers=2, max_pending=16)
+    counts = StoreCounts(store.query)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -117,6 +120,8 @@ def create_app(
             yield
         finally:
             jobs.close()
+            sql_pool.close()
+            counts.close()
 
     app = FastAPIOffline(
         title="scdrugmap",
@@ -128,6 +133,8 @@ def create_app(
     app.state.config = config
     app.state.store = store
     app.state.jobs = jobs
+    app.state.sql_pool = sql_pool
+    app.state.counts = counts
     app.state.run_locks = {}
     app.state.run_locks_guard = threading.Lock()
     install_error_handlers(app)
@@ -137,6 +144,7 @@ def create_app(
     app.include_router(analysis_api.router, dependencies=auth)
     app.include_router(analysis_cells_api.router, dependencies=auth)
     app.include_router(predict_api.router, dependencies=auth)
+    app.include_router(leakage_api.router, dependencies=auth)
     app.add_middleware(predict_api.UploadLimit, max_upload_mb=config.max_upload_mb)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 

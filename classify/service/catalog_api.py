@@ -37,15 +37,15 @@ def _filters(**values: list[str] | None) -> dict[str, list[str]]:
 
 @public_router.get("/health", tags=["service"])
 def health(request: Request) -> dict[str, Any]:
-    """Liveness, whether requests need a token, and the store's size (when no token is needed)."""
+    """Liveness, whether requests need a token, and the store's size (when no token is needed).
+
+    Never touches the catalog: the counts are refreshed in the background (every 10 s)."""
     cfg = _config(request)
     out: dict[str, Any] = {"status": "ok", "auth_required": cfg.token is not None}
     if cfg.token is None:
-        snap = _store(request).query(
-            "SELECT (SELECT COUNT(*) FROM datasets) AS datasets, (SELECT COUNT(*) FROM cells) AS cells, "
-            "(SELECT COUNT(*) FROM embeddings) AS embeddings, (SELECT COUNT(*) FROM eval_runs) AS runs"
-        )
-        out["store"] = {k: int(v) for k, v in snap.iloc[0].items()}
+        counts = request.app.state.counts.counts
+        if counts is not None:
+            out["store"] = dict(counts)
         out["max_upload_mb"] = cfg.max_upload_mb
     return out
 
@@ -177,15 +177,21 @@ class SqlRequest(BaseModel):
 
 
 @router.post("/sql", tags=["catalog"])
-def sql(request: Request, body: SqlRequest) -> dict[str, Any]:
+async def sql(request: Request, body: SqlRequest) -> dict[str, Any]:
     """Run one read-only query on the catalog, with a row limit and a time limit.
 
     Statements that write, attach, copy, install/load extensions, change settings or read files
-    are refused with 400."""
+    are refused with 400. Queries run in their own bounded pool, off the event loop; when it is
+    full, or the catalog is held by another process, the answer is 503."""
     cfg = _config(request)
     limit = min(body.limit or cfg.sql_row_limit, cfg.sql_row_limit)
+    store = _store(request)
     try:
-        res = run_sql(_store(request), body.query, limit=limit, time_limit_s=cfg.sql_time_limit_s)
+        res = await request.app.state.sql_pool.run(
+            lambda: run_sql(store, body.query, limit=limit, time_limit_s=cfg.sql_time_limit_s),
+            start_within_s=cfg.sql_time_limit_s,
+            time_limit_s=cfg.sql_time_limit_s,
+        )
     except InputError as exc:
         raise ApiError(400, str(exc)) from exc
     rows = json.loads(res.frame.to_json(orient="values", date_format="iso", default_handler=str))

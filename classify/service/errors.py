@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from store.errors import CheckpointError, InputError, ScDrugMapError, StoreError
+from store.errors import CheckpointError, InputError, ScDrugMapError, StoreBusyError, StoreError
 
 __all__ = ["ApiError", "install_error_handlers", "status_for"]
 
@@ -38,13 +38,16 @@ def status_for(exc: BaseException) -> tuple[int, str]:
     """HTTP status and one-line message for an exception.
 
     ``ApiError`` keeps its status; bad input (:class:`InputError`, :class:`CheckpointError`)
-    is 422; absent data (:class:`StoreError`) 404; a catalog locked by another process 503;
+    is 422; absent data (:class:`StoreError`) 404; a store or catalog held by another process
+    (:class:`StoreBusyError`, DuckDB's lock error) 503 with a message naming neither paths nor pids;
     anything else 500 with a generic message (the traceback goes to the server log only).
     """
     if isinstance(exc, ApiError):
         return exc.status, exc.detail
     if isinstance(exc, InputError | CheckpointError):
         return 422, _one_line(exc)
+    if isinstance(exc, StoreBusyError):  # no server paths or pids in the answer
+        return 503, "the store is busy (another process is writing to it); retry shortly"
     if isinstance(exc, StoreError):
         return 404, _one_line(exc)
     if isinstance(exc, ScDrugMapError):

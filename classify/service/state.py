@@ -81,6 +81,8 @@ class LockedStore(Store):
     """
 
     _lock = threading.RLock()
+    #: a store busy in another process is waited for at most this long (then 503), not the CLI's 600 s
+    busy_timeout_s = 5.0
 
     @contextlib.contextmanager
     def connect(self, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
