@@ -228,3 +228,22 @@ def test_ingest_spec_hash_unchanged_without_patients() -> None:
     before = hashlib.sha256(json.dumps(old, sort_keys=True, default=str).encode()).hexdigest()[:16]
     assert spec.hash() == before  # stores ingested before patients existed re-ingest as no-ops
     assert spec.hash() != IngestSpec(dataset_id="X", label_key="response", patient_key="donor").hash()
+
+
+def test_service_serves_leakage_and_baselines(store: Store) -> None:
+    from fastapi.testclient import TestClient
+
+    from classify.service import create_app
+
+    df = leakage(store, model="pca", head="logreg", category="tissue", value="Cell line", k=3)
+    assert set(df["grouping"]) == {"cell", "sample", "patient", "study"}
+    with TestClient(create_app(store.path)) as client:
+        items = client.get("/leakage", params={"value": "Cell line"}).json()["items"]
+        assert {i["grouping"] for i in items} == {"cell", "sample", "patient", "study"}
+        assert all(i["reference"] == "study" for i in items)
+        run = df["run_id"].iloc[0]
+        summary = client.get("/metrics", params={"run_id": run, "summary": True}).json()["items"]
+        auroc = next(s for s in summary if s["metric"] == "auroc")
+        assert auroc["baseline"] == 0.5
+        assert auroc["positive_class"] == "sensitive"
+        assert "degenerate" in auroc

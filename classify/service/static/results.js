@@ -53,13 +53,54 @@ export function initResults({ onError }) {
 
     const table = await getJSON("/metrics", { protocol: sel.protocol.value, category: sel.category.value,
       value: sel.value.value, summary: true });
+    // mean ± sd | constant-classifier baseline at the folds' prevalence [folds counted when not all]
     const wide = new Map();
     for (const r of table.items) {
-      if (!wide.has(r.run_id)) wide.set(r.run_id, { run: runLabel(r), run_id: r.run_id });
-      wide.get(r.run_id)[r.metric] = r.mean === null ? "NULL" : `${fmt(r.mean)} ± ${fmt(r.sd ?? 0)}`;
+      if (!wide.has(r.run_id)) {
+        wide.set(r.run_id, { run: runLabel(r), run_id: r.run_id, positive: r.positive_class ?? "",
+          flag: r.degenerate ? "degenerate" : "" });
+      }
+      const base = r.baseline === null || r.baseline === undefined ? "" : ` | ${fmt(r.baseline)}`;
+      const folds = r.n_folds_total && r.n_folds < r.n_folds_total ? ` [${r.n_folds}/${r.n_folds_total}]` : "";
+      wide.get(r.run_id)[r.metric] = r.mean === null
+        ? `NULL (${r.undefined_reason ?? "undefined"})` : `${fmt(r.mean)} ± ${fmt(r.sd ?? 0)}${base}${folds}`;
     }
     renderTable($("res-table"), [{ key: "run", label: "Model · head" }, { key: "run_id", label: "Run" },
-      ...Object.keys(METRIC_NAMES).map((k) => ({ key: k, label: METRIC_NAMES[k] }))], [...wide.values()]);
+      { key: "positive", label: "Positive" },
+      ...Object.keys(METRIC_NAMES).map((k) => ({ key: k, label: METRIC_NAMES[k] })),
+      { key: "flag", label: "Flag" }], [...wide.values()]);
+    await drawLeakage();
+  }
+
+  // the same cells under cell / sample / patient / study grouping (scdrugmap leakage), below the table
+  async function drawLeakage() {
+    let box = document.getElementById("res-leakage");
+    if (!box) {
+      box = document.createElement("div");
+      box.id = "res-leakage";
+      $("res-table").after(box);
+    }
+    const rep = await getJSON("/leakage", { category: sel.category.value, value: sel.value.value });
+    if (!rep.items.length) {
+      box.textContent = "Leakage: no report for this value (scdrugmap leakage --model M --value V).";
+      return;
+    }
+    const rows = new Map();
+    for (const r of rep.items) {
+      const key = `${r.report_id}/${r.grouping}`;
+      if (!rows.has(key)) rows.set(key, { model: `${r.model} · ${r.head}`, grouping: r.grouping, reference: r.reference });
+      const d = r.inflation === null ? "" : ` (${r.inflation >= 0 ? "+" : ""}${fmt(r.inflation)})`;
+      rows.get(key)[r.metric] = r.mean === null ? "—" : `${fmt(r.mean)}${d}`;
+    }
+    const caption = document.createElement("p");
+    caption.textContent = "Leakage: means over folds under each grouping (inflation over the strictest grouping).";
+    const table = document.createElement("table");
+    table.createTHead();
+    table.createTBody();
+    renderTable(table, [{ key: "model", label: "Model · head" }, { key: "grouping", label: "Grouping" },
+      ...["auroc", "auprc", "f1", "balanced_accuracy", "mcc"].map((k) => ({ key: k, label: METRIC_NAMES[k] })),
+      { key: "reference", label: "Strictest" }], [...rows.values()]);
+    box.replaceChildren(caption, table);
   }
 
   async function drawCurves() {
