@@ -11,8 +11,9 @@ Input formats found in the dataset's cache folder (and inside ``.tar`` archives 
   expression on the cell names).
 
 Labels come only from the row's ``sample_labels`` (``key=sensitive|key=resistant|key=exclude``): a key
-names a sample exactly, or as a ``_``/``-``/``.``-delimited part of its name (a GSM id, say). A sample that
-no key names, or that two keys name, refuses the dataset; nothing is guessed. The h5ad holds raw counts
+names a sample exactly, or as a ``_``/``-``/``.``-delimited part of its name (a GSM id, say); ``*`` names
+every sample no other key names (``*=exclude`` drops the samples of a series' other datasets). A sample
+that no key names, or that two keys name, refuses the dataset; nothing is guessed. The h5ad holds raw counts
 (CSR float32), ``obs['sample_id']`` and ``obs['response']``; the ingest manifest (read by ``scdrugmap
 ingest --manifest``) carries the catalogue metadata.
 """
@@ -153,10 +154,13 @@ def _labels(row: dict[str, str], samples: list[str]) -> dict[str, str]:
             raise InputError(msg)
         pairs.append((key.strip(), label.strip().lower()))
     out: dict[str, str] = {}
+    rest = {lab for key, lab in pairs if key == "*"}
     for s in samples:
         hits = {
-            lab for key, lab in pairs if s == key or re.search(rf"(^|[_.\-]){re.escape(key)}($|[_.\-])", s)
-        }
+            lab
+            for key, lab in pairs
+            if key != "*" and (s == key or re.search(rf"(^|[_.\-]){re.escape(key)}($|[_.\-])", s))
+        } or rest
         if len(hits) != 1:
             what = "no key names" if not hits else f"keys give {sorted(hits)} for"
             msg = f"{row['dataset_id']}: {what} sample {s!r}; sample_labels keys: {', '.join(k for k, _ in pairs)}"

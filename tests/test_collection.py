@@ -123,7 +123,7 @@ def site(tmp_path):
     tar_path = root / "geo/series/GSE900nnn/GSE900001/suppl/GSE900001_RAW.tar"
     tab_path = root / "geo/series/GSE900nnn/GSE900002/suppl/GSE900002_counts.csv.gz"
     for path, data in (
-        (tar_path, _tenx_tar(rng, {"GSM1_pre_": 4.0, "GSM2_post_": 0.0})),
+        (tar_path, _tenx_tar(rng, {"GSM1_pre_": 4.0, "GSM2_post_": 0.0, "GSM3_other_drug_": 1.0})),
         (tab_path, _table(rng)),
     ):
         path.parent.mkdir(parents=True)
@@ -131,7 +131,7 @@ def site(tmp_path):
     tar_sha = hashlib.sha256(tar_path.read_bytes()).hexdigest()
     rows = [
         _row("pc9_a", "GSE900001", [geo_suppl_url("GSE900001", "GSE900001_RAW.tar")], sha256=tar_sha,
-             size=str(tar_path.stat().st_size), sample_labels="GSM1=sensitive|GSM2=resistant"),
+             size=str(tar_path.stat().st_size), sample_labels="GSM1=sensitive|GSM2=resistant|*=exclude"),
         _row("tab_b", "GSE900002", [geo_suppl_url("GSE900002", "GSE900002_counts.csv.gz")],
              sample_labels="S1=sensitive|S2=resistant", sample_regex=r"^(S\d+)_", tissue="Organoid"),
         _row("bad_sha", "GSE900001", [geo_suppl_url("GSE900001", "GSE900001_RAW.tar")], sha256="0" * 64),
