@@ -29,6 +29,7 @@ LAZY_COMMANDS: dict[str, str] = {
     "prompt": "classify.prompting.commands:prompt",
     "evaluate": "classify.presets:evaluate",  # classify.commands:evaluate + --preset
     "predict": "classify.commands:predict",
+    "export": "store.export_command:export_command",
     "results": "classify.commands:results",
     "leakage": "classify.leakage:leakage_command",
     "doctor": "store.commands:doctor",

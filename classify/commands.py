@@ -153,11 +153,24 @@ def print_summary(df) -> None:
 @click.option("--head", "run_id", required=True, help="Run id of an evaluation run whose head to apply.")
 @click.option("--out", type=click.Path(path_type=Path), help="Output h5ad (default ./<stem>.scdrugmap.h5ad).")
 @click.option(
-    "--calibration", type=click.Choice(["platt", "isotonic", "none"]), default="platt", show_default=True
+    "--calibration",
+    type=click.Choice(["auto", "platt", "isotonic", "none"]),
+    default="auto",
+    show_default=True,
+    help="auto: the method that lowered out-of-study Brier in the run's check, else none.",
 )
 @click.option(
     "--abstain", help="LOW,HIGH: abstain on cells whose probability is in this band (e.g. 0.4,0.6)."
 )
+@click.option(
+    "--min-genes", default=500, show_default=True, help="QC (raw counts): keep cells with more genes."
+)
+@click.option(
+    "--max-pct-mito", default=10.0, show_default=True, help="QC (raw counts): keep cells below this % mito."
+)
+@click.option("--input-type", type=click.Choice(["auto", "counts", "lognorm", "scaled"]), default="auto",
+              show_default=True, help="What X holds (auto = detect, as at ingest).")  # fmt: skip
+@click.option("--layer", help="Use this layer instead of X.")
 @click.option("--checkpoint", type=click.Path(path_type=Path), help="Embedder checkpoint, if it moved.")
 @click.option("--gene-key", help="var column with gene identifiers.")
 @click.option(
@@ -168,21 +181,15 @@ def print_summary(df) -> None:
 )
 @click.pass_context
 def predict(ctx: click.Context, file: Path, run_id: str, abstain: str | None, **kw: Any) -> None:
-    """Apply a trained head to FILE.h5ad: per-cell probability and label written into obs."""
+    """Apply a trained head to FILE.h5ad: QC, per-cell p(sensitive), call and status written into obs."""
     from classify.calibrate import parse_band
     from classify.predict import predict_file
+    from classify.predict_output import summary_lines
 
     r = predict_file(_store(ctx), run_id, file, abstain=parse_band(abstain), **kw)
-    click.echo(
-        f"wrote {r.out}: {r.n_scored}/{r.n_cells} cells scored; {r.n_sensitive} sensitive, {r.n_resistant} resistant, "
-        f"{r.n_abstained} abstained"
-        + (f"; recorded for dataset {r.dataset_id}" if r.dataset_id else "")
-        + (
-            f"; accuracy on answered labelled cells {r.accuracy_answered:.3f}"
-            if r.accuracy_answered is not None
-            else ""
-        )
-    )
+    click.echo(f"wrote {r.out}" + (f" (recorded for dataset {r.dataset_id})" if r.dataset_id else ""))
+    for line in summary_lines(r.summary):
+        click.echo(line)
 
 
 @click.command(context_settings=CONTEXT)

@@ -1,50 +1,69 @@
-"""Apply a trained head to new cells (zero-shot transfer), with calibration and abstention.
+"""Apply a trained head to new cells: QC, embedding, fold-head ensemble, validated calibration.
 
-``predict`` takes an evaluation run: its head is refitted once on every cell of the run's
-population (same head, hyper-parameters and seed), a calibrator (Platt and isotonic) is fitted
-on the run's out-of-fold predictions, and both are saved under ``<store>/heads/<run_id>/``.
-New cells are embedded with the run's embedder (refused when the checkpoint/options no longer
-give the same revision, or when the model covers too few of the file's genes), scored,
-calibrated, and labelled sensitive / resistant / abstain.
+``predict`` takes an evaluation run and an h5ad file or an in-memory AnnData:
+
+1. **QC, as at ingest** (:func:`store.prepare.prepare` with the same ``min_genes`` /
+   ``max_pct_mito`` / input-kind detection): cells failing it are ``not_scored`` with the reason.
+2. **Cells that trained the head are recognised** (content hash of their expression rows, or the
+   file's content hash and their obs names); their probability is their out-of-fold prediction
+   from the run's cross-validation (status ``out_of_fold``), never an in-sample score.
+3. **New cells** are embedded with the run's embedder and scored by the mean of the run's fold
+   heads (:mod:`classify.fold_heads`), the kind of model whose out-of-fold scores fit the
+   calibrator.
+4. **Calibration** defaults to ``auto``: the method that lowered out-of-study Brier in the run's
+   leave-one-study-out check (:mod:`classify.calibration_check`), else none.
+
+Output columns (:mod:`classify.predict_output`): ``obs['scdrugmap_p_sensitive']``,
+``scdrugmap_p_sensitive_raw``, ``scdrugmap_call`` (sensitive / resistant / abstain / not_scored),
+``scdrugmap_status`` (scored / out_of_fold / not_scored), ``scdrugmap_reason``;
+``obsm['X_scdrugmap_<model>']``; ``uns['scdrugmap']``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 
-from classify.calibrate import Calibrator, abstain_mask, fit_calibrator
-from classify.heads import HeadSpec, make_head
-from classify.persist import load_head, save_head
-from classify.runs import write_run
+from classify.calibrate import Calibrator, abstain_mask
+from classify.fold_heads import oof_predictions, row_hashes
 from store.catalog import Store
-from store.embeddings import open_array, read_rows
 from store.errors import InputError
 
-__all__ = ["PredictResult", "final_head", "predict_file"]
+__all__ = ["Calibration", "PredictResult", "Prediction", "predict", "predict_file"]
+
+Calibration = Literal["auto", "platt", "isotonic", "none"]
 
 
 @dataclass(frozen=True)
 class PredictResult:
-    """Outcome of a prediction."""
+    """Outcome of :func:`predict_file` (counts; ``summary`` holds the figures)."""
 
     out: Path
     n_cells: int
     n_scored: int
+    n_out_of_fold: int
+    n_not_scored: int
     n_abstained: int
     n_sensitive: int
     n_resistant: int
     dataset_id: str | None
-    accuracy_answered: float | None
+    summary: dict[str, Any]
+
+
+@dataclass
+class Prediction:
+    """In-memory result of :func:`predict`: the annotated AnnData, per-cell table and summary."""
+
+    adata: Any
+    cells: pd.DataFrame
+    summary: dict[str, Any]
+    dataset_id: str | None
 
 
 def _run_row(store: Store, run_id: str) -> pd.Series:
@@ -59,80 +78,205 @@ def _run_row(store: Store, run_id: str) -> pd.Series:
     return row
 
 
-def _calibrators(store: Store, run_id: str, positive_class: str) -> dict[str, dict[str, object]]:
-    """Platt and isotonic maps fitted on the run's out-of-fold predictions."""
-    oof = store.query(
-        "SELECT p.probability, c.label FROM predictions p JOIN cells c USING (cell_uid) WHERE p.run_id = ?",
-        [run_id],
-    )
-    y_oof = (oof["label"] == positive_class).to_numpy().astype(int)
-    return {
-        m: fit_calibrator(oof["probability"].to_numpy(), y_oof, method=m).to_dict()
-        for m in ("platt", "isotonic")
-    }
+def _scorer(store: Store, row: pd.Series, fold: int, checkpoint: str | Path | None):
+    """``(embedder, score(adata) -> (raw (n,), embedding (n, d) | None), meta)`` of a run."""
+    from classify.fold_heads import fold_ensemble, lora_meta
+
+    if row["strategy"] == "lora":
+        from classify.finetune import finetuned_embedder, predict_cells
+        from classify.lora import CellSource
+
+        emb, net = finetuned_embedder(store, str(row["run_id"]), fold, checkpoint=checkpoint)
+
+        def score_lora(a: Any) -> tuple[np.ndarray, None]:
+            src = CellSource({"x": a}, np.full(a.n_obs, "x"), np.arange(a.n_obs))
+            return predict_cells(emb, net, src, np.arange(a.n_obs), batch_size=16), None
+
+        return emb, score_lora, lora_meta(store, row, fold)
+    from embedder.runner import restore_embedder
+
+    ens = fold_ensemble(store, row)
+    emb = restore_embedder(store, ens.meta["revision"], checkpoint=checkpoint)
+
+    def score(a: Any) -> tuple[np.ndarray, np.ndarray]:
+        X = np.asarray(emb.embed(a), dtype=np.float32)
+        raw = np.full(a.n_obs, np.nan)
+        ok = np.isfinite(X).all(axis=1)
+        if ok.any():
+            raw[ok] = ens.predict_proba(X[ok])
+        return raw, X
+
+    return emb, score, {**ens.meta, "train_hash": ens.train_hash, "train_uid": ens.train_uid}
 
 
-def final_head(store: Store, run_id: str) -> tuple[Any, dict[str, Any]]:
-    """The run's head refitted on all its cells, with calibrators; trained and saved once.
+def _recognise(
+    store: Store, prepared: Any, meta: dict[str, Any], run_id: str
+) -> tuple[np.ndarray, str | None]:
+    """cell_uid (−1 = new) of every input cell that trained the head; the catalog dataset of the input."""
+    n = prepared.adata.n_obs
+    uid = np.full(n, -1, dtype=np.int64)
+    train_uid = np.asarray(meta["train_uid"], dtype=np.int64)
+    if prepared.row.get("has_expression") and len(train_uid):
+        hashes = row_hashes(prepared.adata.X)
+        lookup = pd.Series(train_uid, index=np.asarray(meta["train_hash"], dtype=np.uint64))
+        lookup = lookup[~lookup.index.duplicated()]
+        hit = np.isin(hashes, lookup.index.to_numpy())
+        uid[hit] = lookup.loc[hashes[hit]].to_numpy()
+    ds = store.query("SELECT dataset_id FROM datasets WHERE content_hash = ?", [prepared.content_hash])
+    dataset_id = None if ds.empty else str(ds["dataset_id"].iloc[0])
+    if dataset_id is not None:  # same file as an ingested dataset: its cells by obs name
+        cells = store.query("SELECT obs_name, cell_uid FROM cells WHERE dataset_id = ?", [dataset_id])
+        by_name = pd.Series(cells["cell_uid"].to_numpy(), index=cells["obs_name"].astype(str))
+        known = by_name.reindex(prepared.adata.obs_names.astype(str)).to_numpy()
+        in_run = np.isin(known, oof_predictions(store, run_id)["cell_uid"].to_numpy()) | np.isin(
+            known, train_uid
+        )
+        uid = np.where((uid < 0) & in_run, np.nan_to_num(known, nan=-1).astype(np.int64), uid)
+    return uid, dataset_id
+
+
+def predict(
+    data: Any,
+    *,
+    head: str,
+    store: Store | None = None,
+    calibration: Calibration = "auto",
+    abstain: tuple[float, float] | None = None,
+    min_genes: int = 500,
+    max_pct_mito: float = 10.0,
+    input_type: Literal["auto", "counts", "lognorm", "scaled"] = "auto",
+    layer: str | None = None,
+    gene_key: str | None = None,
+    checkpoint: str | Path | None = None,
+    min_coverage: float = 0.5,
+    batch_size: int = 2048,
+    fold: int = 0,
+) -> Prediction:
+    """Score the cells of an AnnData (or an h5ad path) with a run's head.
+
+    Parameters
+    ----------
+    data
+        An in-memory :class:`anndata.AnnData` (not modified) or the path of an h5ad file; raw
+        counts, log-normalised or scaled values as the embedder needs.
+    head
+        Run id of a complete frozen-embedding or LoRA evaluation run.
+    store
+        The store holding the run (default: ``$SCDRUGMAP_STORE`` or ``./scdrugmap-store``).
+    calibration
+        ``auto`` (the run's out-of-study-validated choice), ``platt``, ``isotonic`` or ``none``.
+    abstain
+        ``(low, high)``: cells whose calibrated positive-class probability is in the band abstain.
+    min_genes, max_pct_mito, input_type, layer, gene_key
+        QC and reading options, as at ingest (QC applies to raw counts only).
+    checkpoint
+        The embedder's checkpoint, when it moved since embedding.
+    min_coverage
+        Refuse when the embedder knows less than this fraction of its genes in the file.
+    batch_size
+        Cells embedded at a time.
+    fold
+        LoRA runs: whose fold's adapter and head to apply.
 
     Returns
     -------
-    tuple
-        ``(head with predict_proba(X) -> (n,), metadata incl. calibrators)``.
+    Prediction
+        ``adata``: a copy of the input with the ``scdrugmap_*`` obs columns, ``obsm`` and ``uns``
+        (:mod:`classify.predict_output`); ``cells``: the per-cell table; ``summary``.
 
     Raises
     ------
     InputError
-        Unknown run, or a head type that cannot be saved.
+        Unknown run, imported or transductive embedding, changed model revision, too little gene
+        coverage, no cell passing QC, bad input.
     """
-    directory = store.path / "heads" / run_id
-    if (directory / "head.json").exists():
-        return load_head(directory)
-    row = _run_row(store, run_id)
-    cells = store.query(
-        "SELECT f.cell_uid, c.label FROM folds f JOIN cells c USING (cell_uid) WHERE f.fold_set_id = ? ORDER BY 1",
-        [row["fold_set_id"]],
+    import anndata as ad
+
+    from classify.predict_output import annotate, build_summary
+    from store.catalog import default_store_path
+    from store.prepare import IngestSpec, prepare, read_h5ad_checked
+    from store.qc import qc_reasons
+
+    store = store if store is not None else Store.open(default_store_path())
+    if calibration not in ("auto", "platt", "isotonic", "none"):
+        msg = f"calibration {calibration!r} unknown; use auto, platt, isotonic or none"
+        raise InputError(msg)
+    row = _run_row(store, head)
+    emb, score, meta = _scorer(store, row, fold, checkpoint)
+    in_memory = isinstance(data, ad.AnnData)
+    spec = IngestSpec(dataset_id="predict", gene_key=gene_key, layer=layer, input_type=input_type,
+                      min_genes=min_genes, max_pct_mito=max_pct_mito)  # fmt: skip
+    prepared = prepare(data if in_memory else Path(data), spec, filter_cells=False)
+    name = prepared.path.name
+    adata = prepared.adata
+    if emb.input_kind == "counts" and prepared.row["x_kind"] != "counts":
+        msg = f"{name} holds {prepared.row['x_kind']} values but {emb.name} needs raw counts"
+        raise InputError(msg)
+    qc = prepared.qc
+    reason = (
+        qc_reasons(qc.n_genes, qc.pct_mito, min_genes=min_genes, max_pct_mito=max_pct_mito)
+        if qc.applied
+        else np.full(adata.n_obs, "", dtype=object)
     )
-    X = read_rows(open_array(store, row["model"], row["revision"]), cells["cell_uid"].to_numpy())
-    ok = np.isfinite(X).all(axis=1)
-    y = (cells["label"] == row["positive_class"]).to_numpy().astype(int)
-    spec = HeadSpec.stored(row["head"], json.loads(row["head_params"]))
-    head = make_head(spec, seed=int(row["seed"])).fit(X[ok], y[ok])
-    calibrators = _calibrators(store, run_id, row["positive_class"])
-    extra = {
-        "run_id": run_id,
-        "model": row["model"],
-        "revision": row["revision"],
-        "positive_class": row["positive_class"],
-        "calibrators": calibrators,
-        "n_train": int(ok.sum()),
-    }
-    save_head(head, spec, directory, extra=extra)
-    return load_head(directory)
-
-
-def _lora_scorer(store: Store, run_id: str, fold: int, checkpoint: str | Path | None):
-    """(embedder, scoring function, metadata) of one fold of a LoRA run."""
-    from classify.finetune import finetuned_embedder, predict_cells
-    from classify.lora import CellSource
-
-    row = _run_row(store, run_id)
-    emb, net = finetuned_embedder(store, run_id, fold, checkpoint=checkpoint)
-
-    def score(a: Any) -> np.ndarray:
-        src = CellSource({"x": a}, np.full(a.n_obs, "x"), np.arange(a.n_obs))
-        return predict_cells(emb, net, src, np.arange(a.n_obs), batch_size=16)
-
-    meta = {"revision": row["revision"], "positive_class": row["positive_class"]}
-    meta["calibrators"] = _calibrators(store, run_id, row["positive_class"])
-    return emb, score, meta
-
-
-def _catalog_dataset(store: Store, path: Path) -> str | None:
-    from store.ingest import file_sha256
-
-    df = store.query("SELECT dataset_id FROM datasets WHERE content_hash = ?", [file_sha256(path)])
-    return None if df.empty else str(df["dataset_id"].iloc[0])
+    reason = np.array([f"failed QC: {r}" if r else "" for r in reason], dtype=object)
+    passed = reason == ""
+    cov = emb.coverage(adata[passed])
+    if cov["genes"] < min_coverage:
+        msg = (
+            f"{emb.name} (revision {meta['revision']}) covers only {100 * cov['genes']:.0f} % of the genes it was "
+            f"trained on in {name} (minimum {100 * min_coverage:.0f} %); check gene identifiers (--gene-key) "
+            "or lower --min-coverage"
+        )
+        raise InputError(msg)
+    uid, dataset_id = _recognise(store, prepared, meta, head)
+    raw = np.full(adata.n_obs, np.nan)
+    embedding: np.ndarray | None = None
+    idx = np.flatnonzero(passed)
+    for start in range(0, idx.size, batch_size):
+        part = idx[start : start + batch_size]
+        r, X = score(adata[part])
+        raw[part] = r
+        if X is not None:
+            if embedding is None:
+                embedding = np.full((adata.n_obs, X.shape[1]), np.nan, dtype=np.float32)
+            embedding[part] = X
+    status = np.where(passed, "scored", "not_scored").astype(object)
+    no_emb = passed & ~np.isfinite(raw)
+    reason[no_emb] = f"no gene known to {emb.name} is expressed"
+    status[no_emb] = "not_scored"
+    trained = passed & (uid >= 0)
+    if trained.any():  # cells that trained the head: their out-of-fold prediction, never an in-sample score
+        oof = oof_predictions(store, head).set_index("cell_uid")
+        known = pd.Series(uid[trained]).isin(oof.index).to_numpy()
+        t_idx = np.flatnonzero(trained)
+        raw[t_idx[known]] = oof.loc[uid[t_idx[known]], "probability"].to_numpy(dtype=float)
+        status[t_idx[known]] = "out_of_fold"
+        reason[t_idx[known]] = "trained the head: out-of-fold prediction of its cross-validation"
+        gone = t_idx[~known]
+        raw[gone], status[gone] = np.nan, "not_scored"
+        reason[gone] = "trained the head and has no out-of-fold prediction"
+    method = meta["default_calibration"] if calibration == "auto" else calibration
+    cal = Calibrator("none") if method == "none" else Calibrator.from_dict(meta["calibrators"][method])
+    ok = status != "not_scored"
+    prob = np.where(ok, cal(np.nan_to_num(raw, nan=0.5)), np.nan)
+    pos = str(meta["positive_class"])
+    neg = "resistant" if pos == "sensitive" else "sensitive"
+    call = np.where(prob >= 0.5, pos, neg).astype(object)
+    call[abstain_mask(np.nan_to_num(prob, nan=-1.0), abstain) & ok] = "abstain"
+    call[~ok] = "not_scored"
+    cells = pd.DataFrame(
+        {"p_pos": prob, "p_pos_raw": np.where(ok, raw, np.nan), "call": call, "status": status,
+         "reason": reason, "cell_uid": uid},
+        index=adata.obs_names.astype(str),
+    )  # fmt: skip
+    source = data.copy() if in_memory else read_h5ad_checked(data)
+    summary = build_summary(
+        store, row, meta, cells, qc=qc, x_kind=prepared.row["x_kind"], min_genes=min_genes,
+        max_pct_mito=max_pct_mito, calibration=calibration, method=method, abstain=abstain,
+        dataset_id=dataset_id,
+    )  # fmt: skip
+    out = annotate(source, cells, embedding, summary, model=str(row["model"]))
+    return Prediction(out, cells, summary, dataset_id)
 
 
 def predict_file(
@@ -141,183 +285,45 @@ def predict_file(
     path: str | Path,
     *,
     out: str | Path | None = None,
-    calibration: Literal["platt", "isotonic", "none"] = "platt",
-    abstain: tuple[float, float] | None = None,
-    checkpoint: str | Path | None = None,
-    gene_key: str | None = None,
-    min_coverage: float = 0.5,
-    batch_size: int = 2048,
-    fold: int = 0,
+    **options: Any,
 ) -> PredictResult:
-    """Score every cell of an h5ad with a run's head; write probabilities and labels into ``obs``.
+    """Score an h5ad file with :func:`predict`; write the annotated copy; record catalog datasets.
 
     Parameters
     ----------
-    store
-        The store holding the run.
-    run_id
-        An evaluation run (frozen embedding + head).
-    path
-        h5ad to score (raw counts, log-normalised or scaled as the embedder needs).
+    store, run_id, path
+        The store, the run, the h5ad to score.
     out
-        Output h5ad (default ``./<stem>.scdrugmap.h5ad``): the input with obs columns
-        ``scdrugmap_probability`` (calibrated probability of the run's positive class),
-        ``scdrugmap_probability_raw``, ``scdrugmap_label`` (sensitive / resistant / abstain /
-        not_scored for cells without any expressed gene).
-    calibration
-        ``platt``, ``isotonic`` or ``none``.
-    abstain
-        ``(low, high)``: cells with calibrated probability in the band are abstained.
-    checkpoint
-        The embedder's checkpoint, when it moved since embedding.
-    gene_key
-        var column with gene identifiers.
-    min_coverage
-        Refuse when the embedder knows less than this fraction of its genes in the file.
-    batch_size
-        Cells embedded at a time.
-    fold
-        For a LoRA run: whose fold's adapter and head to apply.
+        Output h5ad (default ``./<stem>.scdrugmap.h5ad``), written atomically.
+    **options
+        Keyword options of :func:`predict`.
 
     Raises
     ------
     InputError
-        Unknown run, changed model revision, too little gene coverage, bad file.
+        As :func:`predict`, and an unwritable output (checked before any work).
     """
-    from embedder.runner import restore_embedder
-    from store.ingest import IngestSpec, prepare, read_h5ad_checked
+    from classify.predict_record import record
 
     path = Path(path)
     if out is not None:  # refuse an unwritable output before any work
         from store.failures import check_writable
 
         check_writable(out)
-    if _run_row(store, run_id)["strategy"] == "lora":
-        emb, score, meta = _lora_scorer(store, run_id, fold, checkpoint)
-    else:
-        head, meta = final_head(store, run_id)
-        emb = restore_embedder(store, meta["revision"], checkpoint=checkpoint)
-
-        def score(a: Any) -> np.ndarray:
-            X = emb.embed(a)
-            raw = np.full(a.n_obs, np.nan)
-            ok = np.isfinite(X).all(axis=1)
-            if ok.any():
-                raw[ok] = head.predict_proba(X[ok])
-            return raw
-
-    prepared = prepare(
-        path, IngestSpec(dataset_id="predict", gene_key=gene_key, min_genes=0, max_pct_mito=100.0)
-    )
-    adata = prepared.adata
-    if emb.input_kind == "counts" and prepared.row["x_kind"] != "counts":
-        msg = f"{path.name} holds {prepared.row['x_kind']} values but {emb.name} needs raw counts"
-        raise InputError(msg)
-    cov = emb.coverage(adata)
-    if cov["genes"] < min_coverage:
-        msg = (
-            f"{emb.name} (revision {meta['revision']}) covers only {100 * cov['genes']:.0f} % of the genes it was "
-            f"trained on in {path.name} (minimum {100 * min_coverage:.0f} %); check gene identifiers (--gene-key) "
-            "or lower --min-coverage"
-        )
-        raise InputError(msg)
-    raw = np.concatenate([score(adata[i : i + batch_size]) for i in range(0, adata.n_obs, batch_size)])
-    ok = np.isfinite(raw)
-    cal = (
-        Calibrator("none")
-        if calibration == "none"
-        else Calibrator.from_dict(meta["calibrators"][calibration])
-    )
-    prob = np.where(ok, cal(np.nan_to_num(raw)), np.nan)
-    pos = meta["positive_class"]
-    neg = "resistant" if pos == "sensitive" else "sensitive"
-    label = np.where(prob >= 0.5, pos, neg).astype(object)
-    held = abstain_mask(np.nan_to_num(prob, nan=-1.0), abstain) & ok
-    label[held] = "abstain"
-    label[~ok] = "not_scored"
-
-    original = read_h5ad_checked(path)
-    scored = pd.DataFrame(
-        {"scdrugmap_probability": prob, "scdrugmap_probability_raw": raw, "scdrugmap_label": label},
-        index=adata.obs_names,
-    ).reindex(original.obs_names)
-    scored["scdrugmap_label"] = scored["scdrugmap_label"].fillna("not_scored")
-    for col in scored.columns:
-        original.obs[col] = scored[col].to_numpy()
-    original.uns["scdrugmap_predict"] = {
-        "run_id": run_id,
-        "revision": meta["revision"],
-        "calibration": calibration,
-        "abstain": list(abstain) if abstain else [],
-    }
+    res = predict(path, head=run_id, store=store, **options)
     out = Path(out) if out else Path.cwd() / f"{path.stem}.scdrugmap.h5ad"
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
-        original.write_h5ad(tmp)
+        res.adata.write_h5ad(tmp)
         os.replace(tmp, out)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-    dataset_id = _catalog_dataset(store, path)
-    acc = None
-    if dataset_id is not None:
-        acc = _record(store, run_id, dataset_id, scored, calibration, abstain)
-    labels = scored["scdrugmap_label"]
+    if res.dataset_id is not None:
+        record(store, run_id, res.dataset_id, res.cells, res.summary)
+    s = res.summary["counts"]
     return PredictResult(
-        out=out,
-        n_cells=original.n_obs,
-        n_scored=int((labels != "not_scored").sum()),
-        n_abstained=int((labels == "abstain").sum()),
-        n_sensitive=int((labels == "sensitive").sum()),
-        n_resistant=int((labels == "resistant").sum()),
-        dataset_id=dataset_id,
-        accuracy_answered=acc,
-    )
-
-
-def _record(
-    store: Store,
-    run_id: str,
-    dataset_id: str,
-    scored: pd.DataFrame,
-    calibration: str,
-    abstain: tuple[float, float] | None,
-) -> float | None:
-    """Write predictions of an ingested dataset to the catalog; accuracy on answered labelled cells."""
-    cells = store.query("SELECT cell_uid, obs_name, label FROM cells WHERE dataset_id = ?", [dataset_id])
-    cells = cells.set_index("obs_name").join(scored, how="inner")
-    cells = cells[cells["scdrugmap_label"] != "not_scored"]
-    key = json.dumps({"run": run_id, "dataset": dataset_id, "calibration": calibration, "abstain": abstain})
-    pred_id = "pred-" + hashlib.sha256(key.encode()).hexdigest()[:16]
-    base = store.query("SELECT * FROM eval_runs WHERE run_id = ?", [run_id]).iloc[0].to_dict()
-    base.update(
-        run_id=pred_id,
-        strategy="predict",
-        protocol="predict",
-        category="dataset_id",
-        value=dataset_id,
-        spec=json.dumps({"head_run": run_id, "calibration": calibration, "abstain": abstain}),
-        n_cells=len(cells),
-        n_excluded=0,
-        created_at=datetime.now(UTC).replace(tzinfo=None),
-        duration_s=0.0,
-    )
-    answered = cells[(cells["scdrugmap_label"] != "abstain") & cells["label"].notna()]
-    acc = float((answered["scdrugmap_label"] == answered["label"]).mean()) if len(answered) else None
-    labelled = cells["label"].notna()
-    coverage = float((cells.loc[labelled, "scdrugmap_label"] != "abstain").mean()) if labelled.any() else None
-    rows = [
-        ("coverage", coverage, None if coverage is not None else "no labelled cells"),
-        ("accuracy_answered", acc, None if acc is not None else "no labelled answered cells"),
-    ]
-    metrics = pd.DataFrame(
-        [
-            {"fold": -1, "metric": m, "value": v, "reason": r, "n_train": 0, "n_test": int(labelled.sum())}
-            for m, v, r in rows
-        ]
-    )
-    preds = pd.DataFrame(
-        {"fold": -1, "cell_uid": cells["cell_uid"], "probability": cells["scdrugmap_probability"]}
-    )
-    write_run(store, base, metrics, preds)
-    return acc
+        out=out, n_cells=s["cells"], n_scored=s["scored"], n_out_of_fold=s["out_of_fold"],
+        n_not_scored=s["not_scored"], n_abstained=s["abstain"], n_sensitive=s["sensitive"],
+        n_resistant=s["resistant"], dataset_id=res.dataset_id, summary=res.summary,
+    )  # fmt: skip

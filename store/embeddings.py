@@ -326,7 +326,7 @@ def export_obsm(
     revision: str | None = None,
     adata: AnnData | None = None,
 ) -> AnnData:
-    """Attach a dataset's embeddings as ``adata.obsm['X_<model>']``.
+    """Attach a dataset's embeddings as ``adata.obsm['X_scdrugmap_<model>']`` (never scanpy's ``X_pca``).
 
     Parameters
     ----------
@@ -343,7 +343,7 @@ def export_obsm(
     Returns
     -------
     AnnData
-        With ``obsm['X_<model>']`` float32 ``(n_obs, dim)``; NaN rows = not embedded.
+        With ``obsm['X_scdrugmap_<model>']`` float32 ``(n_obs, dim)``; NaN rows = not embedded.
 
     Raises
     ------
@@ -373,5 +373,5 @@ def export_obsm(
         raise StoreError(msg)
     rev = resolve_revision(store, model, revision)
     arr = open_array(store, model, rev)
-    adata.obsm[f"X_{model}"] = read_rows(arr, uid_of.loc[adata.obs_names].to_numpy())
+    adata.obsm[f"X_scdrugmap_{model}"] = read_rows(arr, uid_of.loc[adata.obs_names].to_numpy())
     return adata

@@ -36,6 +36,7 @@ __all__ = [
     "InputType",
     "Prepared",
     "file_sha256",
+    "ingest_anndata",
     "ingest_h5ad",
     "prepare",
     "read_h5ad_checked",
@@ -137,7 +138,7 @@ def write_prepared(store: Store, items: Sequence[Prepared]) -> list[IngestReport
                     content_hash=p.content_hash,
                     ingest_spec_hash=p.spec.hash(),
                     ingest_spec=json.dumps(asdict(p.spec), default=str),
-                    source_path=str(p.path.resolve()),
+                    source_path=str(p.path.resolve()) if p.path.exists() else p.path.name,
                     ingested_at=now,
                 )
                 cols = list(row)
@@ -181,7 +182,7 @@ def write_prepared(store: Store, items: Sequence[Prepared]) -> list[IngestReport
 
 def ingest_h5ad(
     store: Store,
-    path: str | Path,
+    path: str | Path | Any,
     *,
     dataset_id: str,
     label_key: str | None = None,
@@ -197,7 +198,7 @@ def ingest_h5ad(
     max_pct_mito: float = 10.0,
     meta: Mapping[str, Any] | None = None,
 ) -> IngestReport:
-    """Ingest one h5ad file (see :class:`IngestSpec` for the options).
+    """Ingest one h5ad file or in-memory AnnData (see :class:`IngestSpec` for the options).
 
     Returns
     -------
@@ -225,3 +226,24 @@ def ingest_h5ad(
         meta=tuple(sorted((k, str(v)) for k, v in (meta or {}).items())),
     )
     return write_prepared(store, [prepare(path, spec)])[0]
+
+
+def ingest_anndata(store: Store, adata: Any, *, dataset_id: str, **options: Any) -> IngestReport:
+    """Ingest an in-memory :class:`anndata.AnnData` (scanpy users' object) like a file.
+
+    ``adata`` is not modified; the options are those of :func:`ingest_h5ad`. Its content hash
+    (X, layers, names, obs) makes a repeated ingest of the same object a no-op.
+
+    Raises
+    ------
+    InputError
+        For any bad input (not an AnnData included); the store is left unchanged.
+    """
+    import anndata as ad
+
+    if not isinstance(adata, ad.AnnData):
+        msg = (
+            f"ingest_anndata needs an anndata.AnnData, got {type(adata).__name__}; use ingest_h5ad for files"
+        )
+        raise InputError(msg)
+    return ingest_h5ad(store, adata, dataset_id=dataset_id, **options)

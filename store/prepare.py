@@ -23,9 +23,17 @@ from store.errors import InputError
 from store.genes import GENE_COLUMNS, ID_COLUMNS, file_identifiers, pick_gene_identifiers
 from store.labels import map_labels
 from store.metadata import check_identifier, clean_meta
-from store.qc import check_finite, detect_x_kind, expression_matrix, run_qc
+from store.qc import QCResult, check_finite, detect_x_kind, expression_matrix, run_qc
 
-__all__ = ["IngestSpec", "InputType", "Prepared", "file_sha256", "prepare", "read_h5ad_checked"]
+__all__ = [
+    "IngestSpec",
+    "InputType",
+    "Prepared",
+    "anndata_sha256",
+    "file_sha256",
+    "prepare",
+    "read_h5ad_checked",
+]
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +115,7 @@ class Prepared:
     row: dict[str, Any]
     genes: pd.DataFrame
     skip: bool = False
+    qc: QCResult | None = None  # every input cell's QC metrics and keep mask (None without X)
 
 
 def file_sha256(path: Path) -> str:
@@ -115,6 +124,24 @@ def file_sha256(path: Path) -> str:
     with open(path, "rb") as fh:
         while block := fh.read(1 << 22):
             h.update(block)
+    return h.hexdigest()
+
+
+def anndata_sha256(adata: ad.AnnData) -> str:
+    """SHA-256 hex digest of an in-memory AnnData's content (X, layers, obs/var names and obs columns)."""
+    h = hashlib.sha256()
+    for names in (adata.obs_names, adata.var_names):
+        h.update("\x1f".join(map(str, names)).encode())
+    mats = [adata.X] if adata.X is not None else []
+    mats += [adata.layers[k] for k in sorted(adata.layers.keys())]
+    for X in mats:
+        if sp.issparse(X):
+            X = X.tocsr()
+            for part in (X.data, X.indices, X.indptr):
+                h.update(np.ascontiguousarray(part).tobytes())
+        else:
+            h.update(np.ascontiguousarray(np.asarray(X)).tobytes())
+    h.update(adata.obs.to_csv().encode())
     return h.hexdigest()
 
 
@@ -136,17 +163,22 @@ def read_h5ad_checked(path: str | Path) -> ad.AnnData:
         raise InputError(msg) from exc
 
 
-def prepare(path: str | Path, spec: IngestSpec, *, require_x: bool = True) -> Prepared:
+def prepare(
+    path: str | Path | ad.AnnData, spec: IngestSpec, *, require_x: bool = True, filter_cells: bool = True
+) -> Prepared:
     """Validate one h5ad and build everything that will be written (nothing is written).
 
     Parameters
     ----------
     path
-        The h5ad file.
+        The h5ad file, or an in-memory AnnData (not modified; its content hash stands for the file's).
     spec
         How to read it.
     require_x
         False for ``import-embeddings``, where an obs-only h5ad is valid.
+    filter_cells
+        False keeps every cell in ``adata`` (``predict`` marks failing cells instead); the QC
+        metrics and keep mask of every input cell are in ``Prepared.qc`` either way.
 
     Returns
     -------
@@ -161,10 +193,14 @@ def prepare(path: str | Path, spec: IngestSpec, *, require_x: bool = True) -> Pr
         metadata.
     """
     check_identifier(spec.dataset_id, what="dataset id")
-    path = Path(path)
+    in_memory = isinstance(path, ad.AnnData)
+    if in_memory:
+        adata, path = path, Path(f"<AnnData {spec.dataset_id}>")
+    else:
+        path = Path(path)
+        adata = read_h5ad_checked(path)
     name = path.name
     meta = clean_meta(dict(spec.meta), dataset_id=spec.dataset_id)
-    adata = read_h5ad_checked(path)
     n_input = adata.n_obs
     if n_input == 0:
         msg = f"{name}: the file has no cells"
@@ -233,7 +269,8 @@ def prepare(path: str | Path, spec: IngestSpec, *, require_x: bool = True) -> Pr
         for col in ID_COLUMNS:
             if col in adata.var.columns:  # the file's identifier columns, verbatim
                 var[f"orig_{col}"] = adata.var[col].astype(str).to_numpy()
-        out = ad.AnnData(X=X[qc.keep], obs=obs.loc[qc.keep].copy(), var=var)
+        keep = qc.keep if filter_cells else np.ones(n_input, dtype=bool)
+        out = ad.AnnData(X=X[keep], obs=obs.loc[keep].copy(), var=var)
         out.var_names_make_unique()
         row.update(
             n_genes=int(adata.n_vars),
@@ -251,6 +288,7 @@ def prepare(path: str | Path, spec: IngestSpec, *, require_x: bool = True) -> Pr
                 row["n_genes"],
             )
     else:
+        qc = None
         for col in ("n_counts", "n_genes", "pct_mito"):
             obs[col] = np.nan
         out = ad.AnnData(obs=obs)
@@ -258,7 +296,8 @@ def prepare(path: str | Path, spec: IngestSpec, *, require_x: bool = True) -> Pr
         genes = pd.DataFrame(columns=list(GENE_COLUMNS))
     out.uns["scdrugmap"] = {"x_kind": row["x_kind"] or "none", "dataset_id": spec.dataset_id}
     row["n_cells"] = int(out.n_obs)
-    return Prepared(spec, path, file_sha256(path), out, row, genes)
+    digest = anndata_sha256(adata) if in_memory else file_sha256(path)
+    return Prepared(spec, path, digest, out, row, genes, qc=qc)
 
 
 def _keep_file_names(genes: pd.DataFrame, ids: pd.DataFrame) -> pd.DataFrame:

@@ -19,7 +19,7 @@ from anndata import AnnData
 
 from store.errors import InputError
 
-__all__ = ["QCResult", "XKind", "check_finite", "detect_x_kind", "expression_matrix", "run_qc"]
+__all__ = ["QCResult", "XKind", "check_finite", "detect_x_kind", "expression_matrix", "qc_reasons", "run_qc"]
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def run_qc(
     n_counts = metrics["total_counts"].to_numpy(dtype=float)
     n_genes = metrics["n_genes_by_counts"].to_numpy(dtype=np.int64)
     pct = metrics["pct_counts_mt"].to_numpy(dtype=float)
-    keep = (n_genes > min_genes) & (np.nan_to_num(pct, nan=0.0) < max_pct_mito)
+    keep = qc_reasons(n_genes, pct, min_genes=min_genes, max_pct_mito=max_pct_mito) == ""
     if not keep.any():
         msg = (
             f"{name}: no cell passes QC (> {min_genes} detected genes and < {max_pct_mito} % mitochondrial "
@@ -190,3 +190,35 @@ def run_qc(
         )
         raise InputError(msg)
     return QCResult(keep, n_counts, n_genes, pct, applied=True)
+
+
+def qc_reasons(
+    n_genes: np.ndarray, pct_mito: np.ndarray, *, min_genes: int = 500, max_pct_mito: float = 10.0
+) -> np.ndarray:
+    """Why each cell fails the count QC of :func:`run_qc` (``""`` = passes).
+
+    Parameters
+    ----------
+    n_genes, pct_mito
+        ``(n_cells,)`` detected genes and mitochondrial percentage (NaN percentage = no counts: passes
+        the mitochondrial filter).
+    min_genes, max_pct_mito
+        The thresholds (keep > ``min_genes`` genes and < ``max_pct_mito`` %).
+
+    Returns
+    -------
+    numpy.ndarray
+        object ``(n_cells,)``: ``""`` or e.g. ``"120 detected genes (≤ 500)"``, ``"12.5 % mitochondrial (≥ 10)"``,
+        joined by ``"; "`` when both fail.
+    """
+    n_genes = np.asarray(n_genes)
+    pct = np.nan_to_num(np.asarray(pct_mito, dtype=float), nan=0.0)
+    few = n_genes <= min_genes
+    mito = pct >= max_pct_mito
+    out = np.full(n_genes.shape, "", dtype=object)
+    for i in np.flatnonzero(few | mito):
+        parts = [f"{int(n_genes[i])} detected genes (≤ {min_genes})"] if few[i] else []
+        if mito[i]:
+            parts.append(f"{pct[i]:.1f} % mitochondrial (≥ {max_pct_mito:g})")
+        out[i] = "; ".join(parts)
+    return out

@@ -63,7 +63,7 @@ def test_pca_embedding_is_deterministic_and_readable(two_datasets: Store, tmp_pa
     np.testing.assert_array_equal(open_embeddings(Store.open(other), "pca").values, values)
     # obsm export follows the dataset's cells
     adata = export_obsm(st, "d2", "pca")
-    np.testing.assert_array_equal(adata.obsm["X_pca"], values[300:])
+    np.testing.assert_array_equal(adata.obsm["X_scdrugmap_pca"], values[300:])
     cov = st.query("SELECT * FROM coverage ORDER BY dataset_id")
     assert cov["frac_genes"].between(0, 1).all()
     assert len(cov) == 2

@@ -46,7 +46,7 @@ def test_import_new_dataset_without_expression(emb_file: tuple[Path, np.ndarray]
     assert not ds["has_expression"]
     assert ds["n_cells"] == 90
     np.testing.assert_array_equal(open_embeddings(st, "custom").values, emb)
-    np.testing.assert_array_equal(export_obsm(st, "e1", "custom").obsm["X_custom"], emb)
+    np.testing.assert_array_equal(export_obsm(st, "e1", "custom").obsm["X_scdrugmap_custom"], emb)
     res = _run(store, "evaluate", "--model", "custom", "--head", "logreg", "--category", "tissue", "--k", "5")
     assert res.exit_code == 0, res.output
     auroc = st.query("SELECT AVG(value) AS v FROM metrics WHERE metric = 'auroc'")["v"].iloc[0]

@@ -262,22 +262,33 @@ def test_predict_json_and_csv_match_predict_file(
     assert body["status"] == "done"
     cells = pd.DataFrame(body["cells"])
     assert len(cells) == body["summary"]["n_cells"] == 150
-    assert set(cells["label"]) <= {"sensitive", "resistant", "abstain", "not_scored"}
-    assert cells["probability"].between(0, 1).all()
+    assert set(cells["call"]) <= {"sensitive", "resistant", "abstain", "not_scored"}
+    assert set(cells["status"]) <= {"scored", "out_of_fold", "not_scored"}
+    scored = cells["status"] != "not_scored"
+    assert cells.loc[scored, "p_sensitive"].between(0, 1).all()
     expected = predict_file(Store.open(store_path), head, upload, out=tmp_path / "direct.h5ad")
     import anndata as ad
 
     obs = ad.read_h5ad(expected.out).obs
-    np.testing.assert_allclose(cells["probability"], obs["scdrugmap_probability"].to_numpy(), rtol=1e-12)
-    assert (cells["label"].to_numpy() == obs["scdrugmap_label"].to_numpy()).all()
+    np.testing.assert_allclose(cells["p_sensitive"], obs["scdrugmap_p_sensitive"].to_numpy(), rtol=1e-12)
+    assert (cells["call"].to_numpy() == obs["scdrugmap_call"].astype(str).to_numpy()).all()
     csv = _post(client, upload, head, format="csv")
     assert csv.headers["content-type"].startswith("text/csv")
     assert "attachment" in csv.headers["content-disposition"]
     from_csv = pd.read_csv(io.StringIO(csv.text))
-    assert list(from_csv.columns) == ["obs_name", "probability", "probability_raw", "label"]
-    np.testing.assert_allclose(from_csv["probability"], cells["probability"])
+    assert list(from_csv.columns) == [
+        "obs_name",
+        "p_sensitive",
+        "p_sensitive_raw",
+        "call",
+        "status",
+        "reason",
+    ]
+    np.testing.assert_allclose(from_csv["p_sensitive"], cells["p_sensitive"])
     band = _post(client, upload, head, abstain="0.0,1.0", calibration="isotonic").json()
-    assert band["summary"]["n_abstained"] == band["summary"]["n_scored"]
+    s = band["summary"]
+    assert s["calibration"] == "isotonic"
+    assert s["n_abstained"] == s["n_scored"] + s["n_out_of_fold"] > 0
 
 
 def test_predict_job_status_result_and_umap(client: TestClient, upload: Path, head: str) -> None:
@@ -300,7 +311,8 @@ def test_predict_job_status_result_and_umap(client: TestClient, upload: Path, he
     assert xy.shape == (150, 2)
     assert np.isfinite(xy).all()
     assert xy.std(axis=0).min() > 0
-    assert umap["probability"] == res["cells"]["probability"]
+    assert umap["p_sensitive"] == res["cells"]["p_sensitive"]
+    assert umap["subsampled"] is False
     assert client.get("/jobs/nope").status_code == 404
 
 
@@ -363,8 +375,9 @@ def test_ingested_file_is_recorded(client: TestClient, store_path: Path, head: s
     r = _post(client, store_path / "demo_input" / "SIM02.h5ad", head)
     assert r.status_code == 200, r.text
     assert r.json()["summary"]["recorded_for_dataset"] == "SIM02"
-    runs = client.get("/runs", params={"strategy": "predict"}).json()
-    assert runs["total"] >= 1
+    rec = Store.open(store_path).query("SELECT * FROM predict_runs WHERE dataset_id = 'SIM02'")
+    assert len(rec) >= 1  # in its own table, never in eval_runs / metrics
+    assert client.get("/runs", params={"strategy": "predict"}).json()["total"] == 0
 
 
 # ---- token, bind, errors ----------------------------------------------------------------------

@@ -32,6 +32,8 @@ _CHUNK = 1 << 20
 _FORM_SLACK = 1 << 20  # multipart headers and the small fields around the file
 _OTHER_BODY_LIMIT = 1 << 20
 Format = Literal["json", "csv"]
+UMAP_CELLS = 3_000  # cells drawn for the picture by default: bounded time on any upload
+UMAP_MAX_CELLS = 8_000
 
 _PREDICT_BODY = {
     "required": True,
@@ -53,9 +55,12 @@ _PREDICT_BODY = {
                     },
                     "calibration": {
                         "type": "string",
-                        "enum": ["platt", "isotonic", "none"],
-                        "default": "platt",
+                        "enum": ["auto", "platt", "isotonic", "none"],
+                        "default": "auto",
+                        "description": "auto: the method that lowered the run's out-of-study Brier, else none.",
                     },
+                    "min_genes": {"type": "integer", "default": 500, "description": "QC: > this many genes."},
+                    "max_pct_mito": {"type": "number", "default": 10, "description": "QC: < this % mito."},
                     "abstain": {"type": "string", "description": "LOW,HIGH probability band to abstain on."},
                     "format": {"type": "string", "enum": ["json", "csv"], "default": "json"},
                     "wait": {
@@ -158,15 +163,25 @@ async def _save_upload(upload: UploadFile, job: Job, max_upload_mb: float) -> No
 
 def _check_head(store: LockedStore, run_id: str, fold: int) -> str:
     """The run's strategy (``frozen`` / ``lora``); 404 unknown run, 422 unusable run or fold."""
+    import json
+
+    from classify.service.heads_info import unpredictable_reason
     from classify.service.queries import lora_folds
 
-    df = store.query("SELECT strategy, status FROM eval_runs WHERE run_id = ?", [run_id])
+    df = store.query("SELECT strategy, status, head, revision FROM eval_runs WHERE run_id = ?", [run_id])
     if df.empty:
         raise ApiError(404, f"no evaluation run {run_id!r}; GET /models lists the trained heads")
     strategy, status = str(df["strategy"].iloc[0]), str(df["status"].iloc[0])
     if strategy not in ("frozen", "lora") or status != "complete":
         msg = f"run {run_id} ({strategy}, {status}) cannot be applied; pick a complete frozen-embedding or LoRA head"
         raise ApiError(422, msg)
+    spec = store.query("SELECT spec FROM embeddings WHERE revision = ?", [str(df["revision"].iloc[0])])
+    why = unpredictable_reason(
+        {"strategy": strategy, "head": str(df["head"].iloc[0])},
+        json.loads(spec["spec"].iloc[0] or "{}") if len(spec) else None,
+    )
+    if strategy == "frozen" and why is not None:
+        raise ApiError(422, f"run {run_id} cannot score new files: {why}")
     if strategy == "lora" and fold not in (folds := lora_folds(store.path, run_id)):
         msg = f"LoRA run {run_id} has no saved adapter for fold {fold}; use fold = one of {folds}"
         raise ApiError(422, msg)
@@ -183,9 +198,11 @@ def _form_text(form: Any, name: str, default: str | None = None) -> str | None:
 
 
 def _predict_work(
-    state: Any, calibration: str, abstain: tuple[float, float] | None, *, strategy: str, fold: int
-):
-    from classify.predict import final_head, predict_file
+    state: Any, calibration: str, abstain: tuple[float, float] | None, *, strategy: str, fold: int,
+    qc: dict[str, Any],
+):  # fmt: skip
+    from classify.fold_heads import fold_ensemble
+    from classify.predict import _run_row, predict_file
 
     store: LockedStore = state.store
     run_locks: dict[str, threading.Lock] = state.run_locks
@@ -194,29 +211,35 @@ def _predict_work(
         if strategy == "frozen":  # LoRA runs apply a fold's saved adapter + head: nothing to train
             with state.run_locks_guard:
                 lock = run_locks.setdefault(job.run_id, threading.Lock())
-            with lock:  # the final head is trained and saved once per run, never concurrently
-                job.stage = "preparing the head"
-                final_head(store, job.run_id)
-        job.stage = "embedding and scoring"
+            with lock:  # the fold heads are trained, checked and saved once per run, never concurrently
+                job.stage = "preparing the fold heads"
+                fold_ensemble(store, _run_row(store, job.run_id))
+        job.stage = "QC, embedding and scoring"
         res = predict_file(
             store, job.run_id, job.upload_path, out=job.output_path, calibration=calibration, abstain=abstain,
-            fold=fold,
+            fold=fold, **qc,
         )  # fmt: skip
         job.stage = "collecting"
         job.cells = _read_scored(job.output_path)
+        s = res.summary
         job.summary = {
             "run_id": job.run_id,
             "strategy": strategy,
             "fold": fold if strategy == "lora" else None,
             "n_cells": res.n_cells,
             "n_scored": res.n_scored,
+            "n_out_of_fold": res.n_out_of_fold,
+            "n_not_scored": res.n_not_scored,
             "n_sensitive": res.n_sensitive,
             "n_resistant": res.n_resistant,
             "n_abstained": res.n_abstained,
-            "calibration": calibration,
+            "positive_class": s["positive_class"],
+            "calibration": s["calibration"]["method"],
+            "calibration_detail": s["calibration"],
+            "qc": s["qc"],
             "abstain": list(abstain) if abstain else None,
             "recorded_for_dataset": res.dataset_id,
-            "accuracy_answered": res.accuracy_answered,
+            "figures": s["figures"],
         }
 
     return work
@@ -226,8 +249,11 @@ def _read_scored(path: Path) -> pd.DataFrame:
     import anndata as ad
 
     obs = ad.read_h5ad(path, backed="r").obs
-    cols = {"scdrugmap_probability": "probability", "scdrugmap_probability_raw": "probability_raw"}
-    out = obs[[*cols, "scdrugmap_label"]].rename(columns={**cols, "scdrugmap_label": "label"})
+    cols = {"scdrugmap_p_sensitive": "p_sensitive", "scdrugmap_p_sensitive_raw": "p_sensitive_raw",
+            "scdrugmap_call": "call", "scdrugmap_status": "status", "scdrugmap_reason": "reason"}  # fmt: skip
+    out = obs[list(cols)].rename(columns=cols)
+    for c in ("call", "status", "reason"):
+        out[c] = out[c].astype(str)
     out.insert(0, "obs_name", obs.index.astype(str))
     return out.reset_index(drop=True)
 
@@ -252,8 +278,10 @@ def _result(job: Job, fmt: Format) -> Response:
 async def predict(request: Request) -> Response:
     """Score every cell of an uploaded h5ad with a trained head (``head`` = run id).
 
-    Answers per-cell ``probability`` (calibrated, of the run's positive class),
-    ``probability_raw`` and ``label`` (sensitive / resistant / abstain / not_scored) as JSON
+    The file gets the ingest QC (``min_genes``, ``max_pct_mito``; raw counts only). Answers per-cell
+    ``p_sensitive`` (calibrated probability of the sensitive class), ``p_sensitive_raw``, ``call``
+    (sensitive / resistant / abstain / not_scored), ``status`` (scored / out_of_fold / not_scored)
+    and ``reason`` as JSON
     (columns as lists) or CSV; a job still running after ``wait`` seconds answers 202 with
     ``job_id`` (poll ``GET /jobs/{job_id}``). 413: too large; 415: not an .h5ad (HDF5) file;
     404: unknown head; 422: unusable file or options.
@@ -276,14 +304,16 @@ async def predict(request: Request) -> Response:
         if not run_id:
             raise ApiError(422, "form field 'head' (a run id from GET /models) is required")
         fmt = _form_text(form, "format", "json")
-        calibration = _form_text(form, "calibration", "platt")
-        if fmt not in ("json", "csv") or calibration not in ("platt", "isotonic", "none"):
-            raise ApiError(422, "format must be json or csv; calibration platt, isotonic or none")
+        calibration = _form_text(form, "calibration", "auto")
+        if fmt not in ("json", "csv") or calibration not in ("auto", "platt", "isotonic", "none"):
+            raise ApiError(422, "format must be json or csv; calibration auto, platt, isotonic or none")
         try:
             abstain = parse_band(_form_text(form, "abstain"))
             wait = float(_form_text(form, "wait", str(cfg.predict_wait_s)) or 0)
+            qc = {"min_genes": int(_form_text(form, "min_genes", "500") or 500),
+                  "max_pct_mito": float(_form_text(form, "max_pct_mito", "10") or 10)}  # fmt: skip
         except (InputError, ValueError) as exc:
-            raise ApiError(422, f"bad abstain band or wait: {exc}") from exc
+            raise ApiError(422, f"bad abstain band, wait or QC threshold: {exc}") from exc
         fold_text = _form_text(form, "fold", "0") or "0"
         if not fold_text.isdigit():
             raise ApiError(422, f"fold must be a fold number ≥ 0, got {fold_text!r}")
@@ -301,7 +331,7 @@ async def predict(request: Request) -> Response:
             raise
     finally:
         await form.close()
-    work = _predict_work(request.app.state, calibration, abstain, strategy=strategy, fold=fold)
+    work = _predict_work(request.app.state, calibration, abstain, strategy=strategy, fold=fold, qc=qc)
     future = request.app.state.jobs.start(job, work)
     try:
         await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), timeout=max(wait, 0.0))
@@ -324,9 +354,13 @@ def job_result(request: Request, job_id: str, format: Format = "json") -> Respon
 
 @router.get("/jobs/{job_id}/umap", tags=["predict"])
 def job_umap(
-    request: Request, job_id: str, max_cells: Annotated[int, Query(ge=3, le=50_000)] = 20_000
+    request: Request, job_id: str, max_cells: Annotated[int, Query(ge=3, le=UMAP_MAX_CELLS)] = UMAP_CELLS
 ) -> dict[str, Any]:
-    """UMAP of the uploaded cells (PCA of their expression) with each cell's predicted probability."""
+    """UMAP of the uploaded cells (PCA of their expression) with each cell's p(sensitive).
+
+    Larger uploads are drawn from a seeded random subsample of ``max_cells`` cells (default
+    3,000, at most 8,000), which bounds the time; ``n_shown`` and ``subsampled`` say so.
+    """
     import anndata as ad
     import numpy as np
 
@@ -346,10 +380,11 @@ def job_umap(
                 "basis": "UMAP of the first principal components of the uploaded cells' expression",
                 "n_cells": int(adata.n_obs),
                 "n_shown": len(keep),
+                "subsampled": len(keep) < adata.n_obs,
                 "x": [float(v) for v in xy[:, 0]],
                 "y": [float(v) for v in xy[:, 1]],
                 "obs_name": cells["obs_name"].tolist(),
-                "probability": [None if v != v else float(v) for v in cells["probability"]],
-                "label": cells["label"].astype(str).tolist(),
+                "p_sensitive": [None if v != v else float(v) for v in cells["p_sensitive"]],
+                "call": cells["call"].astype(str).tolist(),
             }
     return {"job_id": job_id, **job.extras["umap"]}

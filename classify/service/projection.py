@@ -62,6 +62,9 @@ def umap_2d(X: np.ndarray, *, seed: int = 0, n_neighbors: int = 15) -> np.ndarra
     if n < 3:
         return np.column_stack([np.arange(n), np.zeros(n)]).astype(np.float32)
     adata = ad.AnnData(X=X)
-    sc.pp.neighbors(adata, n_neighbors=max(2, min(n_neighbors, n - 1)), use_rep="X", random_state=seed)
+    # exact kNN from scikit-learn (a csr_matrix): scanpy's pynndescent path (used above 8,192 cells)
+    # fails with pynndescent ≥ 0.7, whose csr_array lacks the getnnz scanpy 1.11 calls
+    k = max(2, min(n_neighbors, n - 1))
+    sc.pp.neighbors(adata, n_neighbors=k, use_rep="X", random_state=seed, transformer="sklearn")
     sc.tl.umap(adata, random_state=seed)
     return adata.obsm["X_umap"].astype(np.float32)

@@ -186,9 +186,11 @@ def models_overview(store: Store) -> dict[str, list[dict[str, Any]]]:
     Returns
     -------
     dict
+        ``default_head``: the predictable head with the best mean AUROC (or None);
         ``embeddings``: rows of the ``embeddings`` table (no spec); ``heads``: one row per
         complete evaluation run (not ``predict`` records) with the mean of every metric and
-        ``predictable`` (frozen-embedding and LoRA heads can be applied by ``/predict``) and, for
+        ``predictable`` with ``not_predictable_reason`` (imported and transductive embeddings
+        cannot embed new files: :mod:`classify.service.heads_info`), ``default`` and, for
         LoRA runs, ``folds`` (the folds with a saved adapter + head; ``/predict`` takes ``fold``).
     """
     emb = store.query(
@@ -207,12 +209,14 @@ def models_overview(store: Store) -> dict[str, list[dict[str, Any]]]:
     )
     heads = to_records(runs)
     for h in heads:
-        h["predictable"] = h["strategy"] in ("frozen", "lora")
         h["folds"] = lora_folds(store.path, h["run_id"]) if h["strategy"] == "lora" else None
         h["metrics"] = (
             {k: _num(v) for k, v in wide.loc[h["run_id"]].items()} if h["run_id"] in wide.index else {}
         )
-    return {"embeddings": to_records(emb), "heads": heads}
+    from classify.service.heads_info import annotate_heads
+
+    default = annotate_heads(store, heads)  # predictable / not_predictable_reason / default
+    return {"embeddings": to_records(emb), "heads": heads, "default_head": default}
 
 
 def list_runs(
@@ -241,8 +245,9 @@ def fold_metrics(store: Store, filters: Mapping[str, Sequence[str]]) -> pd.DataF
     Returns
     -------
     pandas.DataFrame
-        ``run_id, model, strategy, head, protocol, category, value, metric, fold, score, reason,
-        n_train, n_test`` (``score`` NULL when undefined for the fold).
+        ``run_id, model, strategy, head, protocol, category, value, metric, fold, fold_name
+        (the held-out study of a cross-data fold), score, reason, n_train, n_test`` (``score``
+        NULL when undefined for the fold).
     """
     run_filters = {k: v for k, v in filters.items() if k != "metric"}
     conds, params = _equality(run_filters, RUN_FILTERS, alias="r.")
@@ -253,8 +258,10 @@ def fold_metrics(store: Store, filters: Mapping[str, Sequence[str]]) -> pd.DataF
     where = f"WHERE {' AND '.join(conds)}" if conds else ""
     return store.query(
         "SELECT r.run_id, r.model, r.strategy, r.head, r.protocol, r.category, r.value, m.metric, m.fold, "
+        "json_extract_string(fs.fold_names, '$[' || CAST(m.fold AS VARCHAR) || ']') AS fold_name, "
         "m.value AS score, m.reason, m.n_train, m.n_test FROM eval_runs r JOIN metrics m USING (run_id) "
-        f"{where} ORDER BY r.protocol, r.category, r.value, r.model, r.head, m.metric, m.fold",
+        f"LEFT JOIN fold_sets fs ON fs.fold_set_id = r.fold_set_id {where} "
+        "ORDER BY r.protocol, r.category, r.value, r.model, r.head, m.metric, m.fold",
         params,
     )
 

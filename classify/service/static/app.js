@@ -56,7 +56,9 @@ async function main() {
   }
   initDatasets({ onError });
   const activators = { results: initResults({ onError }), biology: initBiology({ onError }),
-    predict: initPredict({ onError }) };
+    predict: initPredict({ onError, clearError }) };
+  // a new action replaces the previous one's error: no stale banner above a later result
+  document.addEventListener("submit", clearError, true);
   const activated = new Set();
   sqlTab();
   for (const btn of document.querySelectorAll("nav .tab")) {

@@ -69,7 +69,8 @@ function legend(container, items) {
 
 /**
  * Bars of the mean with the per-fold values as points.
- * groups: [{label, mean, points: [number|null]}]; values in yDomain (default [0, 1]).
+ * groups: [{label, mean, points: [number|null], names?: [string]}] (names: e.g. the held-out study of
+ * each cross-data fold); values in yDomain (default [0, 1]).
  */
 export function barPoints(container, groups, { yLabel = "", yDomain = [0, 1], width = 640, height = 320 } = {}) {
   const svg = svgRoot(container, width, height, `bar chart of ${yLabel}`);
@@ -91,7 +92,7 @@ export function barPoints(container, groups, { yLabel = "", yDomain = [0, 1], wi
       const jitter = ((j * 37) % 11) / 11 - 0.5;
       const dot = el("circle", { cx: x0 + bw / 2 + jitter * bw * 0.4, cy: sy(p), r: 3.2, fill: color,
         stroke: "#222", "stroke-width": 0.6, class: "fold-point" }, svg);
-      el("title", {}, dot).textContent = `${g.label} fold ${j}: ${p.toFixed(3)}`;
+      el("title", {}, dot).textContent = `${g.label} ${g.names?.[j] ?? `fold ${j}`}: ${p.toFixed(3)}`;
     });
     const lx = x0 + bw / 2;
     const ly = height - m.b + 12;

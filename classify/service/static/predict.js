@@ -4,7 +4,7 @@ import { scatter } from "./charts.js";
 
 const PAGE = 100;
 
-export function initPredict({ onError }) {
+export function initPredict({ onError, clearError = () => {} }) {
   const $ = (id) => document.getElementById(id);
   let cells = null;
   let offset = 0;
@@ -14,14 +14,23 @@ export function initPredict({ onError }) {
   async function loadHeads() {
     const models = await getJSON("/models");
     const auroc = (h) => h.metrics.auroc ?? -1;
-    const heads = models.heads.filter((h) => h.predictable).sort((a, b) => auroc(b) - auroc(a));
+    // only heads that can score a new file are offered, the default (best predictable) first
+    const heads = models.heads.filter((h) => h.predictable)
+      .sort((a, b) => (b.default === true) - (a.default === true) || auroc(b) - auroc(a));
     byRun = new Map(heads.map((h) => [h.run_id, h]));
-    fillSelect($("pred-head"), heads.map((h) => {
+    const label = (h) => {
       const score = auroc(h) < 0 ? "" : ` · AUROC ${auroc(h).toFixed(3)}`;
       const lora = h.strategy === "lora" ? " · LoRA" : "";
-      return { value: h.run_id, label: `${h.model}${lora} · ${h.head} · ${h.protocol} ${h.category}=${h.value}${score}` };
-    }));
+      return `${h.model}${lora} · ${h.head} · ${h.protocol} ${h.category}=${h.value}${score}`;
+    };
+    fillSelect($("pred-head"), heads.map((h) => ({ value: h.run_id, label: `${label(h)}${h.default ? " (default)" : ""}` })));
+    if (models.default_head && byRun.has(models.default_head)) $("pred-head").value = models.default_head;
     if (!heads.length) $("pred-submit").disabled = true;
+    const unavailable = models.heads.filter((h) => !h.predictable);
+    $("pred-unavailable").hidden = !unavailable.length;
+    $("pred-unavailable-summary").textContent = `${unavailable.length} trained head(s) cannot score new files`;
+    $("pred-unavailable-list").replaceChildren(...unavailable.map((h) => Object.assign(document.createElement("li"),
+      { className: "unpredictable", textContent: `${label(h)} (${h.run_id}): ${h.not_predictable_reason}` })));
     showFolds();
   }
 
@@ -37,12 +46,13 @@ export function initPredict({ onError }) {
   function showPage() {
     const rows = [];
     for (let i = offset; i < Math.min(cells.obs_name.length, offset + PAGE); i++) {
-      rows.push({ obs_name: cells.obs_name[i], probability: cells.probability[i],
-        probability_raw: cells.probability_raw[i], label: cells.label[i] });
+      rows.push({ obs_name: cells.obs_name[i], p_sensitive: cells.p_sensitive[i],
+        p_sensitive_raw: cells.p_sensitive_raw[i], call: cells.call[i], status: cells.status[i], reason: cells.reason[i] });
     }
-    renderTable($("pred-table"), [{ key: "obs_name", label: "Cell" }, { key: "probability", label: "Probability" },
-      { key: "probability_raw", label: "Raw" }, { key: "label", label: "Label",
-        render: (r) => Object.assign(document.createElement("span"), { className: `lab ${r.label}`, textContent: r.label }) }], rows);
+    renderTable($("pred-table"), [{ key: "obs_name", label: "Cell" }, { key: "p_sensitive", label: "p(sensitive)" },
+      { key: "p_sensitive_raw", label: "Raw p(sensitive)" }, { key: "call", label: "Call",
+        render: (r) => Object.assign(document.createElement("span"), { className: `lab ${r.call}`, textContent: r.call }) },
+      { key: "status", label: "Status" }, { key: "reason", label: "Reason" }], rows);
     $("pred-count").textContent = `${offset + 1}–${offset + rows.length} of ${cells.obs_name.length}`;
   }
 
@@ -51,15 +61,26 @@ export function initPredict({ onError }) {
     cells = res.cells;
     offset = 0;
     const s = res.summary;
-    $("pred-summary").textContent = `${s.n_scored}/${s.n_cells} cells scored with ${s.run_id}: ${s.n_sensitive} sensitive, `
-      + `${s.n_resistant} resistant, ${s.n_abstained} abstained (calibration ${s.calibration}).`;
+    $("pred-summary").textContent = `${s.n_scored} new cells scored, ${s.n_out_of_fold} cells that trained the head shown `
+      + `with their out-of-fold prediction, ${s.n_not_scored} not scored (of ${s.n_cells}) with ${s.run_id}: `
+      + `${s.n_sensitive} sensitive, ${s.n_resistant} resistant, ${s.n_abstained} abstained.`;
+    const q = s.qc;
+    $("pred-qc").textContent = q.applied
+      ? `QC (> ${q.min_genes} genes, < ${q.max_pct_mito} % mitochondrial): ${q.n_failed} cells failed`
+        + (Object.keys(q.reasons).length ? ` — ${Object.entries(q.reasons).map(([k, n]) => `${n} ${k}`).join(", ")}` : "")
+      : `QC skipped: the file holds ${q.x_kind} values, not raw counts.`;
+    const c = s.calibration_detail;
+    const oos = Object.entries(c.out_of_study || {}).filter(([, f]) => f.brier_calibrated != null)
+      .map(([m, f]) => `${m}: Brier ${f.brier_raw.toFixed(3)} raw → ${f.brier_calibrated.toFixed(3)}, ECE ${f.ece_raw.toFixed(3)} → ${f.ece_calibrated.toFixed(3)}`);
+    $("pred-calibration").textContent = `Calibration ${c.method} (${c.reason}).`
+      + (oos.length ? ` Out-of-study check over ${c.n_studies} studies — ${oos.join("; ")}.` : "");
     $("pred-result").hidden = false;
     showPage();
     $("umap-chart").textContent = "computing UMAP…";
     try {
       const u = await getJSON(`/jobs/${jobId}/umap`);
-      scatter($("umap-chart"), { x: u.x, y: u.y, c: u.probability, labels: u.obs_name }, { colorLabel: "predicted probability" });
-      $("umap-caption").textContent = `${u.basis} (${u.n_shown} of ${u.n_cells} cells), coloured by predicted probability`;
+      scatter($("umap-chart"), { x: u.x, y: u.y, c: u.p_sensitive, labels: u.obs_name }, { colorLabel: "p(sensitive)" });
+      $("umap-caption").textContent = `${u.basis} (${u.subsampled ? `a random subsample of ${u.n_shown} of ${u.n_cells} cells, for speed` : `${u.n_cells} cells`}), coloured by p(sensitive)`;
     } catch (e) {
       $("umap-chart").textContent = e.detail ?? String(e);
     }
@@ -78,6 +99,7 @@ export function initPredict({ onError }) {
   $("pred-head").addEventListener("change", showFolds);
   $("predict-form").addEventListener("submit", async (ev) => {
     ev.preventDefault();
+    clearError();
     const form = new FormData(ev.target);
     form.set("wait", "0");
     $("pred-result").hidden = true;

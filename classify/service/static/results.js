@@ -29,14 +29,16 @@ export function initResults({ onError }) {
     const folds = await getJSON("/metrics", { ...common, value: sel.value.value });
     const groups = new Map();
     for (const row of folds.items) {
-      if (!groups.has(row.run_id)) groups.set(row.run_id, { label: runLabel(row), points: [] });
+      if (!groups.has(row.run_id)) groups.set(row.run_id, { label: runLabel(row), points: [], names: [] });
       groups.get(row.run_id).points.push(row.score);
+      // cross-data folds are held-out studies: name them; pooled folds are numbered
+      groups.get(row.run_id).names.push(row.protocol === "cross" && row.fold_name ? `held-out study ${row.fold_name}` : `fold ${row.fold}`);
     }
     const data = [...groups.values()].map((g) => {
       const def = g.points.filter((p) => p !== null);
       return { ...g, mean: def.length ? def.reduce((a, b) => a + b, 0) / def.length : null };
     });
-    $("bar-caption").textContent = `${METRIC_NAMES[metric]} per model — ${sel.category.value} = ${sel.value.value} (${sel.protocol.value}); points are folds`;
+    $("bar-caption").textContent = `${METRIC_NAMES[metric]} per model — ${sel.category.value} = ${sel.value.value} (${sel.protocol.value}); points are ${sel.protocol.value === "cross" ? "held-out studies" : "folds"}`;
     const lo = metric === "mcc" ? -1 : 0;
     barPoints($("bar-chart"), data, { yLabel: METRIC_NAMES[metric], yDomain: [lo, 1] });
 
