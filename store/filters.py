@@ -124,7 +124,11 @@ def check_expression(expr: str, *, table: str = "datasets", what: str = "--where
     if depth != 0 or code.count("'") % 2 or code.count('"') % 2:
         msg = f"{what} must be one SQL expression with balanced parentheses and quotes: {text!r}"
         raise InputError(msg)
-    check_query(f"SELECT {FILTER_TABLES[table]} FROM {table} WHERE ({text})")
+    try:
+        check_query(f"SELECT {FILTER_TABLES[table]} FROM {table} WHERE ({text})")
+    except InputError as exc:
+        msg = f"bad {what} expression {text!r}; it must be one SQL expression over the {table} table ({exc})"
+        raise InputError(msg) from None
     return text
 
 

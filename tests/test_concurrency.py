@@ -198,3 +198,23 @@ def test_kill_9_during_manifest_ingest_then_rerun_leaves_no_temporary_file(sim: 
     code, out, err = _finish(_cli("--store", store, "doctor"))
     assert code == 0, out + err
     assert out.strip() == "store is consistent"
+
+
+def test_two_embeds_of_one_revision_do_not_corrupt_it(sim: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    assert CliRunner().invoke(main, ["--store", str(store), "ingest", "--manifest", str(sim)]).exit_code == 0
+    procs = [_cli("--store", store, "embed", "--model", "pca", "--no-progress") for _ in range(2)]
+    results = [_finish(p) for p in procs]
+    for code, out, err in results:
+        assert code == 0, err
+        assert "complete" in out
+    assert (
+        sorted(int(out.split("; ")[1].split()[0]) for _, out, _ in results)[0] == 0
+    )  # the second found them done
+    st = Store.open(store)
+    n_cells = st.query("SELECT COUNT(*) AS n FROM cells")["n"].iloc[0]
+    done = st.query(
+        "SELECT revision, COUNT(*) AS n, COUNT(DISTINCT cell_uid) AS u FROM embedded_cells GROUP BY 1"
+    )
+    assert len(done) == 1
+    assert done["n"].iloc[0] == done["u"].iloc[0] == n_cells
