@@ -211,7 +211,8 @@ def evaluate(
     model
         Embedding model name (its latest revision unless ``revision`` is given).
     head
-        ``mlp``, ``logreg``, ``lightgbm`` or ``rf``; ``head_params`` override its defaults.
+        ``mlp`` (trained to convergence), ``mlp_paper`` (scDrugMap's fixed 10 epochs), ``logreg``,
+        ``lightgbm`` or ``rf``; ``head_params`` override its defaults.
     protocol
         ``pooled`` (k-fold CV within the value), ``cross`` (leave-one-study-out) or ``external``
         (train on the ``train_where`` datasets of the value, default the primary collection; test on
