@@ -113,7 +113,9 @@ def test_page_filters_uploads_and_predicts(browser, server, tmp_path: Path) -> N
     page.set_input_files("#pred-file", str(upload))
     page.click("#pred-submit")
     page.wait_for_selector("#pred-table tbody tr", timeout=120_000)
-    assert "200/200 cells scored" in page.inner_text("#pred-summary")
+    assert "(of 200)" in page.inner_text("#pred-summary")
+    assert "QC (> 500 genes" in page.inner_text("#pred-qc")
+    assert "Calibration" in page.inner_text("#pred-calibration")
     labels = set(page.locator("#pred-table tbody tr td:nth-child(4)").all_inner_texts())
     assert labels <= {"sensitive", "resistant", "abstain", "not_scored"}
     assert page.locator("#pred-table tbody tr").count() == 100
@@ -123,7 +125,7 @@ def test_page_filters_uploads_and_predicts(browser, server, tmp_path: Path) -> N
     with page.expect_download() as dl:
         page.click("#pred-download")
     csv = Path(dl.value.path()).read_text()
-    assert csv.splitlines()[0] == "obs_name,probability,probability_raw,label"
+    assert csv.splitlines()[0] == "obs_name,p_sensitive,p_sensitive_raw,call,status,reason"
     assert len(csv.splitlines()) == 201
 
     shot = tmp_path / "page.png"
@@ -166,3 +168,94 @@ def test_page_asks_for_token(browser, tmp_path_factory: pytest.TempPathFactory) 
     finally:
         srv.should_exit = True
         thread.join(timeout=10)
+
+
+def _big_upload(store: Path, out: Path, n_cells: int = 10_000) -> Path:
+    """``n_cells`` new cells: demo input cells drawn with replacement, their counts resampled (Poisson)."""
+    import anndata as ad
+    import numpy as np
+    import scipy.sparse as sp
+
+    parts = [ad.read_h5ad(p) for p in sorted((store / "demo_input").glob("SIM0[1-4].h5ad"))]
+    whole = ad.concat(parts, join="inner")
+    rng = np.random.default_rng(7)
+    pick = rng.choice(whole.n_obs, n_cells, replace=True)
+    X = sp.csr_matrix(whole.X[pick], dtype=np.float32)
+    X.data = rng.poisson(X.data).astype(np.float32)
+    X.eliminate_zeros()
+    big = ad.AnnData(X=X, var=whole.var.copy())
+    big.obs_names = [f"upload_{i:05d}" for i in range(n_cells)]
+    big.write_h5ad(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server_with_imported_head(
+    browser, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, Path]]:
+    """A copy of the demo store plus a head on an imported embedding (cannot embed new files)."""
+    import uvicorn
+
+    from classify.evaluate import evaluate
+    from classify.service import create_app
+    from store import Store, export_obsm
+    from store.imports import import_embeddings
+
+    tmp = tmp_path_factory.mktemp("browser-big")
+    store = tmp / "store"
+    shutil.copytree(demo_store(tmp_path_factory), store)
+    st = Store.open(store)
+    emb = export_obsm(st, "SIM01", "pca")
+    emb.obsm["X_published"] = emb.obsm.pop("X_scdrugmap_pca")
+    emb.write_h5ad(tmp / "published.h5ad")
+    import_embeddings(
+        st, tmp / "published.h5ad", dataset_id="SIM01", obsm_key="X_published", model="published"
+    )
+    evaluate(st, model="published", head="logreg", category="dataset_id", value="SIM01", grouping="cell", k=3)
+    upload = _big_upload(store, tmp / "ten_thousand_cells.h5ad")
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(create_app(store), host="127.0.0.1", port=port, log_level="warning"))
+    thread = _start(srv)
+    yield f"http://127.0.0.1:{port}", upload
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.mark.slow
+def test_page_predicts_a_10000_cell_upload(browser, server_with_imported_head) -> None:
+    """Issue 17 acceptance 4: table + UMAP for 10,000 cells, the default head, no imported head offered."""
+    url, upload = server_with_imported_head
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    problems: list[str] = []
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.on("response", lambda r: problems.append(f"{r.status} {r.url}") if r.status >= 500 else None)
+    page.goto(url)
+    page.click("button[data-tab=predict]")
+    page.wait_for_selector("#pred-head option", state="attached")
+    offered = page.locator("#pred-head option").all_inner_texts()
+    assert offered
+    assert not any(o.startswith("published") for o in offered)  # the imported head is not offered
+    assert "(default)" in offered[0]
+    assert page.input_value("#pred-head") == page.locator("#pred-head option").first.get_attribute("value")
+    assert page.locator("#pred-fold-label").is_hidden()  # frozen head: no LoRA fold selector
+    unavailable = page.locator("#pred-unavailable-list").text_content()  # inside a closed <details>
+    assert "published" in unavailable
+    assert "imported embedding" in unavailable
+    assert "probability that it is drug-sensitive" in page.inner_text("#pred-hint")
+    # a failed request leaves a banner; the next action clears it
+    page.evaluate("document.getElementById('error').hidden = false")
+    page.set_input_files("#pred-file", str(upload))
+    page.click("#pred-submit")
+    assert page.locator("#error").is_hidden()
+    page.wait_for_selector("#pred-table tbody tr", timeout=300_000)
+    assert "(of 10000)" in page.inner_text("#pred-summary")
+    assert page.locator("#pred-table tbody tr").count() == 100
+    calls = set(page.locator("#pred-table tbody tr td:nth-child(4)").all_inner_texts())
+    assert calls <= {"sensitive", "resistant", "abstain", "not_scored"}
+    assert calls & {"sensitive", "resistant"}  # the default head predicts
+    page.wait_for_selector("#umap-chart svg circle.cell", timeout=300_000)
+    assert page.locator("#umap-chart svg circle.cell").count() == 3000
+    assert "random subsample of 3000 of 10000 cells" in page.inner_text("#umap-caption")
+    assert page.locator("#error").is_hidden()
+    assert not problems, problems
+    page.close()
