@@ -142,7 +142,7 @@ def lora_prediction(collection: tuple[Path, Path], tmp_path_factory: pytest.Temp
 
 def test_predict_with_a_lora_head(lora_prediction) -> None:
     _, _, scored, output = lora_prediction
-    assert scored["scdrugmap_probability"].between(0, 1).mean() > 0.9
+    assert scored["scdrugmap_p_sensitive"].between(0, 1).mean() > 0.9
     assert "recorded for dataset SIM02" in output
 
 
@@ -178,5 +178,5 @@ def test_service_predicts_with_a_lora_head(collection: tuple[Path, Path], lora_p
         assert bad.status_code == 422
         assert "fold 99" in bad.json()["detail"]
         assert post(fold="x").status_code == 422
-    expected = scored["scdrugmap_probability"].to_numpy()
-    np.testing.assert_allclose(np.asarray(body["cells"]["probability"], dtype=float), expected, rtol=1e-6)
+    expected = scored["scdrugmap_p_sensitive"].to_numpy()
+    np.testing.assert_allclose(np.asarray(body["cells"]["p_sensitive"], dtype=float), expected, rtol=1e-6)
