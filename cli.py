@@ -302,10 +302,22 @@ def models() -> None:
 @click.option("--batch-key", help="With --correct harmony: sample_id or a dataset field (default study).")
 @click.option("--correct-option", "correct_options", multiple=True,
               help="Harmony option KEY=VALUE: theta, sigma, nclust, max_iter, n_pcs, seed (repeatable).")  # fmt: skip
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: worker processes on this machine; ray: Ray actors (a cluster with --address).")  # fmt: skip
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Worker processes / Ray actors, each embedding chunk-aligned shards (1 local: in-process).")  # fmt: skip
+@click.option("--address", help="Ray cluster address (default: start a local Ray with --workers CPUs).")
+@click.option(
+    "--threads", type=click.IntRange(min=1), default=1, show_default=True, help="Threads per worker."
+)
+@click.option(
+    "--chunk-rows", type=click.IntRange(min=1), help="Rows per Zarr chunk of a new array (default ≥ 1 MiB)."
+)
 @click.pass_context
 def embed(ctx: click.Context, model: str, checkpoint: Path | None, dataset_ids: tuple[str, ...], where: str | None,
           pooling: str | None, batch_size: int | None, device: str | None, options: tuple[str, ...], lora_run: str | None, lora_fold: int,
-          no_progress: bool, correct: str, batch_key: str | None, correct_options: tuple[str, ...]) -> None:  # fmt: skip
+          no_progress: bool, correct: str, batch_key: str | None, correct_options: tuple[str, ...], executor: str,
+          workers: int, address: str | None, threads: int, chunk_rows: int | None) -> None:  # fmt: skip
     """Embed the selected datasets with MODEL into the store (resumes after an interruption)."""
     from embedder.runner import embed_datasets
 
@@ -335,16 +347,25 @@ def embed(ctx: click.Context, model: str, checkpoint: Path | None, dataset_ids: 
         from classify.finetune import finetuned_embedder
 
         emb, _ = finetuned_embedder(st, lora_run, lora_fold, checkpoint=checkpoint)
-    r = embed_datasets(
-        st,
-        model,
-        embedder=emb,
-        checkpoint=checkpoint,
-        datasets=selected,
-        where=where,
-        options=opts,
-        progress=not no_progress,
-    )
+    from embedder.executor import make_executor
+
+    pool = make_executor(executor, workers=workers, address=address)
+    try:
+        r = embed_datasets(
+            st,
+            model,
+            embedder=emb,
+            checkpoint=checkpoint,
+            datasets=selected,
+            where=where,
+            options=opts,
+            progress=not no_progress,
+            executor=pool,
+            threads=threads,
+            chunk_rows=chunk_rows,
+        )
+    finally:
+        pool.close()
     click.echo(
         f"{r.model} revision {r.revision}: dim {r.dim}; {r.n_embedded_now} cells embedded now, {r.n_done} done; {r.status}"
     )

@@ -305,4 +305,7 @@ class PCAEmbedder(_HVGBase):
     def embed(self, adata: AnnData) -> np.ndarray:
         """float32 ``(n_cells, n_comps)`` PCA scores."""
         Z = self._standardised(adata)
-        return ((Z - self.pca_mean) @ self.components.T).astype(np.float32)
+        # float64 product: the float32 result does not depend on the BLAS thread count, so shards
+        # embedded by workers with other thread settings give the same array (embedder.executor)
+        centred = (Z - self.pca_mean).astype(np.float64)
+        return (centred @ self.components.T.astype(np.float64)).astype(np.float32)

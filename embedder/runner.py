@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,7 +25,9 @@ import numpy as np
 import pandas as pd
 
 from embedder.base import Embedder, load_embedder
+from embedder.executor import EmbedJob, Executor, plan_shards
 from store.catalog import Store
+from store.embed_records import mark_done, record_coverage, refresh_counts
 from store.embeddings import ensure_array, iter_chunks, write_rows
 from store.errors import InputError, StoreError
 
@@ -128,49 +131,7 @@ def _register(
             old = json.loads(row[0])
             old["datasets"] = sorted(set(old.get("datasets", [])) | set(selection["dataset_id"]))
             con.execute("UPDATE embeddings SET spec = ? WHERE revision = ?", [json.dumps(old), revision])
-        _refresh_counts(con, revision)
-
-
-def record_coverage(con, revision: str, dataset_id: str, model: str, cov: dict[str, Any]) -> None:
-    """Write one ``coverage`` row: matched fractions and, per route, genes and share of counts.
-
-    Parameters
-    ----------
-    con
-        A writable catalog connection (inside the caller's transaction).
-    revision, dataset_id, model
-        The row's key and model name.
-    cov
-        :meth:`Embedder.coverage` of the dataset (route columns absent for models without a
-        gene vocabulary are stored as NULL).
-    """
-    from embedder.vocab import ROUTES
-
-    row = {"revision": revision, "dataset_id": dataset_id, "model": model}
-    row |= {"frac_genes": cov["genes"], "frac_counts": cov["counts"]}
-    row |= {"gene_matching": cov.get("gene_matching"), "n_genes": cov.get("n_genes")}
-    for route in ROUTES:
-        row[f"genes_{route}"] = cov.get(f"genes_{route}")
-        row[f"counts_{route}"] = cov.get(f"counts_{route}")
-    cols = list(row)
-    con.execute(
-        f"INSERT OR REPLACE INTO coverage ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})",
-        [row[c] for c in cols],
-    )
-
-
-def _refresh_counts(con, revision: str) -> tuple[int, int]:
-    spec = json.loads(con.execute("SELECT spec FROM embeddings WHERE revision = ?", [revision]).fetchone()[0])
-    n_sel = con.execute(
-        "SELECT COUNT(*) FROM cells WHERE list_contains(?, dataset_id)", [spec.get("datasets", [])]
-    ).fetchone()[0]
-    n_done = con.execute("SELECT COUNT(*) FROM embedded_cells WHERE revision = ?", [revision]).fetchone()[0]
-    status = "complete" if n_done >= n_sel else "partial"
-    con.execute(
-        "UPDATE embeddings SET rows_selected = ?, rows_done = ?, status = ?, updated_at = ? WHERE revision = ?",
-        [n_sel, n_done, status, datetime.now(UTC).replace(tzinfo=None), revision],
-    )
-    return int(n_sel), int(n_done)
+        refresh_counts(con, revision)
 
 
 def embed_datasets(
@@ -184,6 +145,8 @@ def embed_datasets(
     chunk_rows: int | None = None,
     progress: bool = True,
     embedder: Embedder | None = None,
+    executor: Executor | None = None,
+    threads: int = 1,
 ) -> EmbedResult:
     """Embed the selected datasets with ``model`` into the store (resumable).
 
@@ -204,7 +167,14 @@ def embed_datasets(
     progress
         Show a progress bar.
     embedder
-        An already-loaded embedder (overrides ``model``/``checkpoint``/``options``).
+        An already-loaded embedder (overrides ``model``/``checkpoint``/``options``; always
+        embeds in this process).
+    executor
+        Scatter chunk-aligned shards over worker processes or Ray actors
+        (:func:`embedder.executor.make_executor`); None or one local worker embeds in this
+        process. Models whose cells attend to each other (CellPLM) always embed here.
+    threads
+        Intra-op threads per worker of ``executor``.
 
     Returns
     -------
@@ -240,45 +210,23 @@ def embed_datasets(
         [selection["dataset_id"].tolist(), revision],
     )
     bar = tqdm(total=len(pending_all), desc=f"embed {emb.name}", unit="cell", disable=not progress)
-    n_now = 0
-    for dataset_id, part in pending_all.groupby("dataset_id", sort=True):
-        adata = _read_dataset(store, str(dataset_id))
-        cov = emb.coverage(adata)
-        with store.transaction() as con:
-            record_coverage(con, revision, str(dataset_id), emb.name, cov)
-        if cov["genes"] < 0.5:
-            log.warning(
-                "%s covers only %.0f %% of the genes (%.0f %% of counts) of dataset %s",
-                emb.name,
-                100 * cov["genes"],
-                100 * cov["counts"],
-                dataset_id,
-            )
-        row_of = pd.Series(np.arange(adata.n_obs), index=adata.obs["cell_uid"].to_numpy())
-        whole = None
-        if getattr(emb, "attends_across_cells", False):
-            # cells attend to each other (CellPLM): embed the whole dataset in cell_uid order so the
-            # batches follow the model's recorded rule whatever was done before an interruption
-            whole = np.asarray(emb.embed(adata), dtype=np.float32)
-        for _, uids in iter_chunks(part["cell_uid"].to_numpy(), arr.chunks[0]):
-            rows = row_of.loc[uids].to_numpy()
-            values = (
-                whole[rows] if whole is not None else np.asarray(emb.embed(adata[rows]), dtype=np.float32)
-            )
-            if values.shape != (uids.size, arr.shape[1]):
-                msg = f"{emb.name} returned shape {values.shape}, expected {(uids.size, arr.shape[1])}"
-                raise StoreError(msg)
-            write_rows(arr, uids, values)
-            with store.transaction() as con:
-                con.register("_done", pd.DataFrame({"revision": revision, "cell_uid": uids}))
-                con.execute("INSERT INTO embedded_cells SELECT * FROM _done")
-                con.unregister("_done")
-                _refresh_counts(con, revision)
-            n_now += uids.size
-            bar.update(uids.size)
+    scatter = (
+        executor is not None
+        and embedder is None
+        and not getattr(emb, "attends_across_cells", False)
+        and (executor.kind != "local" or executor.workers > 1)
+    )
+    if scatter:
+        for dataset_id in pending_all["dataset_id"].unique():
+            _record_coverage(store, emb, revision, str(dataset_id), _read_dataset(store, str(dataset_id)))
+        job = EmbedJob(str(store.path.resolve()), model, str(checkpoint) if checkpoint else None,
+                       dict(options or {}), revision, threads=int(threads))  # fmt: skip
+        n_now = _run_scattered(store, executor, job, plan_shards(pending_all, arr.chunks[0]), revision, bar)
+    else:
+        n_now = _run_serial(store, emb, arr, pending_all, revision, bar)
     bar.close()
     with store.transaction() as con:
-        n_sel, n_done = _refresh_counts(con, revision)
+        n_sel, n_done = refresh_counts(con, revision)
     report = getattr(emb, "padding_report", None)
     if report is not None and report.padded_unsorted:
         log.info("length sorting saved %.0f %% of padding tokens", 100 * report.saved_fraction)
@@ -295,6 +243,72 @@ def embed_datasets(
         n_done=n_done,
         status="complete" if n_done >= n_sel else "partial",
     )
+
+
+def _record_coverage(store: Store, emb: Embedder, revision: str, dataset_id: str, adata: ad.AnnData) -> None:
+    cov = emb.coverage(adata)
+    with store.transaction() as con:
+        record_coverage(con, revision, dataset_id, emb.name, cov)
+    if cov["genes"] < 0.5:
+        log.warning(
+            "%s covers only %.0f %% of the genes (%.0f %% of counts) of dataset %s",
+            emb.name,
+            100 * cov["genes"],
+            100 * cov["counts"],
+            dataset_id,
+        )
+
+
+def _run_serial(store: Store, emb: Embedder, arr, pending: pd.DataFrame, revision: str, bar) -> int:
+    """Embed in this process, dataset by dataset, one chunk at a time; returns cells embedded."""
+    n_now = 0
+    for dataset_id, part in pending.groupby("dataset_id", sort=True):
+        adata = _read_dataset(store, str(dataset_id))
+        _record_coverage(store, emb, revision, str(dataset_id), adata)
+        row_of = pd.Series(np.arange(adata.n_obs), index=adata.obs["cell_uid"].to_numpy())
+        whole = None
+        if getattr(emb, "attends_across_cells", False):
+            # cells attend to each other (CellPLM): embed the whole dataset in cell_uid order so the
+            # batches follow the model's recorded rule whatever was done before an interruption
+            whole = np.asarray(emb.embed(adata), dtype=np.float32)
+        for _, uids in iter_chunks(part["cell_uid"].to_numpy(), arr.chunks[0]):
+            rows = row_of.loc[uids].to_numpy()
+            values = (
+                whole[rows] if whole is not None else np.asarray(emb.embed(adata[rows]), dtype=np.float32)
+            )
+            if values.shape != (uids.size, arr.shape[1]):
+                msg = f"{emb.name} returned shape {values.shape}, expected {(uids.size, arr.shape[1])}"
+                raise StoreError(msg)
+            write_rows(arr, uids, values)
+            with store.transaction() as con:
+                mark_done(con, revision, uids)
+            n_now += uids.size
+            bar.update(uids.size)
+    return n_now
+
+
+def _run_scattered(store: Store, executor: Executor, job: EmbedJob, shards, revision: str, bar) -> int:
+    """Shards over ``executor``; the finished ones are recorded in batches (one catalog writer:
+    this process), and always before an error propagates, so a rerun redoes only the rest."""
+    n_now, batch, last = 0, [], time.monotonic()
+
+    def flush() -> None:
+        if batch:
+            with store.transaction() as con:
+                mark_done(con, revision, np.concatenate(batch))
+            batch.clear()
+
+    try:
+        for _, uids in executor.map(job, shards):
+            batch.append(uids)
+            n_now += uids.size
+            bar.update(uids.size)
+            if len(batch) >= 16 or time.monotonic() - last > 5:
+                flush()
+                last = time.monotonic()
+    finally:
+        flush()
+    return n_now
 
 
 def restore_embedder(store: Store, revision: str, *, checkpoint: str | Path | None = None) -> Embedder:

@@ -3,7 +3,7 @@
 One array per (model, revision) at ``embeddings.zarr/<model>/<revision>/embedding`` with
 shape ``(n_cells_total, dim)``, float32, row = ``cell_uid``, dimension names
 ``("cell", "latent")``, chunks spanning the full width and holding ≥ 1 MiB, uncompressed (model
-embeddings barely compress, and decompression dominated reads). Unwritten rows
+embeddings barely compress, and decompression dominated reads) with a CRC32C checksum per chunk. Unwritten rows
 read as NaN ("not embedded yet"). Rows are written chunk by chunk (read-modify-write of one
 chunk, one writer per chunk); a row counts as done only once the catalog's
 ``embedded_cells`` table records it.
@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import zarr
+from zarr.codecs import Crc32cCodec
 
 from store.errors import StoreError
 
@@ -98,14 +99,16 @@ def ensure_array(
         chunks=(rows, dim),
         dtype="float32",
         fill_value=np.nan,
-        compressors=None,  # float32 embeddings barely compress; zstd made reads ~7x slower
+        # no compression (float32 embeddings barely compress; zstd made reads ~7x slower), but a
+        # CRC32C checksum per chunk, so a damaged chunk is an error, never silent garbage
+        compressors=[Crc32cCodec()],
         dimension_names=("cell", "latent"),
         attributes={"model": model, "revision": revision},
     )
 
 
-def open_array(store: Store, model: str, revision: str) -> zarr.Array:
-    """Open an existing embedding array.
+def open_array(store: Store, model: str, revision: str, *, mode: str = "r") -> zarr.Array:
+    """Open an existing embedding array (``mode="r+"`` to write rows into it).
 
     Raises
     ------
@@ -114,7 +117,7 @@ def open_array(store: Store, model: str, revision: str) -> zarr.Array:
     """
     path = _array_path(model, revision)
     try:
-        root = zarr.open_group(store.zarr_path, mode="r", zarr_format=3)
+        root = zarr.open_group(store.zarr_path, mode=mode, zarr_format=3)
         return root[path]
     except (FileNotFoundError, KeyError) as exc:
         msg = f"no embedding array for model {model!r} revision {revision!r}; run `scdrugmap embed --model {model}`"
@@ -180,33 +183,22 @@ def read_rows(arr: zarr.Array, uids: np.ndarray) -> np.ndarray:
         float32 ``(len(uids), dim)``.
     """
     uids = np.asarray(uids, dtype=np.int64)
-    out = np.full((uids.size, arr.shape[1]), np.nan, dtype=np.float32)
-    pos = np.flatnonzero((uids >= 0) & (uids < arr.shape[0]))
+    inside = (uids >= 0) & (uids < arr.shape[0])
+    out = np.empty((uids.size, arr.shape[1]), dtype=np.float32)  # every row is filled below
+    out[~inside] = np.nan
+    pos = np.flatnonzero(inside)
     if pos.size == 0:
         return out
     order = np.argsort(uids[pos], kind="stable")
     pos, sel = pos[order], uids[pos][order]
     rows = int(arr.chunks[0])
     chunk = sel // rows
-    raw = _raw_chunk_path(arr)
+    raw, crc = _raw_chunk_path(arr)
     if raw is not None:  # uncompressed full-width chunks on a local disk: read the files directly
-        buf = np.empty((rows, arr.shape[1]), dtype="<f4")
         bounds = np.flatnonzero(np.r_[True, np.diff(chunk) > 0])
-        for a, b in zip(bounds, np.r_[bounds[1:], sel.size], strict=True):
-            c = int(chunk[a])
-            n, first, p0 = b - a, int(sel[a]) - c * rows, int(pos[a])
-            # a whole chunk wanted in order (the usual case: datasets are contiguous cell_uids)
-            whole = n == rows and first == 0 and sel[b - 1] - sel[a] == n - 1 and pos[b - 1] - p0 == n - 1
-            target = out[p0 : p0 + n] if whole else buf
-            if not _read_chunk_file(raw / str(c) / "0", target):
-                block = np.asarray(arr[c * rows : min((c + 1) * rows, arr.shape[0])], dtype=np.float32)
-                target[: len(block)] = block
-            if whole:
-                continue
-            if sel[b - 1] - sel[a] == n - 1 and pos[b - 1] - p0 == n - 1:
-                out[p0 : p0 + n] = buf[first : first + n]
-            else:
-                out[pos[a:b]] = buf[sel[a:b] - c * rows]
+        groups = list(zip(bounds.tolist(), np.r_[bounds[1:], sel.size].tolist(), strict=True))
+        for group in groups:  # (threads measured slower: the reads are memory-bound)
+            _read_chunk_rows(arr, str(raw), crc, out, pos, sel, chunk, group)
         return out
     starts = np.flatnonzero(np.r_[True, np.diff(chunk) > 1])  # runs of adjacent needed chunks
     ends = np.r_[starts[1:], sel.size]
@@ -224,46 +216,86 @@ def read_rows(arr: zarr.Array, uids: np.ndarray) -> np.ndarray:
     return out
 
 
-def _raw_chunk_path(arr: zarr.Array) -> Path | None:
-    """Directory of the array's chunk files when they can be read as raw float32 bytes, else None.
+def _read_chunk_rows(
+    arr: zarr.Array,
+    base: str,
+    crc: bool,
+    out: np.ndarray,
+    pos: np.ndarray,
+    sel: np.ndarray,
+    chunk: np.ndarray,
+    group: tuple[int, int],
+) -> None:
+    """Rows ``sel[a:b]`` (all in one chunk) into ``out[pos[a:b]]`` from the chunk's raw file."""
+    a, b = group
+    rows = int(arr.chunks[0])
+    c = int(chunk[a])
+    n, first, p0 = b - a, int(sel[a]) - c * rows, int(pos[a])
+    contiguous = sel[b - 1] - sel[a] == n - 1 and pos[b - 1] - p0 == n - 1
+    whole = contiguous and n == rows and first == 0  # the usual case: datasets are contiguous uids
+    target = out[p0 : p0 + n] if whole else np.empty((rows, arr.shape[1]), dtype="<f4")
+    if not _read_chunk_file(f"{base}/{c}/0", target, crc=crc):
+        block = np.asarray(arr[c * rows : min((c + 1) * rows, arr.shape[0])], dtype=np.float32)
+        target[: len(block)] = block
+    if whole:
+        return
+    if contiguous:
+        out[p0 : p0 + n] = target[first : first + n]
+    else:
+        out[pos[a:b]] = target[sel[a:b] - c * rows]
+
+
+def _raw_chunk_path(arr: zarr.Array) -> tuple[Path | None, bool]:
+    """``(directory of the chunk files, chunks carry a CRC32C)`` when the chunks can be read as raw
+    float32 bytes, else ``(None, False)``.
 
     True for the arrays :func:`ensure_array` writes on a local disk: one chunk spans the full
-    width, no compressor, the ``bytes`` codec little-endian, default ``c/<row>/<col>`` keys
-    (Zarr v3 spec), so chunk ``i`` is the file ``c/i/0`` holding ``rows × dim`` float32 values.
+    width, the ``bytes`` codec little-endian, no compressor (optionally ``crc32c``), default
+    ``c/<row>/<col>`` keys (Zarr v3 spec), so chunk ``i`` is the file ``c/i/0`` holding
+    ``rows × dim`` float32 values (and 4 checksum bytes).
     """
-    from zarr.codecs import BytesCodec
+    from zarr.codecs import BytesCodec, Crc32cCodec
     from zarr.storage import LocalStore
 
     meta = arr.metadata
     try:
+        codecs = tuple(meta.codecs)
         simple = (
             isinstance(arr.store, LocalStore)
             and arr.dtype == np.dtype("float32")
             and arr.chunks[1] == arr.shape[1]
-            and len(meta.codecs) == 1
-            and isinstance(meta.codecs[0], BytesCodec)
-            and str(getattr(meta.codecs[0].endian, "value", meta.codecs[0].endian)) == "little"
+            and isinstance(codecs[0], BytesCodec)
+            and str(getattr(codecs[0].endian, "value", codecs[0].endian)) == "little"
+            and (len(codecs) == 1 or (len(codecs) == 2 and isinstance(codecs[1], Crc32cCodec)))
             and getattr(meta.chunk_key_encoding, "name", "") == "default"
             and getattr(meta.chunk_key_encoding, "separator", "") == "/"
         )
-    except AttributeError:  # zarr v2 metadata or another layout: read through zarr
-        return None
-    return Path(str(arr.store.root)) / arr.path / "c" if simple else None
+    except (AttributeError, IndexError):  # zarr v2 metadata or another layout: read through zarr
+        return None, False
+    if not simple:
+        return None, False
+    return Path(str(arr.store.root)) / arr.path / "c", len(codecs) == 2
 
 
-def _read_chunk_file(path: Path, buf: np.ndarray) -> bool:
+def _read_chunk_file(path: str, buf: np.ndarray, *, crc: bool) -> bool:
     """Fill ``buf`` from one raw chunk file; a missing chunk (never written) is NaN.
 
-    Returns False when the file is not exactly one chunk (e.g. a writer is replacing it), so
-    the caller reads that chunk through zarr instead.
+    Returns False when the file is not exactly one chunk (e.g. a writer is replacing it) or its
+    checksum does not match, so the caller reads that chunk through zarr instead (which then
+    reports a damaged chunk as an error).
     """
+    import google_crc32c
+
     try:
         with open(path, "rb") as fh:
             n = fh.readinto(memoryview(buf).cast("B"))
-            return n == buf.nbytes and fh.read(1) == b""
+            tail = fh.read(5)
     except FileNotFoundError:
         buf.fill(np.nan)
         return True
+    if n != buf.nbytes or len(tail) != (4 if crc else 0):
+        return False
+    return not crc or np.uint32(google_crc32c.value(buf.reshape(-1).view(np.uint8))).tobytes() == tail
 
 
 def resolve_revision(store: Store, model: str, revision: str | None = None) -> str:
