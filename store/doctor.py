@@ -179,9 +179,9 @@ def _check_arrays(store: Store, repair: bool) -> list[Finding]:
                 f = Finding(
                     "damaged chunk", str(chunk), f"revision {rev}, rows {lo}–{hi - 1}: {type(exc).__name__}"
                 )
-                if repair:
-                    chunk.unlink(missing_ok=True)
+                if repair:  # rows first: an interrupted repair leaves rows to recompute, never a hole
                     _forget_rows(store, rev, (lo, hi))
+                    chunk.unlink(missing_ok=True)
                     f.repaired = True
                 found.append(f)
     return found

@@ -53,7 +53,12 @@ _PID = re.compile(r"\(PID (\d+)\)")
 _settings: dict[str, object] = {
     "timeout_s": float(os.environ.get("SCDRUGMAP_WAIT_TIMEOUT", DEFAULT_TIMEOUT_S)),
     "no_wait": False,
-    "command": " ".join(["scdrugmap", *sys.argv[1:]])[:300],
+    "command": " ".join(
+        [
+            "scdrugmap" if Path(sys.argv[0]).name in ("scdrugmap", "cli.py") else Path(sys.argv[0]).name,
+            *sys.argv[1:],
+        ]
+    )[:300],
 }
 _held: dict[str, list] = {}  # resolved store path → [fd, depth]
 _guard = threading.Lock()
