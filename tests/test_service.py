@@ -468,3 +468,29 @@ def test_jobs_expire(store_path: Path, upload: Path, head: str) -> None:
         assert c.get(f"/jobs/{ids[-1]}").status_code == 200
         assert len(list(app.state.jobs.workdir.iterdir())) <= 2
     assert threading.active_count() < 50
+
+
+def test_heads_that_cannot_embed_new_files_say_why(tmp_path: Path) -> None:
+    """Imported and transductive (Harmony) embeddings, missing checkpoints and rf heads are not predictable."""
+    from classify.service.heads_info import unpredictable_reason
+
+    frozen = {"strategy": "frozen", "head": "logreg"}
+    assert unpredictable_reason(frozen, {"options": {}}) is None
+    assert "imported" in unpredictable_reason(frozen, {"imported_from": "/x.h5ad"})
+    assert "Harmony" in unpredictable_reason(frozen, {"corrected_from": {"model": "pca"}})
+    assert "not on this machine" in unpredictable_reason(frozen, {"checkpoint": str(tmp_path / "gone")})
+    assert "pickle" in unpredictable_reason({"strategy": "frozen", "head": "rf"}, {})
+    assert "prompt" in unpredictable_reason({"strategy": "prompt", "head": "llm"}, {})
+    assert "not in the store" in unpredictable_reason(frozen, None)
+
+
+def test_models_offer_a_default_predictable_head(client: TestClient, head: str) -> None:
+    models = client.get("/models").json()
+    defaults = [h for h in models["heads"] if h["default"]]
+    assert len(defaults) == 1
+    assert defaults[0]["run_id"] == models["default_head"]
+    assert defaults[0]["predictable"] is True
+    best = max(
+        (h for h in models["heads"] if h["predictable"]), key=lambda h: h["metrics"].get("auroc") or -1
+    )
+    assert models["default_head"] == best["run_id"]
