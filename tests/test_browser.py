@@ -101,6 +101,9 @@ def test_page_filters_uploads_and_predicts(browser, server, tmp_path: Path) -> N
     rows.first.click()
     page.wait_for_selector("#ds-detail h2:has-text('SIM03')")
     assert "pca" in page.inner_text("#ds-detail table")
+    table_box = page.locator("#ds-table").locator("xpath=..").bounding_box()
+    detail_box = page.locator("#ds-detail").bounding_box()
+    assert table_box["x"] + table_box["width"] <= detail_box["x"]  # the detail panel covers no table column
 
     page.click("button[data-tab=results]")
     page.wait_for_selector("#bar-chart svg .fold-point")
