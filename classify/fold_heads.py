@@ -151,18 +151,18 @@ def calibration_meta(store: Store, row: pd.Series) -> dict[str, Any]:
     Returns
     -------
     dict
-        ``calibrators`` (platt/isotonic maps), ``default_calibration``, ``default_reason``,
-        ``out_of_study`` (pooled figures per method), ``n_studies``.
-
-    Raises
-    ------
-    InputError
-        Out-of-fold predictions of one class only.
+        ``calibrators`` (platt/isotonic maps; empty when the out-of-fold predictions hold one
+        class), ``default_calibration``, ``default_reason``, ``out_of_study`` (pooled figures per
+        method), ``n_studies``.
     """
     oof = oof_predictions(store, str(row["run_id"]))
     y_oof = (oof["label"] == row["positive_class"]).to_numpy().astype(int)
     p_oof = oof["probability"].to_numpy(dtype=float)
-    calibrators = {m: fit_calibrator(p_oof, y_oof, method=m).to_dict() for m in ("platt", "isotonic")}
+    calibrators = (
+        {m: fit_calibrator(p_oof, y_oof, method=m).to_dict() for m in ("platt", "isotonic")}
+        if np.unique(y_oof).size == 2
+        else {}
+    )
     checks = out_of_study_checks(p_oof, y_oof, oof["study"].to_numpy())
     store_checks(store, str(row["run_id"]), checks)
     method, why = default_calibration(checks)
@@ -174,8 +174,17 @@ def calibration_meta(store: Store, row: pd.Series) -> dict[str, Any]:
 
 
 def lora_meta(store: Store, row: pd.Series, fold: int) -> dict[str, Any]:
-    """Provenance, calibration and training-row hashes of one fold of a LoRA run."""
-    h, u = _train_hashes(store, _run_cells(store, row))
+    """Provenance, calibration and training-row hashes of one fold of a LoRA run (hashes cached)."""
+    cache = store.path / "heads" / str(row["run_id"]) / "lora_train_rows.npz"
+    if cache.exists():
+        with np.load(cache, allow_pickle=False) as z:
+            h, u = z["hash"], z["cell_uid"]
+    else:
+        h, u = _train_hashes(store, _run_cells(store, row))
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.stem}.tmp-{os.getpid()}.npz")
+        np.savez(tmp, hash=h, cell_uid=u)
+        os.replace(tmp, cache)
     return {"run_id": row["run_id"], "model": row["model"], "revision": row["revision"], "head": row["head"],
             "positive_class": row["positive_class"], "folds": [fold], **calibration_meta(store, row),
             "train_hash": h, "train_uid": u}  # fmt: skip

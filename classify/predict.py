@@ -203,6 +203,10 @@ def predict(
         raise InputError(msg)
     row = _run_row(store, head)
     emb, score, meta = _scorer(store, row, fold, checkpoint)
+    method = meta["default_calibration"] if calibration == "auto" else calibration
+    if method != "none" and method not in meta["calibrators"]:
+        msg = f"--calibration {method} is not available: run {head}'s out-of-fold predictions hold one class; use auto or none"
+        raise InputError(msg)
     in_memory = isinstance(data, ad.AnnData)
     spec = IngestSpec(dataset_id="predict", gene_key=gene_key, layer=layer, input_type=input_type,
                       min_genes=min_genes, max_pct_mito=max_pct_mito)  # fmt: skip
@@ -255,7 +259,6 @@ def predict(
         gone = t_idx[~known]
         raw[gone], status[gone] = np.nan, "not_scored"
         reason[gone] = "trained the head and has no out-of-fold prediction"
-    method = meta["default_calibration"] if calibration == "auto" else calibration
     cal = Calibrator("none") if method == "none" else Calibrator.from_dict(meta["calibrators"][method])
     ok = status != "not_scored"
     prob = np.where(ok, cal(np.nan_to_num(raw, nan=0.5)), np.nan)
