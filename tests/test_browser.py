@@ -110,6 +110,11 @@ def test_page_filters_uploads_and_predicts(browser, server, tmp_path: Path) -> N
     page.wait_for_selector("#radar-chart svg .radar-series")
     page.wait_for_selector("#roc-chart svg path.curve")
     assert page.locator("#res-table tbody tr").count() >= 1
+    assert "Cross-data" in page.inner_text("#res-hint")
+    page.select_option("#res-protocol", "cross")
+    page.wait_for_function(
+        "[...document.querySelectorAll('#bar-chart svg .fold-point title')].some(t => t.textContent.includes('held-out study SIM-S0'))"
+    )  # cross-data fold points are named by their held-out study
 
     page.click("button[data-tab=predict]")
     page.wait_for_selector("#pred-head option", state="attached")
