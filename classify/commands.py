@@ -16,19 +16,23 @@ __all__ = ["evaluate", "predict", "print_summary", "results"]
 
 
 @click.command(context_settings=CONTEXT)
-@click.option("--model", required=True, help="Embedding model name.")
+@click.option("--model", help="Embedding model name; comma-separated for a grid (e.g. pca,geneformer).")
 @click.option("--revision", help="Embedding revision (default: latest of the model).")
 @click.option(
     "--head",
-    type=click.Choice(["mlp", "mlp_paper", "logreg", "lightgbm", "rf"]),
     default="mlp",
     show_default=True,
-    help="mlp: trained to convergence (early stopping); mlp_paper: scDrugMap's fixed 10 epochs (reproduction).",
+    help="mlp (trained to convergence, early stopping), mlp_paper (scDrugMap's fixed 10 epochs), logreg, "
+    "lightgbm, rf; comma-separated for a grid.",
 )
-@click.option("--protocol", type=click.Choice(["pooled", "cross", "external"]), default="pooled", show_default=True,
-              help="external: train on --train-where datasets (default the primary collection), test on the others.")  # fmt: skip
+@click.option("--protocol", default="pooled", show_default=True,
+              help="pooled, cross or external (train on --train-where datasets, default the primary collection; "
+                   "test on the others); comma-separated for a grid.")  # fmt: skip
 @click.option(
-    "--category", default="tissue", show_default=True, help="tissue, cancer_type, drug_class, regimen, …"
+    "--category",
+    default="tissue",
+    show_default=True,
+    help="tissue, cancer_type, drug_class, regimen, …; comma-separated for a grid.",
 )
 @click.option("--value", help="Category value (default: every value with labelled cells).")
 @click.option(
@@ -66,6 +70,15 @@ __all__ = ["evaluate", "predict", "print_summary", "results"]
               "(always stored in confidence_metrics).")  # fmt: skip
 @click.option("--corrected", help="Also evaluate this batch-corrected embedding of MODEL (e.g. pca_harmony, from "
               "`embed --correct harmony`) on the same folds; print both side by side (table correction_metrics).")  # fmt: skip
+@click.option("--grid", "grid_file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="TOML grid file: models, heads, protocols, categories, values, seeds lists (see README).")  # fmt: skip
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Where the grid's (run × fold) tasks run: local processes or Ray (--address for a cluster).")  # fmt: skip
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Parallel tasks (local processes / Ray CPUs ÷ --threads); 1 local = in this process.")  # fmt: skip
+@click.option("--threads", type=click.IntRange(min=1), help="Threads per head fit, recorded in the run spec "
+              "(default: the cores ÷ --workers).")  # fmt: skip
+@click.option("--address", help="Ray cluster address (with --executor ray).")
 @click.pass_context
 def evaluate(
     ctx: click.Context,
@@ -74,9 +87,20 @@ def evaluate(
     corrected: str | None,
     by_confidence: bool,
     seeds: str | None,
+    grid_file: Path | None,
+    executor: str,
+    workers: int,
+    threads: int | None,
+    address: str | None,
     **kw: Any,
 ) -> None:
-    """Train a head on frozen embeddings and evaluate it (pooled CV, leave-one-study-out or external)."""
+    """Train a head on frozen embeddings and evaluate it (pooled CV, leave-one-study-out or external).
+
+    Several models, heads, protocols or categories (comma-separated, or a --grid file) form a grid whose
+    (run × fold) tasks run in parallel on --workers / --executor.
+    """
+    import os
+
     from classify.evaluate import evaluate as run_eval
     from classify.evaluate import summarise
 
@@ -89,6 +113,24 @@ def evaluate(
             raise click.BadParameter(
                 f"{seeds!r} is not a comma-separated list of integers", param_hint="--seeds"
             ) from None
+    threads = threads or max(1, (os.cpu_count() or 1) // workers)
+    lists = {
+        k: [x.strip() for x in str(kw[k] or "").split(",") if x.strip()]
+        for k in ("model", "head", "protocol", "category")
+    }
+    if grid_file is not None or executor != "local" or workers > 1 or any(len(v) > 1 for v in lists.values()):
+        from classify.grid_commands import run_grid_command
+
+        if corrected:
+            raise click.UsageError(
+                "--corrected compares one model with its correction; run it without a grid"
+            )
+        run_grid_command(st, grid_file, lists, kw, head_params=head_params, positive=positive, executor=executor,
+                         workers=workers, threads=threads, address=address, by_confidence=by_confidence)  # fmt: skip
+        return
+    if not kw.get("model"):
+        raise click.UsageError("give --model (or a --grid file)")
+    kw["threads"] = threads
     correction, corr_outcomes = None, []
     if corrected:  # checked before anything is evaluated
         from classify.analyze.correction import evaluate_pair

@@ -28,14 +28,14 @@ import pandas as pd
 
 from classify.analyze.confidence import confidence_metrics, confident_datasets
 from classify.folds import FoldSet, Grouping, Protocol, category_values, get_fold_set, labelled_cells
-from classify.heads import HeadSpec, make_head
-from classify.runs import run_folds, write_run
+from classify.heads import HeadSpec
+from classify.runs import head_fit_predict, run_folds, write_run
 from embedder.base import spec_hash
 from store.catalog import Store
 from store.embeddings import open_array, read_rows, resolve_revision
 from store.errors import InputError, StoreError
 
-__all__ = ["RunOutcome", "RunSpec", "evaluate", "summarise"]
+__all__ = ["PlannedRun", "RunOutcome", "RunSpec", "evaluate", "plan_runs", "summarise"]
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +88,16 @@ class RunOutcome:
     n_excluded: int
 
 
-def _embeddings_for(
+def embeddings_for(
     store: Store, model: str, revision: str, fs: FoldSet, cells: pd.DataFrame
 ) -> tuple[np.ndarray, np.ndarray]:
+    """Embedding rows ``(n_cells, dim)`` of ``cells`` and a bool mask of finite rows.
+
+    Raises
+    ------
+    StoreError
+        When cells of the fold set have no embedding of this revision.
+    """
     uids = cells["cell_uid"].to_numpy(dtype=np.int64)
     done = store.query(
         "SELECT f.cell_uid FROM folds f SEMI JOIN embedded_cells e ON e.cell_uid = f.cell_uid AND e.revision = ? "
@@ -113,7 +120,9 @@ def _embeddings_for(
     return X, ok
 
 
-def _evaluate_one(store: Store, spec: RunSpec, fs: FoldSet, rerun: bool, cells: pd.DataFrame) -> RunOutcome:
+def _evaluate_one(
+    store: Store, spec: RunSpec, fs: FoldSet, rerun: bool, cells: pd.DataFrame, *, threads: int = 1
+) -> RunOutcome:
     run_id = spec.run_id
     old = store.query(
         "SELECT n_cells, n_excluded FROM eval_runs WHERE run_id = ? AND status = 'complete'", [run_id]
@@ -122,7 +131,7 @@ def _evaluate_one(store: Store, spec: RunSpec, fs: FoldSet, rerun: bool, cells: 
         return RunOutcome(run_id, spec, True, int(old["n_cells"].iloc[0]), int(old["n_excluded"].iloc[0]))
     t0 = time.perf_counter()
     kept_folds = set(cells["fold"])
-    X, ok = _embeddings_for(store, spec.model, spec.revision, fs, cells)
+    X, ok = embeddings_for(store, spec.model, spec.revision, fs, cells)
     if not ok.all():
         log.warning(
             "%d cells have a NaN %s embedding (no known genes) and are left out", int((~ok).sum()), spec.model
@@ -131,23 +140,42 @@ def _evaluate_one(store: Store, spec: RunSpec, fs: FoldSet, rerun: bool, cells: 
     X = X[ok]
     y = (cells["label"] == spec.positive_class).to_numpy().astype(int)
 
-    # heads that validate internally (mlp) split by the same unit as the folds
-    groups = cells["cell_uid"].to_numpy() if spec.grouping == "cell" else cells["group"].to_numpy()
-
-    def fit_predict(train: np.ndarray, test: np.ndarray, fold: int) -> np.ndarray:
-        head = make_head(spec.head, seed=spec.seed + fold).fit(X[train], y[train], groups=groups[train])
-        return head.predict_proba(X[test])
-
+    fit_predict = head_fit_predict(spec.head, X, y, split_groups(cells, spec.grouping), seed=spec.seed,
+                                   threads=threads)  # fmt: skip
     metrics, preds = run_folds(
         cells["cell_uid"].to_numpy(), y, cells["fold"].to_numpy(), len(fs.fold_names), fit_predict,
         shots=spec.shots, seed=spec.seed, prevalence=spec.prevalence,
     )  # fmt: skip
+    row = run_row(spec, fs, cells, kept_folds, metrics, n_excluded=int((~ok).sum()), threads=threads,
+                  duration_s=time.perf_counter() - t0)  # fmt: skip
+    write_run(store, row, metrics, preds)
+    return RunOutcome(run_id, spec, False, len(cells), int((~ok).sum()))
+
+
+def split_groups(cells: pd.DataFrame, grouping: str) -> np.ndarray:
+    """The unit heads that validate internally (mlp) keep together: the folds' own unit."""
+    return cells["cell_uid"].to_numpy() if grouping == "cell" else cells["group"].to_numpy()
+
+
+def run_row(
+    spec: RunSpec,
+    fs: FoldSet,
+    cells: pd.DataFrame,
+    kept_folds: set[int],
+    metrics: pd.DataFrame,
+    *,
+    n_excluded: int,
+    threads: int,
+    duration_s: float,
+) -> dict[str, Any]:
+    """The ``eval_runs`` row of a finished run (``metrics`` gets the reason of folds a
+    label-confidence filter emptied). ``threads`` per fit is recorded in the stored spec."""
     if spec.min_confidence:
         emptied = sorted(set(fs.cells["fold"]) - kept_folds)
         gone = metrics["fold"].isin(emptied)
         metrics.loc[gone, "reason"] = f"no test cells from datasets with ≥ {spec.min_confidence} stars"
-    row = {
-        "run_id": run_id,
+    return {
+        "run_id": spec.run_id,
         "model": spec.model,
         "revision": spec.revision,
         "strategy": spec.strategy,
@@ -161,17 +189,15 @@ def _evaluate_one(store: Store, spec: RunSpec, fs: FoldSet, rerun: bool, cells: 
         "k": spec.k,
         "seed": spec.seed,
         "positive_class": spec.positive_class,
-        "spec": json.dumps(asdict(spec), default=str),
+        "spec": json.dumps({**asdict(spec), "threads": int(threads)}, default=str),
         "versions": json.dumps(_versions()),
         "n_cells": len(cells),
-        "n_excluded": int((~ok).sum()),
+        "n_excluded": n_excluded,
         "status": "complete",
         "created_at": datetime.now(UTC).replace(tzinfo=None),
-        "duration_s": time.perf_counter() - t0,
+        "duration_s": duration_s,
         "min_confidence": spec.min_confidence,
     }
-    write_run(store, row, metrics, preds)
-    return RunOutcome(run_id, spec, False, len(cells), int((~ok).sum()))
 
 
 def _versions() -> dict[str, str]:
@@ -201,6 +227,7 @@ def evaluate(
     prevalence: float = 0.0,
     train_where: str = "",
     test_where: str = "",
+    threads: int = 1,
 ) -> list[RunOutcome]:
     """Evaluate ``model``'s frozen embedding with a head on one or all values of a category.
 
@@ -242,6 +269,9 @@ def evaluate(
         0 < P < 1: subsample every test side to a positive-class fraction of P (seeded); 0 = as is.
     train_where, test_where
         ``external`` only: SQL conditions on ``datasets`` columns for the two sides.
+    threads
+        Threads each head fit may use (recorded in the run spec; results are deterministic for a
+        thread count). :func:`classify.grid.run_grid` runs many runs and folds in parallel.
 
     Returns
     -------
@@ -278,8 +308,55 @@ def evaluate(
         kw = {"model": model, "head": head, "protocol": protocol, "category": category, "value": value,
               "grouping": grouping, "k": k, "positive_class": positive_class, "revision": revision,
               "head_params": head_params, "shots": shots, "min_confidence": min_confidence, "rerun": rerun,
-              "prevalence": prevalence, "train_where": train_where, "test_where": test_where}  # fmt: skip
+              "prevalence": prevalence, "train_where": train_where, "test_where": test_where,
+              "threads": threads}  # fmt: skip
         return [o for s in dict.fromkeys(int(x) for x in seeds) for o in evaluate(store, seed=s, **kw)]
+    plans = plan_runs(
+        store, model=model, head=head, protocol=protocol, category=category, value=value, grouping=grouping,
+        k=k, seed=seed, positive_class=positive_class, revision=revision, head_params=head_params, shots=shots,
+        min_confidence=min_confidence, prevalence=prevalence, train_where=train_where, test_where=test_where,
+    )  # fmt: skip
+    outcomes = []
+    for plan in plans:
+        outcomes.append(_evaluate_one(store, plan.spec, plan.fs, rerun, plan.cells, threads=threads))
+        store_confidence_metrics(store, plan.spec.run_id)
+    return outcomes
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """A run ready to execute: its spec, persisted fold set and the cells it trains and scores."""
+
+    spec: RunSpec
+    fs: FoldSet
+    cells: pd.DataFrame
+
+
+def plan_runs(
+    store: Store,
+    *,
+    model: str,
+    head: str = "mlp",
+    protocol: Protocol = "pooled",
+    category: str = "tissue",
+    value: str | None = None,
+    grouping: Grouping | None = None,
+    k: int = 10,
+    seed: int = 0,
+    positive_class: Literal["sensitive", "resistant"] = "sensitive",
+    revision: str | None = None,
+    head_params: dict[str, Any] | None = None,
+    shots: int = 0,
+    min_confidence: int = 0,
+    prevalence: float = 0.0,
+    train_where: str = "",
+    test_where: str = "",
+) -> list[PlannedRun]:
+    """Resolve one seed of :func:`evaluate` into runs, persisting their fold sets (catalog writes).
+
+    Parameters and errors as :func:`evaluate`; nothing is trained. Values whose split is
+    impossible are skipped with a warning unless ``value`` names one.
+    """
     if positive_class not in ("sensitive", "resistant"):
         msg = f"positive class must be sensitive or resistant, got {positive_class!r}"
         raise InputError(msg)
@@ -328,8 +405,7 @@ def evaluate(
             selection=_selection_hash(cells) if kept is not None else "",
             prevalence=float(prevalence),
         )
-        outcomes.append(_evaluate_one(store, spec, fs, rerun, cells))
-        _store_confidence_metrics(store, spec.run_id)
+        outcomes.append(PlannedRun(spec, fs, cells))
     if not outcomes:
         with_filter = f" with --min-confidence {min_confidence}" if min_confidence else ""
         msg = f"no value of {category!r} could be evaluated with protocol {protocol!r}{with_filter} (see warnings)"
@@ -341,7 +417,8 @@ def _selection_hash(cells: pd.DataFrame) -> str:
     return hashlib.sha256(cells["cell_uid"].to_numpy(dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
-def _store_confidence_metrics(store: Store, run_id: str) -> None:
+def store_confidence_metrics(store: Store, run_id: str) -> None:
+    """Compute and store a run's metrics per label-confidence stratum (``confidence_metrics``)."""
     try:
         confidence_metrics(store, run_id)
     except InputError as exc:  # a run without predictions (every fold undefined)

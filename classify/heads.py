@@ -97,29 +97,39 @@ class HeadSpec:
 
 
 class ScaledHead:
-    """Standardise with training-fold mean/std, then delegate."""
+    """Standardise with training-fold mean/std, then delegate; BLAS limited to ``threads``."""
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Any, *, threads: int = 1) -> None:
         self.inner = inner
+        self.threads = int(threads)
 
     def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None) -> ScaledHead:
         """Fit on standardised ``X``; ``groups`` reach heads that split internally (``mlp``)."""
+        from threadpoolctl import threadpool_limits
+
         self.mean = X.mean(axis=0)
         std = X.std(axis=0)
         self.std = np.where(std > 0, std, 1.0)
         Z = ((X - self.mean) / self.std).astype(np.float32)
-        if getattr(self.inner, "accepts_groups", False):
-            self.inner.fit(Z, y, groups=groups)
-        else:
-            self.inner.fit(Z, y)
+        with threadpool_limits(limits=self.threads):
+            if getattr(self.inner, "accepts_groups", False):
+                self.inner.fit(Z, y, groups=groups)
+            else:
+                self.inner.fit(Z, y)
         return self
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        return self.inner.predict_proba(((X - self.mean) / self.std).astype(np.float32))[:, 1]
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(limits=self.threads):
+            return self.inner.predict_proba(((X - self.mean) / self.std).astype(np.float32))[:, 1]
 
 
 class MLPHead:
     """scDrugMap's MLP head in torch (see module docstring)."""
+
+    #: torch intra-op threads while training and predicting (set by :func:`make_head`)
+    threads: int = 1
 
     def __init__(
         self, *, hidden: int, lr: float, epochs: int, batch_size: int, weight_decay: float, seed: int
@@ -142,11 +152,13 @@ class MLPHead:
         )
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> MLPHead:
-        """Train on ``X`` ``(n_cells, d)`` and 0/1 labels ``y`` (single-threaded torch)."""
+        """Train on ``X`` ``(n_cells, d)`` and 0/1 labels ``y`` with :attr:`threads` torch threads
+        (default 1: the head's small matmuls gain little from more; the evaluation grid gives each
+        task its share of the cores instead)."""
         import torch
 
         threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # small matmuls: one thread is faster and avoids oversubscription
+        torch.set_num_threads(self.threads)
         try:
             return self._fit(X, y)
         finally:
@@ -182,7 +194,7 @@ class MLPHead:
             return torch.softmax(logits, dim=1).numpy().astype(np.float64)
 
 
-def make_head(spec: HeadSpec, *, seed: int) -> Any:
+def make_head(spec: HeadSpec, *, seed: int, threads: int = 1) -> Any:
     """Build an unfitted head with ``fit(X, y)`` and ``predict_proba(X) -> (n,)`` (positive class).
 
     Parameters
@@ -191,18 +203,24 @@ def make_head(spec: HeadSpec, *, seed: int) -> Any:
         From :meth:`HeadSpec.create`.
     seed
         Random seed (weights, shuffling, bagging).
+    threads
+        Threads the head may use (torch, BLAS, LightGBM, random forest). Results are deterministic
+        for a given thread count; the evaluation records it in the run spec.
     """
     p = spec.as_dict()
-    if spec.name == "mlp":
+    threads = max(1, int(threads))
+    if spec.name in MLP_HEADS:
         from classify.mlp_head import TunedMLPHead
 
-        return ScaledHead(TunedMLPHead(seed=seed, **p))
-    if spec.name == "mlp_paper":
-        return ScaledHead(MLPHead(seed=seed, **p))
+        net = TunedMLPHead(seed=seed, **p) if spec.name == "mlp" else MLPHead(seed=seed, **p)
+        net.threads = threads
+        return ScaledHead(net, threads=threads)
     if spec.name == "logreg":
         from sklearn.linear_model import LogisticRegression
 
-        return ScaledHead(LogisticRegression(C=p["C"], max_iter=p["max_iter"], random_state=seed))
+        return ScaledHead(
+            LogisticRegression(C=p["C"], max_iter=p["max_iter"], random_state=seed), threads=threads
+        )
     if spec.name == "lightgbm":
         from lightgbm import LGBMClassifier
 
@@ -214,14 +232,16 @@ def make_head(spec: HeadSpec, *, seed: int) -> Any:
                 random_state=seed,
                 deterministic=True,
                 force_row_wise=True,
-                n_jobs=1,
+                n_jobs=threads,
                 verbose=-1,
-            )
+            ),
+            threads=threads,
         )
     from sklearn.ensemble import RandomForestClassifier
 
     return ScaledHead(
         RandomForestClassifier(
-            n_estimators=p["n_estimators"], max_features=p["max_features"], random_state=seed, n_jobs=-1
-        )
+            n_estimators=p["n_estimators"], max_features=p["max_features"], random_state=seed, n_jobs=threads
+        ),
+        threads=threads,
     )

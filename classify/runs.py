@@ -16,7 +16,15 @@ import pandas as pd
 from classify.metrics import METRICS, fold_metrics
 from store.catalog import Store
 
-__all__ = ["completed_run", "fold_masks", "run_folds", "write_run"]
+__all__ = [
+    "combine_folds",
+    "completed_run",
+    "fold_masks",
+    "head_fit_predict",
+    "run_fold",
+    "run_folds",
+    "write_run",
+]
 
 FitPredict = Callable[[np.ndarray, np.ndarray, int], np.ndarray]
 
@@ -101,23 +109,80 @@ def run_folds(
         (fold, cell_uid, probability). Folds whose training side has one class get NULL
         metrics with that reason and no predictions.
     """
-    metric_rows: list[dict[str, Any]] = []
-    pred_parts: list[pd.DataFrame] = []
-    for f in range(n_folds):
-        train, test = fold_masks(folds, y, f, shots=shots, seed=seed, prevalence=prevalence)
-        n_train, n_test = int(train.sum()), int(test.sum())
-        if np.unique(y[train]).size < 2:
-            vals = dict.fromkeys(METRICS, (None, "training side has one class"))
-        elif n_test == 0:
-            vals = dict.fromkeys(METRICS, (None, "empty test fold"))
-        else:
-            prob = np.asarray(fit_predict(np.flatnonzero(train), np.flatnonzero(test), f), dtype=float)
-            vals = fold_metrics(y[test], prob)
-            pred_parts.append(pd.DataFrame({"fold": f, "cell_uid": cell_uids[test], "probability": prob}))
-        for m, (v, reason) in vals.items():
-            metric_rows.append(
-                {"fold": f, "metric": m, "value": v, "reason": reason, "n_train": n_train, "n_test": n_test}
-            )
+    parts = [
+        run_fold(cell_uids, y, folds, f, fit_predict, shots=shots, seed=seed, prevalence=prevalence)
+        for f in range(n_folds)
+    ]
+    return combine_folds(parts)
+
+
+def head_fit_predict(
+    head: Any, X: np.ndarray, y: np.ndarray, groups: np.ndarray, *, seed: int, threads: int = 1
+) -> FitPredict:
+    """The ``fit_predict`` of a frozen-embedding run: a fresh head per fold, seeded ``seed + fold``.
+
+    Parameters
+    ----------
+    head
+        A :class:`classify.heads.HeadSpec`.
+    X, y, groups
+        ``(n_cells, d)`` embeddings, 0/1 labels and the split unit of each cell (heads that validate
+        internally keep it grouped).
+    seed, threads
+        Run seed and the threads each fit may use (recorded in the run spec).
+    """
+    from classify.heads import make_head
+
+    def fit_predict(train: np.ndarray, test: np.ndarray, fold: int) -> np.ndarray:
+        model = make_head(head, seed=seed + fold, threads=threads)
+        return model.fit(X[train], y[train], groups=groups[train]).predict_proba(X[test])
+
+    return fit_predict
+
+
+def run_fold(
+    cell_uids: np.ndarray,
+    y: np.ndarray,
+    folds: np.ndarray,
+    fold: int,
+    fit_predict: FitPredict,
+    *,
+    shots: int = 0,
+    seed: int = 0,
+    prevalence: float = 0.0,
+) -> tuple[list[dict[str, Any]], pd.DataFrame | None]:
+    """Train and score one fold (see :func:`run_folds`); the unit of work of the evaluation grid.
+
+    Returns
+    -------
+    tuple
+        The fold's metric rows (dicts: fold, metric, value, reason, n_train, n_test) and its
+        predictions (fold, cell_uid, probability; None when the fold could not be scored).
+    """
+    train, test = fold_masks(folds, y, fold, shots=shots, seed=seed, prevalence=prevalence)
+    n_train, n_test = int(train.sum()), int(test.sum())
+    preds = None
+    if np.unique(y[train]).size < 2:
+        vals = dict.fromkeys(METRICS, (None, "training side has one class"))
+    elif n_test == 0:
+        vals = dict.fromkeys(METRICS, (None, "empty test fold"))
+    else:
+        prob = np.asarray(fit_predict(np.flatnonzero(train), np.flatnonzero(test), fold), dtype=float)
+        vals = fold_metrics(y[test], prob)
+        preds = pd.DataFrame({"fold": fold, "cell_uid": cell_uids[test], "probability": prob})
+    rows = [
+        {"fold": fold, "metric": m, "value": v, "reason": reason, "n_train": n_train, "n_test": n_test}
+        for m, (v, reason) in vals.items()
+    ]
+    return rows, preds
+
+
+def combine_folds(
+    parts: list[tuple[list[dict[str, Any]], pd.DataFrame | None]],
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """:func:`run_fold` results, in fold order, as the metrics and predictions tables of a run."""
+    metric_rows = [r for rows, _ in parts for r in rows]
+    pred_parts = [p for _, p in parts if p is not None]
     preds = (
         pd.concat(pred_parts, ignore_index=True)
         if pred_parts
