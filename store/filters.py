@@ -227,22 +227,26 @@ def run_user_sql(
         raise InputError(msg)
     check_query(sql)
     stopped = threading.Event()
+
+    def run(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
+        rel = con.sql(sql)
+        if rel is None:
+            msg = "the statement returned no rows; `scdrugmap sql` only runs read-only queries"
+            raise InputError(msg)
+        return (rel.limit(limit) if limit is not None else rel).df()
+
+    ctrl_c = threading.Event()
     try:
-        with store.connect(read_only=True) as con, _time_limit(con, time_limit_s, stopped.set):
-            rel = con.sql(sql)
-            if rel is None:
-                msg = "the statement returned no rows; `scdrugmap sql` only runs read-only queries"
-                raise InputError(msg)
-            if limit is not None:
-                rel = rel.limit(limit)
-            return rel.df()
-    except (
-        duckdb.InterruptException,
-        RuntimeError,
-    ) as exc:  # DuckDB's Ctrl-C: RuntimeError "Query interrupted"
+        with (
+            store.connect(read_only=True) as con,
+            _time_limit(con, time_limit_s, stopped.set),
+            _interrupt_on_ctrl_c(con, ctrl_c.set),
+        ):
+            return run(con)
+    except (duckdb.InterruptException, RuntimeError) as exc:  # Ctrl-C inside DuckDB: "Query interrupted"
         if not isinstance(exc, duckdb.Error) and "interrupted" not in str(exc).lower():
             raise
-        if stopped.is_set():
+        if stopped.is_set() and not ctrl_c.is_set():
             msg = f"query stopped after the time limit of {time_limit_s:g} s; narrow it, add a LIMIT or raise --time-limit"
             raise InputError(msg) from exc
         raise KeyboardInterrupt from exc
@@ -252,3 +256,48 @@ def run_user_sql(
             f"query refused or failed: {first} (the catalog is read-only here; only SELECT-style queries run)"
         )
         raise InputError(msg) from exc
+
+
+@contextlib.contextmanager
+def _interrupt_on_ctrl_c(con: duckdb.DuckDBPyConnection, on_stop: Callable[[], None]) -> Iterator[None]:
+    """Stop ``con``'s query at once on Ctrl-C, even while the main thread is inside DuckDB.
+
+    The signal's C-level handler writes to a wakeup pipe (:func:`signal.set_wakeup_fd`); a watcher
+    thread reads it and interrupts the connection. Outside the main thread this does nothing.
+    """
+    import os
+    import select
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    try:
+        previous = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    except ValueError:
+        os.close(r)
+        os.close(w)
+        yield
+        return
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            if select.select([r], [], [], 0.2)[0]:
+                os.read(r, 64)
+                on_stop()
+                con.interrupt()
+                return
+
+    watcher = threading.Thread(target=watch, name="scdrugmap-ctrl-c", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
+        signal.set_wakeup_fd(previous)
+        os.close(r)
+        os.close(w)

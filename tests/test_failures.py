@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -243,6 +244,11 @@ def test_sql_time_limit_is_one_line(store: Path) -> None:
     _one_line_error(_run("--store", store, "sql", SLOW_QUERY, "--time-limit", "0.5"), "time limit of 0.5 s")
 
 
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def test_sql_ctrl_c_is_one_line(store: Path) -> None:
     import signal
     import sys
@@ -253,14 +259,19 @@ def test_sql_ctrl_c_is_one_line(store: Path) -> None:
         [sys.executable, "-m", "cli", "--store", str(store), "sql", SLOW_QUERY],
         cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    catalog = str(store / "catalog.duckdb")
+    catalog = os.path.realpath(store / "catalog.duckdb")
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:  # wait until the query runs
-        fds = Path(f"/proc/{proc.pid}/fd")
-        if any(os.path.realpath(fd) == catalog for fd in fds.iterdir()):
-            break
-        time.sleep(0.1)
-    time.sleep(0.5)
+    cpu0 = None
+    while time.monotonic() < deadline and proc.poll() is None:  # wait until the query burns CPU
+        with contextlib.suppress(OSError):
+            fds = [os.readlink(fd) for fd in Path(f"/proc/{proc.pid}/fd").iterdir()]
+            if cpu0 is None and any(
+                fd.startswith(catalog) for fd in fds
+            ):  # "… (deleted)" once tmp is rotated
+                cpu0 = _cpu_seconds(proc.pid)
+            elif cpu0 is not None and _cpu_seconds(proc.pid) - cpu0 > 0.5:
+                break
+        time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
