@@ -23,7 +23,7 @@ import numpy as np
 
 from store.errors import InputError
 
-__all__ = ["HEADS", "MLP_HEADS", "HeadName", "HeadSpec", "MLPHead", "ScaledHead", "make_head"]
+__all__ = ["HEADS", "MLP_HEADS", "HeadName", "HeadSpec", "ScaledHead", "make_head"]
 
 HeadName = Literal["mlp", "mlp_paper", "logreg", "lightgbm", "rf"]
 HEADS: tuple[str, ...] = ("mlp", "mlp_paper", "logreg", "lightgbm", "rf")
@@ -125,75 +125,6 @@ class ScaledHead:
             return self.inner.predict_proba(((X - self.mean) / self.std).astype(np.float32))[:, 1]
 
 
-class MLPHead:
-    """scDrugMap's MLP head in torch (see module docstring)."""
-
-    #: torch intra-op threads while training and predicting (set by :func:`make_head`)
-    threads: int = 1
-
-    def __init__(
-        self, *, hidden: int, lr: float, epochs: int, batch_size: int, weight_decay: float, seed: int
-    ):
-        self.hidden, self.lr, self.epochs = hidden, lr, epochs
-        self.batch_size, self.weight_decay, self.seed = batch_size, weight_decay, seed
-
-    def build(self, d: int) -> None:
-        """Create the (seeded) network for ``d`` input features."""
-        import torch
-        from torch import nn
-
-        torch.manual_seed(self.seed)
-        self.net = nn.Sequential(
-            nn.Linear(d, self.hidden),
-            nn.ReLU(),
-            nn.Linear(self.hidden, self.hidden),
-            nn.ReLU(),
-            nn.Linear(self.hidden, 2),
-        )
-
-    def fit(self, X: np.ndarray, y: np.ndarray) -> MLPHead:
-        """Train on ``X`` ``(n_cells, d)`` and 0/1 labels ``y`` with :attr:`threads` torch threads
-        (default 1: the head's small matmuls gain little from more; the evaluation grid gives each
-        task its share of the cores instead)."""
-        import torch
-
-        threads = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
-        try:
-            return self._fit(X, y)
-        finally:
-            torch.set_num_threads(threads)
-
-    def _fit(self, X: np.ndarray, y: np.ndarray) -> MLPHead:
-        import torch
-        from torch import nn
-
-        gen = torch.Generator().manual_seed(self.seed)
-        self.build(X.shape[1])
-        opt = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        Xt = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
-        yt = torch.from_numpy(np.asarray(y, dtype=np.int64))
-        loss_fn = nn.CrossEntropyLoss()
-        self.net.train()
-        for _ in range(self.epochs):
-            perm = torch.randperm(len(Xt), generator=gen)
-            for start in range(0, len(Xt), self.batch_size):
-                idx = perm[start : start + self.batch_size]
-                opt.zero_grad()
-                loss = loss_fn(self.net(Xt[idx]), yt[idx])
-                loss.backward()
-                opt.step()
-        self.net.eval()
-        return self
-
-    def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        import torch
-
-        with torch.no_grad():
-            logits = self.net(torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32)))
-            return torch.softmax(logits, dim=1).numpy().astype(np.float64)
-
-
 def make_head(spec: HeadSpec, *, seed: int, threads: int = 1) -> Any:
     """Build an unfitted head with ``fit(X, y)`` and ``predict_proba(X) -> (n,)`` (positive class).
 
@@ -210,7 +141,7 @@ def make_head(spec: HeadSpec, *, seed: int, threads: int = 1) -> Any:
     p = spec.as_dict()
     threads = max(1, int(threads))
     if spec.name in MLP_HEADS:
-        from classify.mlp_head import TunedMLPHead
+        from classify.mlp_head import MLPHead, TunedMLPHead
 
         net = TunedMLPHead(seed=seed, **p) if spec.name == "mlp" else MLPHead(seed=seed, **p)
         net.threads = threads

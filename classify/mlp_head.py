@@ -1,4 +1,5 @@
-"""The ``mlp`` head: scDrugMap's network, trained to convergence at any data size.
+"""The torch MLP heads: ``mlp_paper`` (:class:`MLPHead`, scDrugMap's fixed schedule) and ``mlp``
+(:class:`TunedMLPHead`, scDrugMap's network trained to convergence at any data size).
 
 scDrugMap's fixed schedule (lr 1e-4, 10 epochs, batch 256; head ``mlp_paper``) makes about 40
 optimiser steps on a thousand cells and leaves the network near its initialisation. This head keeps
@@ -23,9 +24,7 @@ from typing import Literal
 
 import numpy as np
 
-from classify.heads import MLPHead
-
-__all__ = ["TunedMLPHead", "inner_split"]
+__all__ = ["MLPHead", "TunedMLPHead", "inner_split"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +60,75 @@ def inner_split(
     except ValueError:
         return None
     return None
+
+
+class MLPHead:
+    """scDrugMap's MLP head in torch with its fixed schedule (head ``mlp_paper``; :mod:`classify.heads`)."""
+
+    #: torch intra-op threads while training and predicting (set by :func:`make_head`)
+    threads: int = 1
+
+    def __init__(
+        self, *, hidden: int, lr: float, epochs: int, batch_size: int, weight_decay: float, seed: int
+    ):
+        self.hidden, self.lr, self.epochs = hidden, lr, epochs
+        self.batch_size, self.weight_decay, self.seed = batch_size, weight_decay, seed
+
+    def build(self, d: int) -> None:
+        """Create the (seeded) network for ``d`` input features."""
+        import torch
+        from torch import nn
+
+        torch.manual_seed(self.seed)
+        self.net = nn.Sequential(
+            nn.Linear(d, self.hidden),
+            nn.ReLU(),
+            nn.Linear(self.hidden, self.hidden),
+            nn.ReLU(),
+            nn.Linear(self.hidden, 2),
+        )
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> MLPHead:
+        """Train on ``X`` ``(n_cells, d)`` and 0/1 labels ``y`` with :attr:`threads` torch threads
+        (default 1: the head's small matmuls gain little from more; the evaluation grid gives each
+        task its share of the cores instead)."""
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            return self._fit(X, y)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _fit(self, X: np.ndarray, y: np.ndarray) -> MLPHead:
+        import torch
+        from torch import nn
+
+        gen = torch.Generator().manual_seed(self.seed)
+        self.build(X.shape[1])
+        opt = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        Xt = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
+        yt = torch.from_numpy(np.asarray(y, dtype=np.int64))
+        loss_fn = nn.CrossEntropyLoss()
+        self.net.train()
+        for _ in range(self.epochs):
+            perm = torch.randperm(len(Xt), generator=gen)
+            for start in range(0, len(Xt), self.batch_size):
+                idx = perm[start : start + self.batch_size]
+                opt.zero_grad()
+                loss = loss_fn(self.net(Xt[idx]), yt[idx])
+                loss.backward()
+                opt.step()
+        self.net.eval()
+        return self
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            logits = self.net(torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32)))
+            return torch.softmax(logits, dim=1).numpy().astype(np.float64)
 
 
 class TunedMLPHead(MLPHead):

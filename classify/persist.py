@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from classify.heads import MLP_HEADS, HeadSpec, MLPHead, ScaledHead, make_head
+from classify.heads import MLP_HEADS, HeadSpec, ScaledHead, make_head
+from classify.mlp_head import MLPHead
 from store.errors import InputError, StoreError
 
 __all__ = ["load_head", "save_head"]

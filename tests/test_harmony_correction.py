@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from classify.analyze.harmony import _batches, load_correction
+from classify.analyze.correction import batch_labels
+from classify.analyze.harmony import load_correction
 from classify.analyze.separation import separation_scores
 from cli import main
 from store import Store
@@ -107,7 +108,7 @@ def _study_separation(st: Store, model: str, revision: str) -> dict[str, float]:
     uids = st.query("SELECT cell_uid FROM embedded_cells WHERE revision = ? ORDER BY 1", [revision])
     uids = uids["cell_uid"].to_numpy(dtype=np.int64)
     X = read_rows(open_array(st, model, revision), uids)
-    return separation_scores(X, _batches(st, uids, "study").to_numpy(), k=15, seed=0)
+    return separation_scores(X, batch_labels(st, uids, "study").to_numpy(), k=15, seed=0)
 
 
 def test_strong_study_effects_corrected_vs_uncorrected_cross_auroc(strong: Path) -> None:

@@ -45,7 +45,6 @@ def batch_mixing(
     InputError
         Fewer than 2 cells in each of two batches in the subsample.
     """
-    from classify.analyze.harmony import _batches
     from classify.analyze.separation import separation_scores
 
     uids = store.query(
@@ -54,7 +53,7 @@ def batch_mixing(
     uids = uids["cell_uid"].to_numpy(dtype=np.int64)
     if uids.size > max_cells:
         uids = np.sort(np.random.default_rng(seed).choice(uids, max_cells, replace=False))
-    batch = _batches(store, uids, outcome.batch_key).to_numpy()
+    batch = batch_labels(store, uids, outcome.batch_key).to_numpy()
     names, counts = np.unique(batch, return_counts=True)
     keep = np.isin(batch, names[counts >= 2])  # a batch of one cell has no silhouette
     uids, batch = uids[keep], batch[keep]
@@ -186,3 +185,25 @@ def compare_correction(
     return correction_table(
         store, outcome, [o.run_id for o in plain], [o.run_id for o in corrected], metric=metric
     )
+
+
+def batch_sql(batch_key: str) -> str:
+    """SQL expression of a batch key over ``cells c JOIN datasets d``; InputError for an unknown key."""
+    from classify.folds import CATEGORIES
+
+    if batch_key == "sample_id":
+        return "COALESCE(c.dataset_id || '/' || c.sample_id, c.dataset_id)"
+    if batch_key in CATEGORIES:
+        return f"COALESCE(CAST(d.{batch_key} AS VARCHAR), 'unknown')"
+    msg = f"unknown batch key {batch_key!r}; use sample_id or a dataset field: {', '.join(CATEGORIES)}"
+    raise InputError(msg)
+
+
+def batch_labels(store: Store, uids: np.ndarray, batch_key: str) -> pd.Series:
+    """Batch of each cell ``(len(uids),)`` indexed by cell_uid (``"unknown"`` when missing)."""
+    df = store.query(
+        f"SELECT c.cell_uid, {batch_sql(batch_key)} AS batch FROM cells c JOIN datasets d USING (dataset_id) "
+        "WHERE list_contains(?, c.cell_uid)",
+        [uids.tolist()],
+    ).set_index("cell_uid")["batch"]
+    return df.reindex(uids).fillna("unknown")

@@ -27,7 +27,13 @@ from importlib.metadata import version
 import numpy as np
 import pandas as pd
 
-from classify.analyze.correction import batch_mixing, compare_correction, correction_table
+from classify.analyze.correction import (
+    batch_labels,
+    batch_mixing,
+    batch_sql,
+    compare_correction,
+    correction_table,
+)
 from classify.analyze.tables import ensure_tables, now, replace_frame
 from store.catalog import Store
 from store.embeddings import ensure_array, iter_chunks, open_array, read_rows, resolve_revision, write_rows
@@ -112,17 +118,6 @@ class CorrectionOutcome:
     reused: bool = False
 
 
-def _batch_expr(batch_key: str) -> str:
-    from classify.folds import CATEGORIES
-
-    if batch_key == "sample_id":
-        return "COALESCE(c.dataset_id || '/' || c.sample_id, c.dataset_id)"
-    if batch_key in CATEGORIES:
-        return f"COALESCE(CAST(d.{batch_key} AS VARCHAR), 'unknown')"
-    msg = f"unknown batch key {batch_key!r}; use sample_id or a dataset field: {', '.join(CATEGORIES)}"
-    raise InputError(msg)
-
-
 def check_batch_key(store: Store, batch_key: str, *, datasets: Sequence[str] | None = None) -> int:
     """Check that ``batch_key`` names a batch field with ≥ 2 values among the selected cells.
 
@@ -145,7 +140,7 @@ def check_batch_key(store: Store, batch_key: str, *, datasets: Sequence[str] | N
     InputError
         Unknown batch key, or fewer than 2 batches in the selection.
     """
-    expr = _batch_expr(batch_key)
+    expr = batch_sql(batch_key)
     sql = f"SELECT COUNT(DISTINCT {expr}) AS n FROM cells c JOIN datasets d USING (dataset_id)"
     params: list = []
     if datasets is not None:
@@ -159,15 +154,6 @@ def check_batch_key(store: Store, batch_key: str, *, datasets: Sequence[str] | N
         )
         raise InputError(msg)
     return n
-
-
-def _batches(store: Store, uids: np.ndarray, batch_key: str) -> pd.Series:
-    df = store.query(
-        f"SELECT c.cell_uid, {_batch_expr(batch_key)} AS batch FROM cells c JOIN datasets d USING (dataset_id) "
-        "WHERE list_contains(?, c.cell_uid)",
-        [uids.tolist()],
-    ).set_index("cell_uid")["batch"]
-    return df.reindex(uids).fillna("unknown")
 
 
 def write_embedding(
@@ -288,7 +274,7 @@ def correct_embedding(
     if name == model:
         msg = "the corrected embedding needs a model name different from the source"
         raise InputError(msg)
-    _batch_expr(batch_key)  # unknown key: refuse before reading anything
+    batch_sql(batch_key)  # unknown key: refuse before reading anything
     src_rev = resolve_revision(store, model, revision)
     sql = "SELECT e.cell_uid FROM embedded_cells e JOIN cells c USING (cell_uid) WHERE e.revision = ?"
     params: list = [src_rev]
@@ -302,7 +288,7 @@ def correct_embedding(
     X = read_rows(open_array(store, model, src_rev), uids).astype(np.float64)
     ok = np.isfinite(X).all(axis=1)
     X, uids = X[ok], uids[ok]
-    batch = _batches(store, uids, batch_key)
+    batch = batch_labels(store, uids, batch_key)
     n_batches = int(batch.nunique())
     if n_batches < 2:
         msg = f"batch key {batch_key!r} has one value in the selection; nothing to correct"
