@@ -193,6 +193,7 @@ def main(
 @click.option(
     "--meta", "meta", multiple=True, help="Dataset metadata FIELD=VALUE (tissue, cancer_type, drug, …)."
 )
+@click.option("--allow-unmapped", is_flag=True, help="Ingest a file none of whose genes maps to HGNC.")
 @click.pass_context
 def ingest(
     ctx: click.Context, file: Path | None, manifest: Path | None, meta: tuple[str, ...], **kw: Any

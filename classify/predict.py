@@ -209,7 +209,7 @@ def predict(
         raise InputError(msg)
     in_memory = isinstance(data, ad.AnnData)
     spec = IngestSpec(dataset_id="predict", gene_key=gene_key, layer=layer, input_type=input_type,
-                      min_genes=min_genes, max_pct_mito=max_pct_mito)  # fmt: skip
+                      min_genes=min_genes, max_pct_mito=max_pct_mito, allow_unmapped=True)  # fmt: skip
     prepared = prepare(data if in_memory else Path(data), spec, filter_cells=False)
     name = prepared.path.name
     adata = prepared.adata

@@ -144,9 +144,10 @@ class _HVGBase(Embedder):
     def fit(self, adatas: Sequence[AnnData]) -> None:
         """Fit shared-gene HVG selection and standardisation (and PCA) on the selection.
 
-        Memory-bounded: expression stays sparse until the HVGs are chosen; only the
-        ``(n_fit_cells, n_top_genes)`` HVG block is made dense (with ``max_fit_cells`` 100,000 and
-        2,000 genes: 0.8 GB).
+        Memory-bounded: ``adatas`` may be backed (the runner opens them with ``backed="r"``), and
+        only the subsampled rows of one dataset at a time are read; expression stays sparse until
+        the HVGs are chosen; only the ``(n_fit_cells, n_top_genes)`` HVG block is made dense (with
+        ``max_fit_cells`` 100,000 and 2,000 genes: 0.8 GB).
 
         Raises
         ------
@@ -179,7 +180,9 @@ class _HVGBase(Embedder):
             rows = np.arange(a.n_obs)
             if keep_frac < 1.0:
                 rows = np.sort(rng.choice(a.n_obs, size=max(1, round(a.n_obs * keep_frac)), replace=False))
-            blocks.append(self._on_genes(a[rows], genes)[0])
+            sub = a[rows].to_memory() if a.isbacked else a[rows]  # one dataset's rows in memory at a time
+            blocks.append(self._on_genes(sub, genes)[0])
+            del sub
         X = sp.vstack(blocks, format="csr", dtype=np.float32)
         n_top = min(self.n_top_genes, genes.size)
         if n_top < genes.size:

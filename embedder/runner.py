@@ -73,12 +73,12 @@ def select_datasets(
     return df.reset_index(drop=True)
 
 
-def _read_dataset(store: Store, dataset_id: str) -> ad.AnnData:
+def _read_dataset(store: Store, dataset_id: str, *, backed: bool = False) -> ad.AnnData:
     path = store.dataset_file(dataset_id)
     if not path.exists():
         msg = f"the store's copy of dataset {dataset_id!r} is missing ({path}); re-ingest it into a new store"
         raise StoreError(msg)
-    return ad.read_h5ad(path)
+    return ad.read_h5ad(path, backed="r") if backed else ad.read_h5ad(path)
 
 
 def _fit_state(store: Store, emb: Embedder, revision: str, selection: pd.DataFrame) -> None:
@@ -87,8 +87,13 @@ def _fit_state(store: Store, emb: Embedder, revision: str, selection: pd.DataFra
         with np.load(path, allow_pickle=False) as z:
             emb.set_state({k: z[k] for k in z.files})
         return
-    adatas = [_read_dataset(store, d) for d in selection["dataset_id"]]
-    emb.fit(adatas)
+    # backed: X stays on disk until the fit takes its (subsampled) rows, one dataset at a time
+    adatas = [_read_dataset(store, d, backed=True) for d in selection["dataset_id"]]
+    try:
+        emb.fit(adatas)
+    finally:
+        for a in adatas:
+            a.file.close()
     store.fits_dir.mkdir(exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
     np.savez(tmp, **emb.get_state())

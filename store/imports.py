@@ -103,6 +103,7 @@ def import_embeddings(
             resistant=tuple(map(str, resistant)),
             sample_key=sample_key,
             meta=tuple(sorted((k, str(v)) for k, v in (meta or {}).items())),
+            allow_unmapped=True,  # embeddings are imported; the genes of an X, if any, are not used
         )
         prepared = prepare(path, spec, require_x=False)
     else:

@@ -197,6 +197,7 @@ def ingest_h5ad(
     min_genes: int = 500,
     max_pct_mito: float = 10.0,
     meta: Mapping[str, Any] | None = None,
+    allow_unmapped: bool = False,
 ) -> IngestReport:
     """Ingest one h5ad file or in-memory AnnData (see :class:`IngestSpec` for the options).
 
@@ -224,6 +225,7 @@ def ingest_h5ad(
         min_genes=min_genes,
         max_pct_mito=max_pct_mito,
         meta=tuple(sorted((k, str(v)) for k, v in (meta or {}).items())),
+        allow_unmapped=bool(allow_unmapped),
     )
     return write_prepared(store, [prepare(path, spec)])[0]
 

@@ -37,6 +37,7 @@ MANIFEST_COLUMNS = (
     "gene_key",
     "min_genes",
     "max_pct_mito",
+    "allow_unmapped",
     *META_FIELDS,
 )
 
@@ -90,6 +91,7 @@ def ingest_manifest(store: Store, manifest: str | Path) -> list[IngestReport]:
             min_genes=_number(get("min_genes"), int, 500, f"{manifest.name}: min_genes"),
             max_pct_mito=_number(get("max_pct_mito"), float, 10.0, f"{manifest.name}: max_pct_mito"),
             meta=tuple(sorted((k, rec[k].strip()) for k in META_FIELDS if (rec.get(k) or "").strip())),
+            allow_unmapped=(get("allow_unmapped") or "").strip().lower() in ("1", "true", "yes"),
         )
         path = Path(rec["path"])
         items.append(prepare(path if path.is_absolute() else manifest.parent / path, spec))

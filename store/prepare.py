@@ -68,6 +68,9 @@ class IngestSpec:
         var column with gene identifiers (default: var_names, then known columns).
     min_genes, max_pct_mito
         QC thresholds for raw counts (scDrugMap: > 500 genes, < 10 % mitochondrial).
+    allow_unmapped
+        Ingest a file none of whose genes HGNC can place (else refused: usually the wrong
+        identifier column or another species).
     meta
         Sorted ``(field, value)`` pairs of dataset metadata (:data:`META_FIELDS`).
     """
@@ -85,6 +88,7 @@ class IngestSpec:
     meta: tuple[tuple[str, str], ...] = field(default_factory=tuple)
     patient_key: str | None = None
     patient_scope: str | None = None
+    allow_unmapped: bool = False
 
     def __post_init__(self) -> None:
         if self.input_type not in ("auto", "counts", "lognorm", "scaled"):
@@ -100,6 +104,8 @@ class IngestSpec:
         for key in ("patient_key", "patient_scope"):  # unset: hashes as before patients existed
             if spec[key] is None:
                 del spec[key]
+        if not spec["allow_unmapped"]:
+            del spec["allow_unmapped"]
         text = json.dumps(spec, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -246,6 +252,14 @@ def prepare(
         x_kind = detect_x_kind(X, declared=spec.input_type, name=name)
         source, genes = pick_gene_identifiers(adata.var, gene_key=spec.gene_key, name=name)
         n_mapped = int((genes["ensembl_id"] != "").sum())
+        if n_mapped == 0 and not spec.allow_unmapped:
+            shown = ", ".join(repr(str(g)) for g in genes["feature"].head(3))
+            msg = (
+                f"{name}: none of its {len(genes)} genes ({shown}, …, read from {source}) maps to an HGNC "
+                "symbol or Ensembl id; pass --gene-key with the var column holding gene symbols or Ensembl "
+                "ids (human), or --allow-unmapped to ingest it anyway"
+            )
+            raise InputError(msg)
         genes = _keep_file_names(genes, file_identifiers(adata.var, gene_key=spec.gene_key))
         mito = genes["symbol"].str.startswith("MT-").to_numpy()
         qc = run_qc(

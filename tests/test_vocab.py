@@ -121,3 +121,25 @@ def test_copies_ingested_before_file_ids_were_kept_are_read_from_their_feature_c
     assert file_identifiers(old)["file_symbol"].tolist() == ["H2AFZ", "TP53"]
     vocab = Vocabulary(["H2AFZ", "TP53"], kind="symbol")  # a model that spells it the old way
     assert _match(vocab, ["H2AFZ", "TP53"], "original", **old.to_dict("list")).index.tolist() == [0, 1]
+
+
+def test_a_file_with_no_mappable_gene_is_refused_unless_allowed(tmp_path):
+    import anndata as ad
+    from click.testing import CliRunner
+
+    from cli import main
+
+    rng = np.random.default_rng(0)
+    X = rng.poisson(2.0, size=(40, 30)).astype(np.float32)
+    adata = ad.AnnData(X=X, var=pd.DataFrame(index=[f"probe_{i}" for i in range(30)]))
+    adata.write_h5ad(tmp_path / "probes.h5ad")
+    args = ["--store", str(tmp_path / "s"), "ingest", str(tmp_path / "probes.h5ad"), "--dataset-id", "p",
+            "--min-genes", "0", "--max-pct-mito", "100"]  # fmt: skip
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code != 0
+    assert "none of its 30 genes ('probe_0'" in res.output
+    assert "--gene-key" in res.output
+    assert not (tmp_path / "s").exists()  # nothing half-written: not even the new store
+    res = CliRunner().invoke(main, [*args, "--allow-unmapped"])
+    assert res.exit_code == 0, res.output
+    assert "0/30 genes mapped" in res.output
