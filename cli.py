@@ -6,37 +6,35 @@ Every command parses options, calls one function and prints. Errors raised on pu
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
 import click
 
-from store.errors import ScDrugMapError
+from scdrugmap.store.errors import ScDrugMapError
+from scdrugmap.store.shell import CONTEXT, coerce, new_store_guard, open_store, parse_kv, print_table
 
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
-
-
-#: commands defined in other modules, imported only when used: name → "module:attribute"
-LAZY_COMMANDS: dict[str, str] = {
-    "serve": "classify.service.commands:serve",
-    "report": "classify.report:report",
-    "finetune": "classify.finetune:finetune_command",
-    "analyze": "classify.analyze.commands:analyze",
-    "genesets": "classify.analyze.commands:genesets",
-    "prompt": "classify.prompting.commands:prompt",
-    "evaluate": "classify.presets:evaluate",  # classify.commands:evaluate + --preset
-    "predict": "classify.commands:predict",
-    "export": "store.export_command:export_command",
-    "results": "classify.commands:results",
-    "leakage": "classify.leakage:leakage_command",
-    "doctor": "store.commands:doctor",
-    "coverage": "store.coverage:coverage_command",
-    "collection": "store.collection_commands:collection",
-    "weights": "embedder.weights_commands:weights",
-}
+#: commands defined in other modules, imported only when used: name → ("module:attribute", short help).
+#: The short help is what ``scdrugmap --help`` lists without importing the module (tests/test_layout.py
+#: checks it against each command's own help).
+LAZY_COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("scdrugmap.classify.service.commands:serve", "Serve the store over HTTP: JSON API (/docs), per-cell predictions and the web page (/)."),
+    "report": ("scdrugmap.classify.report:report", "Write the benchmark figures (PNG + SVG) and an offline index.html into --out."),
+    "finetune": ("scdrugmap.classify.finetune_commands:finetune_command", "LoRA-fine-tune a foundation model with the MLP head on the persisted folds."),
+    "analyze": ("scdrugmap.classify.analyze.commands:analyze", "Biology views: DE, enrichment, biomarkers, embedding separation, pseudotime, genes, Harmony, confidence."),
+    "genesets": ("scdrugmap.classify.analyze.commands:genesets", "Gene-set files (GMT) for `analyze enrich`."),
+    "prompt": ("scdrugmap.classify.prompting.commands:prompt", "Zero-shot sensitive/resistant calls from a chat model over an OpenAI-compatible API."),
+    "evaluate": ("scdrugmap.classify.presets:evaluate", "Train a head on frozen embeddings and evaluate it (pooled CV, leave-one-study-out or external)."),
+    "predict": ("scdrugmap.classify.commands:predict", "Apply a trained head to FILE.h5ad: QC, per-cell p(sensitive), call and status written into obs."),
+    "export": ("scdrugmap.store.export_command:export_command", "Write DATASET_ID's embeddings into an h5ad under obsm['X_scdrugmap_<model>'] (scanpy's X_pca untouched)."),
+    "results": ("scdrugmap.classify.commands:results", "Mean ± sd of every metric per evaluation run."),
+    "leakage": ("scdrugmap.classify.leakage:leakage_command", "Evaluate the same cells under cell, sample, patient and study grouping; report the inflation."),
+    "doctor": ("scdrugmap.store.commands:doctor", "Check catalog ↔ dataset files ↔ Zarr arrays; report (exit 1 if anything is left unrepaired)."),
+    "coverage": ("scdrugmap.store.coverage:coverage_command", "Gene coverage per dataset and model revision, by how genes matched the vocabulary."),
+    "collection": ("scdrugmap.store.collection_commands:collection", "scDrugMap's 60 datasets: list them, fetch open files, prepare labelled h5ad + an ingest manifest."),
+    "weights": ("scdrugmap.embedder.weights_commands:weights", "Released checkpoints of the foundation models: where they live, fetched into the adapters' layout."),
+}  # fmt: skip
 
 
 class _Group(click.Group):
@@ -51,15 +49,36 @@ class _Group(click.Group):
             except ModuleNotFoundError:
                 return False
 
-        lazy = [n for n, target in LAZY_COMMANDS.items() if present(target.split(":")[0])]
+        lazy = [n for n, (target, _) in LAZY_COMMANDS.items() if present(target.split(":")[0])]
         return sorted({*super().list_commands(ctx), *lazy})
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The command list of ``--help`` without importing the lazy commands' modules."""
+        rows = []
+        for name in self.list_commands(ctx):
+            if name in LAZY_COMMANDS and name not in self.commands:
+                rows.append((name, LAZY_COMMANDS[name][1]))
+            else:
+                cmd = self.get_command(ctx, name)
+                if cmd is not None and not cmd.hidden:
+                    rows.append(
+                        (
+                            name,
+                            cmd.get_short_help_str(
+                                formatter.width - 6 - max(len(n) for n, _ in rows or [(name, "")])
+                            ),
+                        )
+                    )
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         cmd = super().get_command(ctx, name)
         if cmd is None and name in LAZY_COMMANDS:
             import importlib
 
-            module, attr = LAZY_COMMANDS[name].split(":")
+            module, attr = LAZY_COMMANDS[name][0].split(":")
             try:
                 cmd = getattr(importlib.import_module(module), attr)
             except ModuleNotFoundError:
@@ -76,61 +95,9 @@ class _Group(click.Group):
         except (Exception, KeyboardInterrupt) as exc:
             if (ctx.obj or {}).get("debug"):
                 raise
-            from store.commands import failure_exception
+            from scdrugmap.store.commands import failure_exception
 
             raise failure_exception(exc, (ctx.obj or {}).get("store", ".")) from None
-
-
-def _store(ctx: click.Context, *, create: bool = False, write: bool = False):
-    """Open the command's store; ``write=True`` holds the store lock until the command ends."""
-    from store import Store
-
-    st = Store.open(ctx.obj["store"], create=create)
-    if write:
-        ctx.with_resource(st.writing())
-    return st
-
-
-@contextlib.contextmanager
-def _new_store_guard(ctx: click.Context):
-    """Remove a store this command created if the command fails (nothing half-written)."""
-    path = Path(ctx.obj["store"])
-    existed = path.exists()
-    try:
-        yield
-    except BaseException:
-        if not existed and path.exists():
-            shutil.rmtree(path)
-        raise
-
-
-def _parse_kv(items: tuple[str, ...], what: str) -> dict[str, str]:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint=what)
-        k, v = (part.strip() for part in item.split("=", 1))
-        if k in out and out[k] != v:
-            msg = f"{k} given twice with different values ({out[k]!r}, {v!r})"
-            raise click.BadParameter(msg, param_hint=what)
-        out[k] = v
-    return out
-
-
-def _coerce(v: str) -> Any:
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(v.lower(), v)
-
-
-def _table(df, *, max_rows: int = 200) -> None:
-    import pandas as pd
-
-    with pd.option_context("display.max_rows", max_rows, "display.max_columns", 50, "display.width", 160):
-        click.echo(df.to_string(index=False) if len(df) else "(no rows)")
 
 
 @click.group(cls=_Group, context_settings=CONTEXT)
@@ -157,7 +124,7 @@ def main(
 
     Flow: ingest h5ad → embed (per model, into Zarr) → evaluate (pooled / cross-data) → results / sql.
     """
-    from store.locking import configure
+    from scdrugmap.store.locking import configure
 
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s: %(message)s"
@@ -199,19 +166,19 @@ def ingest(
     ctx: click.Context, file: Path | None, manifest: Path | None, meta: tuple[str, ...], **kw: Any
 ) -> None:
     """Ingest FILE.h5ad (or every row of --manifest) into the store, with QC and gene mapping."""
-    from store.ingest import ingest_h5ad
-    from store.manifest import ingest_manifest
+    from scdrugmap.store.ingest import ingest_h5ad
+    from scdrugmap.store.manifest import ingest_manifest
 
     if (file is None) == (manifest is None):
         raise click.UsageError("give either FILE.h5ad with --dataset-id, or --manifest FILE.csv")
     if manifest is None and not kw["dataset_id"]:
         raise click.UsageError("--dataset-id is required with FILE.h5ad")
-    with _new_store_guard(ctx):
-        st = _store(ctx, create=True, write=True)
+    with new_store_guard(ctx):
+        st = open_store(ctx, create=True, write=True)
         if manifest is not None:
             reports = ingest_manifest(st, manifest)
         else:
-            reports = [ingest_h5ad(st, file, meta=_parse_kv(meta, "--meta"), **kw)]
+            reports = [ingest_h5ad(st, file, meta=parse_kv(meta, "--meta"), **kw)]
     for r in reports:
         click.echo(
             f"{r.dataset_id}: {r.status}; {r.n_cells}/{r.n_cells_input} cells after QC"
@@ -234,11 +201,11 @@ def ingest(
 @click.pass_context
 def import_embeddings_cmd(ctx: click.Context, file: Path, meta: tuple[str, ...], **kw: Any) -> None:
     """Store precomputed embeddings (obsm) of FILE.h5ad; ingests the file's cells when the dataset is new."""
-    from store.imports import import_embeddings
+    from scdrugmap.store.imports import import_embeddings
 
-    with _new_store_guard(ctx):
-        st = _store(ctx, create=True, write=True)
-        r = import_embeddings(st, file, meta=_parse_kv(meta, "--meta"), **kw)
+    with new_store_guard(ctx):
+        st = open_store(ctx, create=True, write=True)
+        r = import_embeddings(st, file, meta=parse_kv(meta, "--meta"), **kw)
     click.echo(
         f"{r.model} revision {r.revision}: {r.n_rows} × {r.dim} rows for {r.dataset_id}"
         f"{' (dataset ingested from the file)' if r.dataset_ingested else ''}"
@@ -251,10 +218,10 @@ def import_embeddings_cmd(ctx: click.Context, file: Path, meta: tuple[str, ...],
 @click.pass_context
 def datasets(ctx: click.Context, where: str | None, filters: tuple[str, ...]) -> None:
     """List ingested datasets and their metadata."""
-    from store.ingest import META_FIELDS
+    from scdrugmap.store.ingest import META_FIELDS
 
-    df = _store(ctx).datasets(where)  # the filter is checked and evaluated read-only
-    for k, v in _parse_kv(filters, "--filter").items():
+    df = open_store(ctx).datasets(where)  # the filter is checked and evaluated read-only
+    for k, v in parse_kv(filters, "--filter").items():
         if k not in (*META_FIELDS, "dataset_id", "x_kind"):
             raise click.BadParameter(f"unknown field {k!r}", param_hint="--filter")
         df = df[df[k].astype("string").fillna("") == v]
@@ -269,13 +236,13 @@ def datasets(ctx: click.Context, where: str | None, filters: tuple[str, ...]) ->
         "n_cells",
         "x_kind",
     ]
-    _table(df[cols])
+    print_table(df[cols])
 
 
 @main.command(context_settings=CONTEXT)
 def models() -> None:
     """List the registered embedders (name, input, LoRA targets)."""
-    from embedder import available_models, get_embedder_class
+    from scdrugmap.embedder import available_models, get_embedder_class
 
     for name in available_models():
         cls = get_embedder_class(name)
@@ -320,35 +287,35 @@ def embed(ctx: click.Context, model: str, checkpoint: Path | None, dataset_ids: 
           no_progress: bool, correct: str, batch_key: str | None, correct_options: tuple[str, ...], executor: str,
           workers: int, address: str | None, threads: int, chunk_rows: int | None) -> None:  # fmt: skip
     """Embed the selected datasets with MODEL into the store (resumes after an interruption)."""
-    from embedder.runner import embed_datasets
+    from scdrugmap.embedder.runner import embed_datasets
 
     if (batch_key is not None or correct_options) and correct != "harmony":
         raise click.UsageError("--batch-key and --correct-option apply only with --correct harmony")
-    opts: dict[str, Any] = {k: _coerce(v) for k, v in _parse_kv(options, "--option").items()}
+    opts: dict[str, Any] = {k: coerce(v) for k, v in parse_kv(options, "--option").items()}
     for key, val in (("pooling", pooling), ("batch_size", batch_size), ("device", device)):
         if val is not None:
             opts[key] = val
-    st = _store(ctx, write=True)
+    st = open_store(ctx, write=True)
     if checkpoint is None and not lora_run:  # weights fetched by `scdrugmap weights fetch MODEL`
-        from embedder.weights import default_checkpoint
-        from store.fetch import cache_root
+        from scdrugmap.embedder.weights import default_checkpoint
+        from scdrugmap.store.fetch import cache_root
 
         checkpoint = default_checkpoint(cache_root(ctx.obj["store"]), model)
     selected = [d.strip() for item in dataset_ids for d in item.split(",") if d.strip()] or None
     if correct == "harmony":  # refuse a bad batch key before embedding anything
-        from classify.analyze.harmony import HarmonySpec, check_batch_key
-        from embedder.runner import select_datasets
+        from scdrugmap.classify.analyze.harmony import HarmonySpec, check_batch_key
+        from scdrugmap.embedder.runner import select_datasets
 
-        harmony = HarmonySpec.from_options(_parse_kv(correct_options, "--correct-option"))
+        harmony = HarmonySpec.from_options(parse_kv(correct_options, "--correct-option"))
         batch_key = batch_key or "study"
         selected = select_datasets(st, selected, where)["dataset_id"].tolist()
         check_batch_key(st, batch_key, datasets=selected)
     emb = None
     if lora_run:
-        from classify.finetune import finetuned_embedder
+        from scdrugmap.classify.finetune import finetuned_embedder
 
         emb, _ = finetuned_embedder(st, lora_run, lora_fold, checkpoint=checkpoint)
-    from embedder.executor import make_executor
+    from scdrugmap.embedder.executor import make_executor
 
     pool = make_executor(executor, workers=workers, address=address)
     try:
@@ -371,7 +338,7 @@ def embed(ctx: click.Context, model: str, checkpoint: Path | None, dataset_ids: 
         f"{r.model} revision {r.revision}: dim {r.dim}; {r.n_embedded_now} cells embedded now, {r.n_done} done; {r.status}"
     )
     if correct == "harmony":
-        from classify.analyze.commands import echo_harmony_correction
+        from scdrugmap.classify.analyze.commands import echo_harmony_correction
 
         echo_harmony_correction(st, r, batch_key=batch_key or "study", datasets=selected, spec=harmony)
 
@@ -385,11 +352,11 @@ def embed(ctx: click.Context, model: str, checkpoint: Path | None, dataset_ids: 
 @click.pass_context
 def sql(ctx: click.Context, query: str, limit: int, as_csv: bool, time_limit: float) -> None:
     """Run a read-only SQL query on the catalog (writes, files, extensions and attachments are refused)."""
-    df = _store(ctx).sql(query, limit=limit, time_limit_s=time_limit)
+    df = open_store(ctx).sql(query, limit=limit, time_limit_s=time_limit)
     if as_csv:
         click.echo(df.to_csv(index=False), nl=False)
     else:
-        _table(df, max_rows=limit)
+        print_table(df, max_rows=limit)
 
 
 @main.command(context_settings=CONTEXT)
@@ -412,7 +379,7 @@ def simulate(
     study_effect: float, sample_effect: float, samples_per_patient: int,
 ) -> None:  # fmt: skip
     """Write a simulated multi-study collection (h5ad per dataset + manifest.csv)."""
-    from store.simulate import simulate_collection
+    from scdrugmap.store.simulate import simulate_collection
 
     manifest = simulate_collection(
         out_dir, n_cells=n_cells, n_genes=n_genes, seed=seed, catalogue=catalogue, scale=scale,
@@ -430,7 +397,7 @@ def simulate(
 @click.pass_context
 def demo(ctx: click.Context, n_cells: int, seed: int, heads: str, sample_effect: float) -> None:
     """Simulate → ingest → embed pca → evaluate pooled and cross-data → results, in a fresh store."""
-    from classify.demo import run_demo
+    from scdrugmap.classify.demo import run_demo
 
     summary = run_demo(
         ctx.obj["store"],
@@ -440,7 +407,7 @@ def demo(ctx: click.Context, n_cells: int, seed: int, heads: str, sample_effect:
         echo=click.echo,
         sample_effect=sample_effect,
     )
-    from classify.commands import print_summary
+    from scdrugmap.classify.summary import print_summary
 
     print_summary(summary)
 

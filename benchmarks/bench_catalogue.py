@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _stage(name: str, args: list[str], store: Path, n_cells: int | None = None) -> dict:
     """Run ``scdrugmap ARGS`` under /usr/bin/time -v; wall, peak RSS (incl. children), cells/s."""
-    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "cli", "--store", str(store), *args]
+    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "scdrugmap.cli", "--store", str(store), *args]
     t = time.perf_counter()
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - t
@@ -74,11 +74,9 @@ def matmul_bound(d: int, hidden: int = 512, batch: int = 128) -> dict:
 
 def head_fold(store: Path, threads: int) -> dict:
     """Train the ``mlp`` head on one pooled fold of the largest tissue: time, steps, achieved GFLOP/s."""
-
-    sys.path.insert(0, str(REPO))
-    from classify.evaluate import embeddings_for, plan_runs
-    from classify.heads import make_head
-    from store.catalog import Store
+    from scdrugmap.classify.evaluate import embeddings_for, plan_runs
+    from scdrugmap.classify.heads import make_head
+    from scdrugmap.store.catalog import Store
 
     st = Store.open(store)
     sizes = st.query(
@@ -123,8 +121,7 @@ def main() -> None:
         results["stages"].append(_stage("simulate", ["simulate", "--out", str(sim), "--catalogue", str(args.catalogue),
                                                      "--scale", str(args.scale)], work / "unused"))  # fmt: skip
         results["stages"].append(_stage("ingest", ["ingest", "--manifest", str(sim / "manifest.csv")], store))
-    sys.path.insert(0, str(REPO))
-    from store.catalog import Store
+    from scdrugmap.store.catalog import Store
 
     n_cells = int(Store.open(store).query("SELECT COUNT(*) FROM cells").iloc[0, 0])
     results["n_cells"] = n_cells

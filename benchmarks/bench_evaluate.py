@@ -18,11 +18,11 @@ from pathlib import Path
 
 
 def main() -> None:
-    from classify.evaluate import evaluate
-    from embedder.runner import embed_datasets
-    from store import Store
-    from store.manifest import ingest_manifest
-    from store.simulate import simulate_collection
+    from scdrugmap.classify.evaluate import evaluate
+    from scdrugmap.embedder.runner import embed_datasets
+    from scdrugmap.store import Store
+    from scdrugmap.store.manifest import ingest_manifest
+    from scdrugmap.store.simulate import simulate_collection
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n-cells", type=int, default=100_000)

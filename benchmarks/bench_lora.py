@@ -29,7 +29,7 @@ def main() -> None:
 
     import torch
 
-    from classify.lora import CellSource, LoraSpec, attach_lora, build_head, embed_cells
+    from scdrugmap.classify.lora import CellSource, LoraSpec, attach_lora, build_head, embed_cells
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="geneformer,tgpt,scgpt,scfoundation,uce,cellplm,scbert,celllm,llm")

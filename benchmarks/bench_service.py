@@ -77,7 +77,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-service-"))
     store = args.store
     if store is None:
-        from classify.demo import run_demo
+        from scdrugmap.classify.demo import run_demo
 
         store = tmp / "store"
         t0 = time.perf_counter()
@@ -85,7 +85,7 @@ def main() -> None:
         print(f"demo store built in {time.perf_counter() - t0:.0f} s: {store}")
     head = args.head
     if head is None:
-        from store import Store
+        from scdrugmap.store import Store
 
         head = (
             Store.open(store)
@@ -99,7 +99,7 @@ def main() -> None:
 
     port = _free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "cli", "--store", str(store), "serve", "--host", "127.0.0.1", "--port", str(port),
+        [sys.executable, "-m", "scdrugmap.cli", "--store", str(store), "serve", "--host", "127.0.0.1", "--port", str(port),
          "--workers", str(args.workers), "--log-level", "warning"],
         cwd=Path(__file__).resolve().parents[1],
     )  # fmt: skip

@@ -15,7 +15,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,10 +22,8 @@ from pathlib import Path
 import duckdb
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from store.catalog import Store
-from store.embeddings import ensure_array, open_array, read_rows
+from scdrugmap.store.catalog import Store
+from scdrugmap.store.embeddings import ensure_array, open_array, read_rows
 
 
 def main() -> None:

@@ -83,7 +83,7 @@ def simulate(genes: pd.DataFrame, n_cells: int, n_genes: int, seed: int = 0):
 
 
 def main() -> None:
-    from embedder import load_embedder
+    from scdrugmap.embedder import load_embedder
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
@@ -99,7 +99,7 @@ def main() -> None:
 
     checkpoint = args.checkpoint
     if checkpoint is None and args.model == "llm":
-        from embedder.llm import write_tiny_checkpoint
+        from scdrugmap.embedder.llm import write_tiny_checkpoint
 
         universe = pd.DataFrame({"symbol": [f"GENE{i}" for i in range(args.n_genes)], "ensembl_id": ""})
         checkpoint = write_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny-llm", list(universe["symbol"]))

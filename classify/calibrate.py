@@ -13,7 +13,7 @@ from typing import Literal
 
 import numpy as np
 
-from store.errors import InputError
+from scdrugmap.store.errors import InputError
 
 __all__ = ["Calibrator", "abstain_mask", "expected_calibration_error", "fit_calibrator", "parse_band"]
 

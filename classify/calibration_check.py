@@ -22,8 +22,8 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from classify.calibrate import expected_calibration_error, fit_calibrator
-from store.catalog import Store
+from scdrugmap.classify.calibrate import expected_calibration_error, fit_calibrator
+from scdrugmap.store.catalog import Store
 
 __all__ = ["CHECKS_DDL", "calibration_checks", "default_calibration", "out_of_study_checks", "store_checks"]
 
@@ -131,7 +131,7 @@ def store_checks(store: Store, run_id: str, checks: pd.DataFrame) -> None:
 
 def calibration_checks(store: Store, run_id: str) -> pd.DataFrame:
     """The stored checks of a run (empty when none were stored)."""
-    from classify.analyze.tables import existing_tables
+    from scdrugmap.classify.analyze.tables import existing_tables
 
     if "calibration_checks" not in existing_tables(store):
         return pd.DataFrame()

@@ -10,9 +10,10 @@ from typing import Any
 
 import click
 
-from cli import CONTEXT, _coerce, _parse_kv, _store, _table
+from scdrugmap.classify.summary import print_summary
+from scdrugmap.store.shell import CONTEXT, coerce, open_store, parse_kv, print_table
 
-__all__ = ["evaluate", "predict", "print_summary", "results"]
+__all__ = ["evaluate", "predict", "results"]
 
 
 @click.command(context_settings=CONTEXT)
@@ -101,11 +102,11 @@ def evaluate(
     """
     import os
 
-    from classify.evaluate import evaluate as run_eval
-    from classify.evaluate import summarise
+    from scdrugmap.classify.evaluate import evaluate as run_eval
+    from scdrugmap.classify.evaluate import summarise
 
-    st = _store(ctx)
-    head_params = {k: _coerce(v) for k, v in _parse_kv(params, "--param").items()}
+    st = open_store(ctx)
+    head_params = {k: coerce(v) for k, v in parse_kv(params, "--param").items()}
     if seeds is not None:
         try:
             kw["seeds"] = [int(x) for x in seeds.split(",") if x.strip()]
@@ -119,7 +120,7 @@ def evaluate(
         for k in ("model", "head", "protocol", "category")
     }
     if grid_file is not None or executor != "local" or workers > 1 or any(len(v) > 1 for v in lists.values()):
-        from classify.grid_commands import run_grid_command
+        from scdrugmap.classify.grid_commands import run_grid_command
 
         if corrected:
             raise click.UsageError(
@@ -133,8 +134,8 @@ def evaluate(
     kw["threads"] = threads
     correction, corr_outcomes = None, []
     if corrected:  # checked before anything is evaluated
-        from classify.analyze.correction import evaluate_pair
-        from classify.analyze.harmony import load_correction
+        from scdrugmap.classify.analyze.correction import evaluate_pair
+        from scdrugmap.classify.analyze.harmony import load_correction
 
         correction = load_correction(
             st, corrected, source_model=kw.pop("model"), source_revision=kw.pop("revision")
@@ -152,42 +153,21 @@ def evaluate(
         )
     print_summary(summarise(st, [o.run_id for o in [*outcomes, *corr_outcomes]]))
     if by_confidence:
-        from classify.analyze.confidence import by_confidence as strata
+        from scdrugmap.classify.analyze.confidence import by_confidence as strata
 
         click.echo(
             "\nPer label-confidence stratum (stars 0 = none; out-of-fold predictions pooled over folds):"
         )
-        _table(strata(st, [o.run_id for o in [*outcomes, *corr_outcomes]]).round(4))
+        print_table(strata(st, [o.run_id for o in [*outcomes, *corr_outcomes]]).round(4))
     if correction is not None:
-        from classify.analyze.correction import correction_table
+        from scdrugmap.classify.analyze.correction import correction_table
 
         table = correction_table(
             st, correction, [o.run_id for o in outcomes], [o.run_id for o in corr_outcomes]
         )
         click.echo(f"\nAUROC without and with {correction.batch_key} correction ({correction.source_model} vs "
                    f"{correction.model}), per fold (cross: the held-out study) and mean; all metrics in correction_metrics:")  # fmt: skip
-        _table(table.round(4))
-
-
-def print_summary(df) -> None:
-    """Print :func:`classify.summary.format_summary`, and over-seed intervals when runs repeat seeds."""
-    from classify.summary import format_summary, seed_summary
-
-    click.echo(format_summary(df))
-    if (
-        not df.empty
-        and df.groupby(["model", "head", "protocol", "category", "value", "grouping"])["seed"].nunique().max()
-        > 1
-    ):
-        seeds = seed_summary(df[df["metric"].isin(["f1", "auroc", "auprc", "balanced_accuracy", "mcc"])])
-        seeds = seeds[seeds["n_seeds"] > 1]
-        click.echo("\nOver seeds (mean and 95 % t-interval of the per-seed fold means; folds within a seed share "
-                   "training cells and are not independent replicates):")  # fmt: skip
-        for _, r in seeds.iterrows():
-            click.echo(
-                f"  {r['model']}/{r['head']} {r['protocol']} {r['value']} {r['metric']}: {r['mean']:.3f} "
-                f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}] over seeds {r['seeds']} (baseline {r['baseline']:.3f})"
-            )
+        print_table(table.round(4))
 
 
 @click.command(context_settings=CONTEXT)
@@ -224,11 +204,11 @@ def print_summary(df) -> None:
 @click.pass_context
 def predict(ctx: click.Context, file: Path, run_id: str, abstain: str | None, **kw: Any) -> None:
     """Apply a trained head to FILE.h5ad: QC, per-cell p(sensitive), call and status written into obs."""
-    from classify.calibrate import parse_band
-    from classify.predict import predict_file
-    from classify.predict_output import summary_lines
+    from scdrugmap.classify.calibrate import parse_band
+    from scdrugmap.classify.predict import predict_file
+    from scdrugmap.classify.predict_output import summary_lines
 
-    r = predict_file(_store(ctx), run_id, file, abstain=parse_band(abstain), **kw)
+    r = predict_file(open_store(ctx), run_id, file, abstain=parse_band(abstain), **kw)
     click.echo(f"wrote {r.out}" + (f" (recorded for dataset {r.dataset_id})" if r.dataset_id else ""))
     for line in summary_lines(r.summary):
         click.echo(line)
@@ -240,10 +220,10 @@ def predict(ctx: click.Context, file: Path, run_id: str, abstain: str | None, **
 @click.pass_context
 def results(ctx: click.Context, where: str | None, long_format: bool) -> None:
     """Mean ± sd of every metric per evaluation run."""
-    from classify.evaluate import summarise
+    from scdrugmap.classify.evaluate import summarise
 
-    df = summarise(_store(ctx), where=where)
+    df = summarise(open_store(ctx), where=where)
     if long_format:
-        _table(df, max_rows=10_000)
+        print_table(df, max_rows=10_000)
     else:
         print_summary(df)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from store.catalog import Store
-from store.errors import StoreError
+from scdrugmap.store.catalog import Store
+from scdrugmap.store.errors import StoreError
 
 __all__ = ["run_demo"]
 
@@ -73,10 +73,10 @@ def run_demo(
     StoreError
         When ``store_path`` holds a store that is not a demo store.
     """
-    from classify.evaluate import evaluate, summarise
-    from embedder.runner import embed_datasets
-    from store.manifest import ingest_manifest
-    from store.simulate import simulate_collection
+    from scdrugmap.classify.evaluate import evaluate, summarise
+    from scdrugmap.embedder.runner import embed_datasets
+    from scdrugmap.store.manifest import ingest_manifest
+    from scdrugmap.store.simulate import simulate_collection
 
     t0 = time.perf_counter()
     st = _fresh_store(Path(store_path))

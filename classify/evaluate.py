@@ -26,14 +26,21 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from classify.analyze.confidence import confidence_metrics, confident_datasets
-from classify.folds import FoldSet, Grouping, Protocol, category_values, get_fold_set, labelled_cells
-from classify.heads import HeadSpec
-from classify.runs import head_fit_predict, run_folds, write_run
-from embedder.base import spec_hash
-from store.catalog import Store
-from store.embeddings import open_array, read_rows, resolve_revision
-from store.errors import InputError, StoreError
+from scdrugmap.classify.analyze.confidence import confidence_metrics, confident_datasets
+from scdrugmap.classify.folds import (
+    FoldSet,
+    Grouping,
+    Protocol,
+    category_values,
+    get_fold_set,
+    labelled_cells,
+)
+from scdrugmap.classify.heads import HeadSpec
+from scdrugmap.classify.runs import head_fit_predict, run_folds, write_run
+from scdrugmap.embedder.base import spec_hash
+from scdrugmap.store.catalog import Store
+from scdrugmap.store.embeddings import open_array, read_rows, resolve_revision
+from scdrugmap.store.errors import InputError, StoreError
 
 __all__ = ["PlannedRun", "RunOutcome", "RunSpec", "evaluate", "plan_runs", "summarise"]
 
@@ -427,6 +434,6 @@ def store_confidence_metrics(store: Store, run_id: str) -> None:
 
 def summarise(store: Store, run_ids: list[str] | None = None, *, where: str | None = None) -> pd.DataFrame:
     """Mean ± sd per run × metric with baselines and flags (:func:`classify.summary.summarise`)."""
-    from classify.summary import summarise as _summarise
+    from scdrugmap.classify.summary import summarise as _summarise
 
     return _summarise(store, run_ids, where=where)

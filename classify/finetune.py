@@ -13,23 +13,22 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import anndata as ad
-import click
 import numpy as np
 
-from classify.folds import get_fold_set
-from classify.lora import CellSource, LoraSpec, attach_lora, build_head, embed_cells, save_adapter
-from classify.runs import completed_run, run_folds, write_run
-from embedder.base import spec_hash
-from store.catalog import Store
-from store.errors import InputError
+from scdrugmap.classify.folds import get_fold_set
+from scdrugmap.classify.lora import CellSource, LoraSpec, attach_lora, build_head, embed_cells, save_adapter
+from scdrugmap.classify.runs import completed_run, run_folds, write_run
+from scdrugmap.embedder.base import spec_hash
+from scdrugmap.store.catalog import Store
+from scdrugmap.store.errors import InputError
 
-__all__ = ["finetune", "finetune_command"]
+__all__ = ["finetune", "finetuned_embedder", "predict_cells"]
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +160,7 @@ def finetune(
     InputError
         Bad options, a model without a network (pca/hvg), LoRA targets not found.
     """
-    from embedder.base import load_embedder
+    from scdrugmap.embedder.base import load_embedder
 
     opts = dict(options or {})
     if (lora or LoraSpec()).precision != "fp32":
@@ -217,61 +216,6 @@ def finetune(
     return run_id
 
 
-@click.command("finetune")
-@click.option("--model", required=True, help="Embedder with a network (geneformer, tgpt, scgpt, …).")
-@click.option("--checkpoint", type=click.Path(path_type=Path), help="Checkpoint directory.")
-@click.option("--protocol", type=click.Choice(["pooled", "cross"]), default="pooled", show_default=True)
-@click.option("--category", default="tissue", show_default=True)
-@click.option("--value", required=True, help="Category value.")
-@click.option("--group", "grouping", type=click.Choice(["sample", "cell"]))
-@click.option("--k", default=10, show_default=True)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--rank", default=8, show_default=True)
-@click.option("--ranks", help="Rank ablation, e.g. 4,8,16 (one run per rank).")
-@click.option("--alpha", default=8.0, show_default=True)
-@click.option("--dropout", default=0.05, show_default=True)
-@click.option("--target-modules", help="Comma-separated module names (default: the model's).")
-@click.option("--epochs", default=3, show_default=True)
-@click.option("--lr", default=1e-4, show_default=True)
-@click.option("--batch-size", default=16, show_default=True)
-@click.option("--grad-accum", default=1, show_default=True)
-@click.option("--max-train-cells", type=int, help="Subsample training cells per fold.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
-@click.option("--gradient-checkpointing", is_flag=True)
-@click.option("--shots", default=0, show_default=True)
-@click.option("--option", "options", multiple=True, help="Embedder option KEY=VALUE.")
-@click.option("--rerun", is_flag=True)
-@click.pass_context
-def finetune_command(ctx: click.Context, ranks: str | None, rank: int, alpha: float, dropout: float,
-                     target_modules: str | None, epochs: int, lr: float, batch_size: int, grad_accum: int,
-                     max_train_cells: int | None, precision: str, gradient_checkpointing: bool,
-                     options: tuple[str, ...], **kw: Any) -> None:  # fmt: skip
-    """LoRA-fine-tune a foundation model with the MLP head on the persisted folds."""
-    from classify.commands import print_summary
-    from classify.evaluate import summarise
-    from cli import _coerce, _parse_kv
-
-    base = LoraSpec(rank=rank, alpha=alpha, dropout=dropout,
-                    targets=tuple(t.strip() for t in (target_modules or "").split(",") if t.strip()),
-                    epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
-                    max_train_cells=max_train_cells, precision=precision,  # type: ignore[arg-type]
-                    gradient_checkpointing=gradient_checkpointing)  # fmt: skip
-    try:
-        rank_list = [int(r) for r in ranks.split(",")] if ranks else [rank]
-    except ValueError:
-        raise click.BadParameter(
-            f"{ranks!r} is not a comma-separated list of integers", param_hint="--ranks"
-        ) from None
-    st = Store.open(ctx.obj["store"])
-    opts = {k: _coerce(v) for k, v in _parse_kv(options, "--option").items()}
-    run_ids = []
-    for r in rank_list:
-        spec = replace(base, rank=r)
-        run_ids.append(finetune(st, lora=spec, options=opts, **kw))
-        click.echo(f"{run_ids[-1]} rank {r}")
-    print_summary(summarise(st, run_ids))
-
-
 def finetuned_embedder(store: Store, run_id: str, fold: int, *, checkpoint: str | Path | None = None) -> Any:
     """The backbone of a LoRA run's fold with its adapter loaded (own revision: base + adapter hash).
 
@@ -295,8 +239,8 @@ def finetuned_embedder(store: Store, run_id: str, fold: int, *, checkpoint: str 
     InputError
         Unknown run/fold, or a base checkpoint that no longer matches the run's revision.
     """
-    from classify.lora import load_adapter
-    from embedder.base import load_embedder
+    from scdrugmap.classify.lora import load_adapter
+    from scdrugmap.embedder.base import load_embedder
 
     directory = store.path / "lora" / run_id / f"fold{fold}"
     if not (directory / "lora.json").exists():

@@ -33,14 +33,14 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from classify.calibrate import fit_calibrator
-from classify.calibration_check import default_calibration, out_of_study_checks, store_checks
-from classify.heads import HeadSpec, make_head
-from classify.persist import load_head, save_head
-from classify.runs import fold_masks
-from store.catalog import Store
-from store.embeddings import open_array, read_rows
-from store.errors import InputError
+from scdrugmap.classify.calibrate import fit_calibrator
+from scdrugmap.classify.calibration_check import default_calibration, out_of_study_checks, store_checks
+from scdrugmap.classify.heads import HeadSpec, make_head
+from scdrugmap.classify.persist import load_head, save_head
+from scdrugmap.classify.runs import fold_masks
+from scdrugmap.store.catalog import Store
+from scdrugmap.store.embeddings import open_array, read_rows
+from scdrugmap.store.errors import InputError
 
 __all__ = ["FoldEnsemble", "calibration_meta", "fold_ensemble", "lora_meta", "oof_predictions", "row_hashes"]
 
@@ -106,7 +106,7 @@ def oof_predictions(store: Store, run_id: str) -> pd.DataFrame:
 
 def _run_cells(store: Store, row: pd.Series) -> pd.DataFrame:
     """The run's cells with their test fold and split groups, as the evaluation used them."""
-    from classify.folds import group_keys
+    from scdrugmap.classify.folds import group_keys
 
     cells = store.query(
         "SELECT f.cell_uid, f.fold, c.label, c.dataset_id, c.sample_id, c.patient_id, "
@@ -116,7 +116,7 @@ def _run_cells(store: Store, row: pd.Series) -> pd.DataFrame:
     )
     min_conf = row.get("min_confidence")
     if pd.notna(min_conf) and int(min_conf):
-        from classify.analyze.confidence import confident_datasets
+        from scdrugmap.classify.analyze.confidence import confident_datasets
 
         kept = confident_datasets(store, cells, min_confidence=int(min_conf),
                                   what=f"{row['category']} = {row['value']!r}", protocol=str(row["protocol"]))  # fmt: skip

@@ -31,8 +31,8 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from store.catalog import Store
-from store.errors import InputError
+from scdrugmap.store.catalog import Store
+from scdrugmap.store.errors import InputError
 
 __all__ = ["CATEGORIES", "FoldSet", "FoldSpec", "category_values", "get_fold_set", "labelled_cells"]
 

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from classify.evaluate import (
+from scdrugmap.classify.evaluate import (
     PlannedRun,
     RunOutcome,
     embeddings_for,
@@ -41,10 +41,10 @@ from classify.evaluate import (
     split_groups,
     store_confidence_metrics,
 )
-from classify.heads import HeadSpec
-from classify.runs import combine_folds, head_fit_predict, run_fold, write_run
-from store.catalog import Store
-from store.errors import InputError, StoreError
+from scdrugmap.classify.heads import HeadSpec
+from scdrugmap.classify.runs import combine_folds, head_fit_predict, run_fold, write_run
+from scdrugmap.store.catalog import Store
+from scdrugmap.store.errors import InputError, StoreError
 
 __all__ = ["FoldTask", "GridSpec", "run_fold_task", "run_grid"]
 

@@ -23,9 +23,9 @@ from typing import Any
 
 import click
 
-from classify.grid import GridSpec, run_grid
-from store.catalog import Store
-from store.errors import InputError
+from scdrugmap.classify.grid import GridSpec, run_grid
+from scdrugmap.store.catalog import Store
+from scdrugmap.store.errors import InputError
 
 __all__ = ["read_grid_file", "run_grid_command"]
 
@@ -86,9 +86,9 @@ def run_grid_command(
 ) -> None:
     """Build the grid from the file and/or the command line, run it, print one line per run and
     the summary."""
-    from classify.commands import print_summary
-    from classify.evaluate import summarise
-    from cli import _table
+    from scdrugmap.classify.evaluate import summarise
+    from scdrugmap.classify.summary import print_summary
+    from scdrugmap.store.shell import print_table
 
     data = read_grid_file(grid_file) if grid_file is not None else {}
     options = {"k": kw["k"], "grouping": kw.get("grouping"), "positive_class": positive, "head_params": head_params,
@@ -119,9 +119,9 @@ def run_grid_command(
     ids = [o.run_id for o in outcomes]
     print_summary(summarise(store, ids))
     if by_confidence:
-        from classify.analyze.confidence import by_confidence as strata
+        from scdrugmap.classify.analyze.confidence import by_confidence as strata
 
         click.echo(
             "\nPer label-confidence stratum (stars 0 = none; out-of-fold predictions pooled over folds):"
         )
-        _table(strata(store, ids).round(4))
+        print_table(strata(store, ids).round(4))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from store.errors import InputError
+from scdrugmap.store.errors import InputError
 
 __all__ = ["check_head_values"]
 

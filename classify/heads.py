@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from store.errors import InputError
+from scdrugmap.store.errors import InputError
 
 __all__ = ["HEADS", "MLP_HEADS", "HeadName", "HeadSpec", "ScaledHead", "make_head"]
 
@@ -78,7 +78,7 @@ class HeadSpec:
         if merged.get("class_weight", "none") not in ("none", "balanced"):
             msg = f"class_weight must be none or balanced, got {merged['class_weight']!r}"
             raise InputError(msg)
-        from classify.head_params import check_head_values
+        from scdrugmap.classify.head_params import check_head_values
 
         check_head_values(name, merged)  # epochs=-1, batch_size=0, lr=abc … refused
         return cls(name, tuple(sorted(merged.items())))
@@ -141,7 +141,7 @@ def make_head(spec: HeadSpec, *, seed: int, threads: int = 1) -> Any:
     p = spec.as_dict()
     threads = max(1, int(threads))
     if spec.name in MLP_HEADS:
-        from classify.mlp_head import MLPHead, TunedMLPHead
+        from scdrugmap.classify.mlp_head import MLPHead, TunedMLPHead
 
         net = TunedMLPHead(seed=seed, **p) if spec.name == "mlp" else MLPHead(seed=seed, **p)
         net.threads = threads

@@ -26,8 +26,8 @@ from typing import Any, Literal
 import click
 import pandas as pd
 
-from store.catalog import Store
-from store.errors import InputError
+from scdrugmap.store.catalog import Store
+from scdrugmap.store.errors import InputError
 
 __all__ = ["GROUPINGS", "leakage", "leakage_command"]
 
@@ -77,8 +77,8 @@ def leakage(
     InputError
         When no grouping can be evaluated.
     """
-    from classify.evaluate import evaluate
-    from classify.summary import summarise
+    from scdrugmap.classify.evaluate import evaluate
+    from scdrugmap.classify.summary import summarise
 
     runs: dict[str, str] = {}
     notes: dict[str, str] = {}
@@ -187,9 +187,9 @@ def format_leakage(df: pd.DataFrame) -> str:
 @click.pass_context
 def leakage_command(ctx: click.Context, positive: str, **kw: Any) -> None:
     """Evaluate the same cells under cell, sample, patient and study grouping; report the inflation."""
-    from cli import _store
+    from scdrugmap.store.shell import open_store
 
-    st = _store(ctx)
+    st = open_store(ctx)
     df = leakage(st, positive_class=positive, **kw)  # type: ignore[arg-type]
     click.echo(f"{df['report_id'].iloc[0]}: {kw['model']}/{kw['head']} on {kw['category']} = {kw['value']!r}")
     click.echo(format_leakage(df))

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from store.errors import InputError
+from scdrugmap.store.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def attach_lora(emb: Any, spec: LoraSpec, *, seed: int) -> list[Any]:
 
 def build_head(dim: int, *, seed: int, device: Any) -> Any:
     """scDrugMap's MLP head ``dim → 512 → 512 → 2`` (ReLU), seeded."""
-    from classify.heads import HeadSpec, make_head
+    from scdrugmap.classify.heads import HeadSpec, make_head
 
     mlp = make_head(HeadSpec.create("mlp_paper"), seed=seed).inner
     mlp.build(dim)

@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from classify.heads import MLP_HEADS, HeadSpec, ScaledHead, make_head
-from classify.mlp_head import MLPHead
-from store.errors import InputError, StoreError
+from scdrugmap.classify.heads import MLP_HEADS, HeadSpec, ScaledHead, make_head
+from scdrugmap.classify.mlp_head import MLPHead
+from scdrugmap.store.errors import InputError, StoreError
 
 __all__ = ["load_head", "save_head"]
 

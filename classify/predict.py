@@ -30,10 +30,10 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from classify.calibrate import Calibrator, abstain_mask
-from classify.fold_heads import oof_predictions, row_hashes
-from store.catalog import Store
-from store.errors import InputError
+from scdrugmap.classify.calibrate import Calibrator, abstain_mask
+from scdrugmap.classify.fold_heads import oof_predictions, row_hashes
+from scdrugmap.store.catalog import Store
+from scdrugmap.store.errors import InputError
 
 __all__ = ["Calibration", "PredictResult", "Prediction", "predict", "predict_file"]
 
@@ -80,11 +80,11 @@ def _run_row(store: Store, run_id: str) -> pd.Series:
 
 def _scorer(store: Store, row: pd.Series, fold: int, checkpoint: str | Path | None):
     """``(embedder, score(adata) -> (raw (n,), embedding (n, d) | None), meta)`` of a run."""
-    from classify.fold_heads import fold_ensemble, lora_meta
+    from scdrugmap.classify.fold_heads import fold_ensemble, lora_meta
 
     if row["strategy"] == "lora":
-        from classify.finetune import finetuned_embedder, predict_cells
-        from classify.lora import CellSource
+        from scdrugmap.classify.finetune import finetuned_embedder, predict_cells
+        from scdrugmap.classify.lora import CellSource
 
         emb, net = finetuned_embedder(store, str(row["run_id"]), fold, checkpoint=checkpoint)
 
@@ -93,7 +93,7 @@ def _scorer(store: Store, row: pd.Series, fold: int, checkpoint: str | Path | No
             return predict_cells(emb, net, src, np.arange(a.n_obs), batch_size=16), None
 
         return emb, score_lora, lora_meta(store, row, fold)
-    from embedder.runner import restore_embedder
+    from scdrugmap.embedder.runner import restore_embedder
 
     ens = fold_ensemble(store, row)
     emb = restore_embedder(store, ens.meta["revision"], checkpoint=checkpoint)
@@ -192,10 +192,10 @@ def predict(
     """
     import anndata as ad
 
-    from classify.predict_output import annotate, build_summary
-    from store.catalog import default_store_path
-    from store.prepare import IngestSpec, prepare, read_h5ad_checked
-    from store.qc import qc_reasons
+    from scdrugmap.classify.predict_output import annotate, build_summary
+    from scdrugmap.store.catalog import default_store_path
+    from scdrugmap.store.prepare import IngestSpec, prepare, read_h5ad_checked
+    from scdrugmap.store.qc import qc_reasons
 
     store = store if store is not None else Store.open(default_store_path())
     if calibration not in ("auto", "platt", "isotonic", "none"):
@@ -306,11 +306,11 @@ def predict_file(
     InputError
         As :func:`predict`, and an unwritable output (checked before any work).
     """
-    from classify.predict_record import record
+    from scdrugmap.classify.predict_record import record
 
     path = Path(path)
     if out is not None:  # refuse an unwritable output before any work
-        from store.failures import check_writable
+        from scdrugmap.store.failures import check_writable
 
         check_writable(out)
     res = predict(path, head=run_id, store=store, **options)

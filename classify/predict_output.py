@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from store.catalog import Store
+from scdrugmap.store.catalog import Store
 
 __all__ = ["CALLS", "STATUSES", "annotate", "build_summary", "h5ad_safe"]
 

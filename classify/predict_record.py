@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from store.catalog import Store
+from scdrugmap.store.catalog import Store
 
 __all__ = ["PREDICT_DDL", "record"]
 

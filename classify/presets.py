@@ -20,8 +20,8 @@ from typing import Any
 import click
 import pandas as pd
 
-from classify.commands import evaluate as _evaluate
-from cli import CONTEXT, _store, _table
+from scdrugmap.classify.commands import evaluate as _evaluate
+from scdrugmap.store.shell import CONTEXT, open_store, print_table
 
 __all__ = ["PRESETS", "apply_preset", "evaluate", "paper_average"]
 
@@ -68,7 +68,7 @@ def _run_ids(st, kw: dict[str, Any]) -> list[str]:
     Without ``grouping`` (the default rule: patient, else sample, else cell) each value's run with the
     highest-ranked grouping is taken: the default gives exactly that one.
     """
-    from store.embeddings import resolve_revision
+    from scdrugmap.store.embeddings import resolve_revision
 
     revision = resolve_revision(st, kw["model"], kw.get("revision"))
     keys = ("model", "revision", "head", "protocol", "category", "k", "seed", "positive_class")
@@ -128,7 +128,7 @@ def _callback(ctx: click.Context, preset: str | None, side_by_side: bool, **kw: 
         return
     paper = apply_preset(ctx, preset, kw)
     ctx.invoke(_evaluate, **paper)
-    st = _store(ctx)
+    st = open_store(ctx)
     ids = _run_ids(st, paper)
     _record(st, ids, preset)
     metric = PRESETS[preset]["metric"]
@@ -144,7 +144,7 @@ def _callback(ctx: click.Context, preset: str | None, side_by_side: bool, **kw: 
         label = f"{metric} (defaults: {kw['head']}, {groupings} folds)"
         table = table.merge(other[["value", metric]].rename(columns={metric: label}), on="value", how="left")
     click.echo(f"\n{preset}: {PRESETS[preset]['reference']}; {metric} = {PRESETS[preset]['averaging']}")
-    _table(table.round(4))
+    print_table(table.round(4))
 
 
 evaluate = click.Command(

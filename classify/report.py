@@ -22,11 +22,18 @@ import click
 import numpy as np
 import pandas as pd
 
-from classify.report_figures import METRIC_NAMES, embedding_umap, fold_bars, radar, roc_pr_curves, save_figure
-from classify.report_honest import baseline_table, leakage_figure
-from classify.service import queries
-from store.catalog import Store
-from store.errors import InputError
+from scdrugmap.classify import queries
+from scdrugmap.classify.report_figures import (
+    METRIC_NAMES,
+    embedding_umap,
+    fold_bars,
+    radar,
+    roc_pr_curves,
+    save_figure,
+)
+from scdrugmap.classify.report_honest import baseline_table, leakage_figure
+from scdrugmap.store.catalog import Store
+from scdrugmap.store.errors import InputError
 
 __all__ = ["Report", "report", "scalability_tables", "write_report"]
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from classify.service import queries
-from store.catalog import Store
-from store.errors import InputError, StoreError
+from scdrugmap.classify import queries
+from scdrugmap.store.catalog import Store
+from scdrugmap.store.errors import InputError, StoreError
 
 __all__ = ["METRIC_NAMES", "PALETTE", "embedding_umap", "fold_bars", "radar", "roc_pr_curves", "save_figure"]
 
@@ -150,8 +150,8 @@ def embedding_umap(store: Store, model: str, revision: str, *, max_cells: int, s
     """
     from matplotlib.figure import Figure
 
-    from classify.service.projection import umap_2d
-    from store.embeddings import open_array, read_rows
+    from scdrugmap.classify.projection import umap_2d
+    from scdrugmap.store.embeddings import open_array, read_rows
 
     cells = store.query(
         "SELECT c.cell_uid, c.dataset_id, c.label FROM embedded_cells e JOIN cells c USING (cell_uid) "

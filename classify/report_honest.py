@@ -11,7 +11,7 @@ from typing import Any
 
 import pandas as pd
 
-from store.catalog import Store
+from scdrugmap.store.catalog import Store
 
 __all__ = ["baseline_table", "leakage_figure"]
 
@@ -27,7 +27,7 @@ def baseline_table(store: Store) -> pd.DataFrame:
         ``run_id, model, head, protocol, value, positive, prevalence, f1, f1_baseline, auroc, auprc,
         auprc_baseline, balanced_accuracy, mcc, folds, flag`` (empty without runs).
     """
-    from classify.summary import summarise
+    from scdrugmap.classify.summary import summarise
 
     df = summarise(store, where="status = 'complete' AND strategy <> 'predict'")
     if df.empty:

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from classify.metrics import METRICS, fold_metrics
-from store.catalog import Store
+from scdrugmap.classify.metrics import METRICS, fold_metrics
+from scdrugmap.store.catalog import Store
 
 __all__ = [
     "combine_folds",
@@ -131,7 +131,7 @@ def head_fit_predict(
     seed, threads
         Run seed and the threads each fit may use (recorded in the run spec).
     """
-    from classify.heads import make_head
+    from scdrugmap.classify.heads import make_head
 
     def fit_predict(train: np.ndarray, test: np.ndarray, fold: int) -> np.ndarray:
         model = make_head(head, seed=seed + fold, threads=threads)

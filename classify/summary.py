@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from store.catalog import Store
-from store.errors import InputError
+from scdrugmap.store.catalog import Store
+from scdrugmap.store.errors import InputError
 
-__all__ = ["MCC_ZERO", "format_summary", "seed_summary", "summarise"]
+__all__ = ["MCC_ZERO", "format_summary", "print_summary", "seed_summary", "summarise"]
 
 #: |mean MCC| below this marks a run as degenerate (no better than a constant call)
 MCC_ZERO = 0.05
@@ -71,7 +71,7 @@ def summarise(store: Store, run_ids: list[str] | None = None, *, where: str | No
         conds.append("list_contains(?, r.run_id)")
         params.append(list(run_ids))
     if where:  # checked and evaluated read-only; only the matching run ids reach this query
-        from store.filters import matching_keys
+        from scdrugmap.store.filters import matching_keys
 
         conds.append("list_contains(?, r.run_id)")
         params.append(matching_keys(store, where, table="eval_runs"))
@@ -235,3 +235,24 @@ def seed_summary(df: pd.DataFrame) -> pd.DataFrame:
                      "mean": mean, "ci_low": mean - half, "ci_high": mean + half,
                      "baseline": float(g["baseline"].mean())})  # fmt: skip
     return pd.DataFrame(rows)
+
+
+def print_summary(df) -> None:
+    """Print :func:`format_summary`, and over-seed intervals when runs repeat seeds."""
+    import click
+
+    click.echo(format_summary(df))
+    if (
+        not df.empty
+        and df.groupby(["model", "head", "protocol", "category", "value", "grouping"])["seed"].nunique().max()
+        > 1
+    ):
+        seeds = seed_summary(df[df["metric"].isin(["f1", "auroc", "auprc", "balanced_accuracy", "mcc"])])
+        seeds = seeds[seeds["n_seeds"] > 1]
+        click.echo("\nOver seeds (mean and 95 % t-interval of the per-seed fold means; folds within a seed share "
+                   "training cells and are not independent replicates):")  # fmt: skip
+        for _, r in seeds.iterrows():
+            click.echo(
+                f"  {r['model']}/{r['head']} {r['protocol']} {r['value']} {r['metric']}: {r['mean']:.3f} "
+                f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}] over seeds {r['seeds']} (baseline {r['baseline']:.3f})"
+            )

@@ -24,7 +24,7 @@ import torch
 from anndata import AnnData
 from torch import nn
 
-from embedder._attention_blocks import (
+from scdrugmap.embedder._attention_blocks import (
     LORA_TARGET_MODULES,
     LORA_TARGET_PARAMETERS,
     EncoderLayer,
@@ -32,14 +32,14 @@ from embedder._attention_blocks import (
     TransformerEncoder,
     encoder_stack,
 )
-from embedder._torch import (
+from scdrugmap.embedder._torch import (
     PaddingReport,
     SortedBatchEmbedder,
     autocast_context,
     pick_device,
 )
-from embedder.vocab import GENE_MATCHING
-from store.errors import InputError
+from scdrugmap.embedder.vocab import GENE_MATCHING
+from scdrugmap.store.errors import InputError
 
 __all__ = [
     "LORA_TARGET_MODULES",

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from embedder._checkpoint import check_state_shapes, load_state_dict, load_strict, require_files
-from store.errors import CheckpointError
+from scdrugmap.embedder._checkpoint import check_state_shapes, load_state_dict, load_strict, require_files
+from scdrugmap.store.errors import CheckpointError
 
 __all__ = [
     "EXPECTED",

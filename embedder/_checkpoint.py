@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from store.errors import CheckpointError
+from scdrugmap.store.errors import CheckpointError
 
 __all__ = [
     "check_shapes",

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import numpy as np
 import scipy.sparse as sp
 
-from embedder._hf_checkpoint import (
+from scdrugmap.embedder._hf_checkpoint import (
     WEIGHT_FILES,
     build_model,
     load_tokenizer,
@@ -33,14 +33,14 @@ from embedder._hf_checkpoint import (
     tied_groups,
     weight_files,
 )
-from embedder._torch import (
+from scdrugmap.embedder._torch import (
     PaddingReport,
     SortedBatchEmbedder,
     autocast_context,
     masked_mean,
     pick_device,
 )
-from store.errors import InputError
+from scdrugmap.store.errors import InputError
 
 __all__ = ["WEIGHT_FILES", "HFEmbedder", "TokenizedCells", "build_model", "iter_expressed", "load_tokenizer"]
 __all__ += ["load_weights", "parse_options", "positive_int", "read_config", "tied_groups", "var_column"]

@@ -14,8 +14,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from embedder._checkpoint import check_shapes, find_one, load_state_dict, load_strict
-from store.errors import CheckpointError
+from scdrugmap.embedder._checkpoint import check_shapes, find_one, load_state_dict, load_strict
+from scdrugmap.store.errors import CheckpointError
 
 __all__ = [
     "WEIGHT_FILES",

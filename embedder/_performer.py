@@ -19,8 +19,8 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from embedder._checkpoint import check_state_shapes, load_strict
-from embedder._performer_blocks import (
+from scdrugmap.embedder._checkpoint import check_state_shapes, load_strict
+from scdrugmap.embedder._performer_blocks import (
     FastAttention,
     FeedForward,
     Performer,
@@ -28,10 +28,10 @@ from embedder._performer_blocks import (
     PreLayerNorm,
     SelfAttention,
 )
-from embedder._torch import PaddingReport, autocast_context, embed_length_sorted, pick_device
-from embedder.base import Embedder, hash_files
-from embedder.vocab import Vocabulary, check_gene_matching
-from store.errors import CheckpointError, InputError
+from scdrugmap.embedder._torch import PaddingReport, autocast_context, embed_length_sorted, pick_device
+from scdrugmap.embedder.base import Embedder, hash_files
+from scdrugmap.embedder.vocab import Vocabulary, check_gene_matching
+from scdrugmap.store.errors import CheckpointError, InputError
 
 __all__ = [
     "FastAttention",

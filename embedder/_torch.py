@@ -13,7 +13,7 @@ from typing import Any, Literal, TypeVar
 
 import numpy as np
 
-from embedder.base import Embedder
+from scdrugmap.embedder.base import Embedder
 
 __all__ = [
     "PaddingReport",
@@ -40,7 +40,7 @@ def pick_device(device: str | None = None):
     """
     import torch
 
-    from store.errors import InputError
+    from scdrugmap.store.errors import InputError
 
     if device:
         try:
@@ -270,7 +270,7 @@ class SortedBatchEmbedder(Embedder):
 
     def spec(self) -> dict[str, Any]:
         """Checkpoint file hashes, tokenizer settings, pooling and precision (not device/batch size)."""
-        from embedder.base import hash_files
+        from scdrugmap.embedder.base import hash_files
 
         if self._hashes is None:
             self._hashes = hash_files(self._files)

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from embedder._attention_blocks import TransformerEncoder
-from store.errors import CheckpointError, InputError
+from scdrugmap.embedder._attention_blocks import TransformerEncoder
+from scdrugmap.store.errors import CheckpointError, InputError
 
 __all__ = ["UCEModel", "build_module"]
 

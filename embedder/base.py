@@ -30,8 +30,8 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 from anndata import AnnData
 
-from embedder.vocab import GeneMatch, Vocabulary
-from store.errors import InputError
+from scdrugmap.embedder.vocab import GeneMatch, Vocabulary
+from scdrugmap.store.errors import InputError
 
 __all__ = [
     "Embedder",
@@ -313,9 +313,27 @@ def register(cls: type[Embedder]) -> type[Embedder]:
     return cls
 
 
+#: the built-in adapters (one module each); importing a module registers its embedder(s)
+ADAPTER_MODULES: tuple[str, ...] = (
+    "baselines",
+    "celllm",
+    "cellplm",
+    "geneformer",
+    "llm",
+    "scbert",
+    "scfoundation",
+    "scgpt",
+    "tgpt",
+    "uce",
+)
+
+
 def _import_builtin() -> None:
-    # importing the package registers every built-in adapter
-    import embedder  # noqa: F401
+    """Import every built-in adapter module (plugin discovery by name, on first registry lookup)."""
+    from importlib import import_module
+
+    for module in ADAPTER_MODULES:
+        import_module(f"scdrugmap.embedder.{module}")
 
 
 def available_models() -> list[str]:

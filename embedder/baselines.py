@@ -23,8 +23,8 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-from embedder.base import Embedder, register
-from store.errors import InputError, StoreError
+from scdrugmap.embedder.base import Embedder, register
+from scdrugmap.store.errors import InputError, StoreError
 
 __all__ = ["HVGEmbedder", "PCAEmbedder", "normalise_log"]
 

@@ -32,8 +32,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from embedder._checkpoint import load_state_dict, require_dir, require_files
-from embedder._performer import (
+from scdrugmap.embedder._checkpoint import load_state_dict, require_dir, require_files
+from scdrugmap.embedder._performer import (
     PerformerEmbedder,
     build_performer,
     embed_in_batches,
@@ -43,8 +43,8 @@ from embedder._performer import (
     unwrap_state_dict,
     validate_options,
 )
-from embedder.base import register
-from store.errors import CheckpointError
+from scdrugmap.embedder.base import register
+from scdrugmap.store.errors import CheckpointError
 
 __all__ = ["CellLMEmbedder", "CellLMTokens"]
 

@@ -39,7 +39,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from embedder._cellplm_model import (
+from scdrugmap.embedder._cellplm_model import (
     EXPECTED,
     IGNORED_PREFIXES,
     CellPLMModel,
@@ -48,12 +48,12 @@ from embedder._cellplm_model import (
     hard_gumbel,
     load_checkpoint,
 )
-from embedder._checkpoint import require_dir
-from embedder._performer import require_counts
-from embedder._torch import PaddingReport, autocast_context, pick_device
-from embedder.base import Embedder, hash_files, register
-from embedder.vocab import Vocabulary, check_gene_matching
-from store.errors import InputError
+from scdrugmap.embedder._checkpoint import require_dir
+from scdrugmap.embedder._performer import require_counts
+from scdrugmap.embedder._torch import PaddingReport, autocast_context, pick_device
+from scdrugmap.embedder.base import Embedder, hash_files, register
+from scdrugmap.embedder.vocab import Vocabulary, check_gene_matching
+from scdrugmap.store.errors import InputError
 
 __all__ = [
     "EXPECTED",

@@ -33,7 +33,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from store.errors import InputError, StoreError
+from scdrugmap.store.errors import InputError, StoreError
 
 __all__ = ["EXECUTORS", "EmbedJob", "Executor", "Shard", "embed_shard", "make_executor", "plan_shards"]
 
@@ -129,8 +129,8 @@ def _set_threads(threads: int) -> None:
 def _worker_embedder(job: EmbedJob):
     key = repr((job.store_path, job.model, job.checkpoint, sorted(job.options.items()), job.revision))
     if _WORKER.get("key") != key:
-        from embedder import load_embedder
-        from store.catalog import Store
+        from scdrugmap.embedder import load_embedder
+        from scdrugmap.store.catalog import Store
 
         _set_threads(job.threads)
         emb = load_embedder(job.model, job.checkpoint, **job.options)
@@ -145,7 +145,7 @@ def _worker_embedder(job: EmbedJob):
 def _worker_dataset(job: EmbedJob, dataset_id: str):
     import anndata as ad
 
-    from store.catalog import Store
+    from scdrugmap.store.catalog import Store
 
     cache: dict[str, Any] = _WORKER["datasets"]
     if dataset_id not in cache:
@@ -172,8 +172,8 @@ def embed_shard(job: EmbedJob, shard: Shard) -> np.ndarray:
     StoreError
         A missing dataset copy or array, or an embedder returning the wrong shape.
     """
-    from store.catalog import Store
-    from store.embeddings import open_array, write_rows
+    from scdrugmap.store.catalog import Store
+    from scdrugmap.store.embeddings import open_array, write_rows
 
     emb = _worker_embedder(job)
     uids, values = [], []

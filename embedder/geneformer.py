@@ -25,8 +25,8 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from embedder._checkpoint import require_dir, require_files, safe_unpickle
-from embedder._hf import (
+from scdrugmap.embedder._checkpoint import require_dir, require_files, safe_unpickle
+from scdrugmap.embedder._hf import (
     HFEmbedder,
     TokenizedCells,
     build_model,
@@ -36,10 +36,10 @@ from embedder._hf import (
     read_config,
     weight_files,
 )
-from embedder.base import register
-from embedder.vocab import GENE_MATCHING, GeneMatch, Vocabulary, check_gene_matching
-from store.errors import CheckpointError, InputError
-from store.genes import file_identifiers
+from scdrugmap.embedder.base import register
+from scdrugmap.embedder.vocab import GENE_MATCHING, GeneMatch, Vocabulary, check_gene_matching
+from scdrugmap.store.errors import CheckpointError, InputError
+from scdrugmap.store.genes import file_identifiers
 
 __all__ = ["GeneformerEmbedder", "Pooling"]
 

@@ -25,8 +25,8 @@ from typing import Any, ClassVar, Literal, get_args
 import numpy as np
 from anndata import AnnData
 
-from embedder._checkpoint import find_one, require_dir, require_files
-from embedder._hf import (
+from scdrugmap.embedder._checkpoint import find_one, require_dir, require_files
+from scdrugmap.embedder._hf import (
     HFEmbedder,
     TokenizedCells,
     build_model,
@@ -39,8 +39,8 @@ from embedder._hf import (
     var_column,
     weight_files,
 )
-from embedder.base import register
-from store.errors import CheckpointError, InputError
+from scdrugmap.embedder.base import register
+from scdrugmap.store.errors import CheckpointError, InputError
 
 __all__ = ["LLMEmbedder", "Pooling", "write_tiny_checkpoint"]
 

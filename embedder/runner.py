@@ -24,12 +24,12 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from embedder.base import Embedder, load_embedder
-from embedder.executor import EmbedJob, Executor, plan_shards
-from store.catalog import Store
-from store.embed_records import mark_done, record_coverage, refresh_counts
-from store.embeddings import ensure_array, iter_chunks, write_rows
-from store.errors import InputError, StoreError
+from scdrugmap.embedder.base import Embedder, load_embedder
+from scdrugmap.embedder.executor import EmbedJob, Executor, plan_shards
+from scdrugmap.store.catalog import Store
+from scdrugmap.store.embed_records import mark_done, record_coverage, refresh_counts
+from scdrugmap.store.embeddings import ensure_array, iter_chunks, write_rows
+from scdrugmap.store.errors import InputError, StoreError
 
 __all__ = ["EmbedResult", "embed_datasets", "restore_embedder", "select_datasets"]
 

@@ -47,18 +47,18 @@ import torch.nn.functional as F
 from anndata import AnnData
 from torch import nn
 
-from embedder._attention import (
+from scdrugmap.embedder._attention import (
     MHAEmbedder,
     RaggedTokens,
     counts_csr,
     encoder_stack,
     parse_options,
 )
-from embedder._checkpoint import load_state_dict, load_strict, require_dir, require_files
-from embedder._torch import masked_mean
-from embedder.base import register
-from embedder.vocab import Vocabulary
-from store.errors import CheckpointError, InputError
+from scdrugmap.embedder._checkpoint import load_state_dict, load_strict, require_dir, require_files
+from scdrugmap.embedder._torch import masked_mean
+from scdrugmap.embedder.base import register
+from scdrugmap.embedder.vocab import Vocabulary
+from scdrugmap.store.errors import CheckpointError, InputError
 
 __all__ = ["ScFoundationEmbedder", "ScFoundationModel", "build_module", "flat_config"]
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from anndata import AnnData
 from torch import nn
 
-from embedder._attention import (
+from scdrugmap.embedder._attention import (
     MHAEmbedder,
     RaggedTokens,
     TransformerEncoder,
@@ -43,11 +43,11 @@ from embedder._attention import (
     counts_csr,
     parse_options,
 )
-from embedder._checkpoint import load_state_dict, load_strict, require_dir, require_files
-from embedder._torch import masked_mean
-from embedder.base import register
-from embedder.vocab import Vocabulary
-from store.errors import CheckpointError
+from scdrugmap.embedder._checkpoint import load_state_dict, load_strict, require_dir, require_files
+from scdrugmap.embedder._torch import masked_mean
+from scdrugmap.embedder.base import register
+from scdrugmap.embedder.vocab import Vocabulary
+from scdrugmap.store.errors import CheckpointError
 
 __all__ = ["ScGPTEmbedder", "ScGPTModel", "bin_values", "module_key", "release_key"]
 

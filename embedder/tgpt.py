@@ -27,8 +27,8 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from embedder._checkpoint import require_dir, require_files
-from embedder._hf import (
+from scdrugmap.embedder._checkpoint import require_dir, require_files
+from scdrugmap.embedder._hf import (
     HFEmbedder,
     TokenizedCells,
     build_model,
@@ -40,9 +40,9 @@ from embedder._hf import (
     read_config,
     weight_files,
 )
-from embedder.base import register
-from embedder.vocab import GENE_MATCHING, Vocabulary, check_gene_matching
-from store.errors import CheckpointError, InputError
+from scdrugmap.embedder.base import register
+from scdrugmap.embedder.vocab import GENE_MATCHING, Vocabulary, check_gene_matching
+from scdrugmap.store.errors import CheckpointError, InputError
 
 __all__ = ["Pooling", "TGPTEmbedder", "normalise_symbol"]
 

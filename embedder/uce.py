@@ -45,7 +45,7 @@ import pandas as pd
 import torch
 from anndata import AnnData
 
-from embedder._attention import (
+from scdrugmap.embedder._attention import (
     MHAEmbedder,
     RaggedTokens,
     cell_seed,
@@ -53,11 +53,17 @@ from embedder._attention import (
     counts_csr,
     parse_options,
 )
-from embedder._checkpoint import load_state_dict, load_strict, require_dir, require_files, safe_unpickle
-from embedder._uce_model import UCEModel, build_module
-from embedder.base import register
-from embedder.vocab import Vocabulary
-from store.errors import CheckpointError, InputError
+from scdrugmap.embedder._checkpoint import (
+    load_state_dict,
+    load_strict,
+    require_dir,
+    require_files,
+    safe_unpickle,
+)
+from scdrugmap.embedder._uce_model import UCEModel, build_module
+from scdrugmap.embedder.base import register
+from scdrugmap.embedder.vocab import Vocabulary
+from scdrugmap.store.errors import CheckpointError, InputError
 
 __all__ = ["UCEEmbedder", "UCEModel", "build_module"]
 

@@ -29,7 +29,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from store.errors import InputError
+from scdrugmap.store.errors import InputError
 
 __all__ = [
     "GENE_MATCHING",
@@ -159,7 +159,7 @@ class Vocabulary:
         return self._lookup.get(self._norm(name), -1)
 
     def _stripped_lookup(self) -> dict[str, int]:
-        from store.gene_reference import strip_version
+        from scdrugmap.store.gene_reference import strip_version
 
         if self._stripped is None:
             self._stripped = {}
@@ -185,7 +185,7 @@ class Vocabulary:
         GeneMatch
             ``(n_genes,)`` positions and routes.
         """
-        from store.genes import file_identifiers
+        from scdrugmap.store.genes import file_identifiers
 
         ids = file_identifiers(var)
         sym = ids["file_symbol"].to_numpy(dtype=object)
@@ -199,7 +199,7 @@ class Vocabulary:
         return self._cache[key]
 
     def _match(self, sym: np.ndarray, ens: np.ndarray, mode: str) -> GeneMatch:
-        from store.gene_reference import strip_version
+        from scdrugmap.store.gene_reference import strip_version
 
         n = len(sym)
         index = np.full(n, -1, dtype=np.int64)
@@ -223,7 +223,7 @@ class Vocabulary:
     def _recover(
         self, sym: np.ndarray, ens: np.ndarray, index: np.ndarray, route: np.ndarray, taken: set[int]
     ) -> None:
-        from store.gene_reference import gene_reference, strip_version
+        from scdrugmap.store.gene_reference import gene_reference, strip_version
 
         todo = np.flatnonzero(index < 0)
         if todo.size == 0:

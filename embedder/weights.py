@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from store.errors import InputError
-from store.fetch import download, file_digest
+from scdrugmap.store.errors import InputError
+from scdrugmap.store.fetch import download, file_digest
 
 __all__ = [
     "RECORD",

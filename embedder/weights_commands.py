@@ -6,14 +6,14 @@ from pathlib import Path
 
 import click
 
-from cli import CONTEXT, _table
-from store.errors import InputError
+from scdrugmap.store.errors import InputError
+from scdrugmap.store.shell import CONTEXT, print_table
 
 __all__ = ["weights"]
 
 
 def _cache(ctx: click.Context) -> Path:
-    from store.fetch import cache_root
+    from scdrugmap.store.fetch import cache_root
 
     return ctx.obj.get("weights_cache") or cache_root(ctx.obj["store"])
 
@@ -36,9 +36,9 @@ def list_cmd(ctx: click.Context) -> None:
     """List registered models: files, how many need a manual step, local state, home."""
     import pandas as pd
 
-    from embedder.weights import weights_status
+    from scdrugmap.embedder.weights import weights_status
 
-    _table(pd.DataFrame(weights_status(_cache(ctx), ctx.obj["weights_registry"])))
+    print_table(pd.DataFrame(weights_status(_cache(ctx), ctx.obj["weights_registry"])))
 
 
 @weights.command(context_settings=CONTEXT)
@@ -55,7 +55,7 @@ def list_cmd(ctx: click.Context) -> None:
 def fetch(ctx: click.Context, model: str, directory: Path | None, mirror: str | None, retries: int,
           timeout: float, no_progress: bool) -> None:  # fmt: skip
     """Download MODEL's released checkpoint into the layout its adapter reads (resumes, verifies, records)."""
-    from embedder.weights import RECORD, fetch_weights
+    from scdrugmap.embedder.weights import RECORD, fetch_weights
 
     res = fetch_weights(model, _cache(ctx), registry=ctx.obj["weights_registry"], directory=directory,
                         progress=not no_progress, retries=retries, timeout=timeout, mirror=mirror,

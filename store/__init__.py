@@ -1,10 +1,12 @@
-"""The store: DuckDB catalog + Zarr embeddings + ingested datasets (owns every byte on disk)."""
+"""The store: DuckDB catalog + Zarr embeddings + ingested datasets (owns every byte on disk).
+
+Names are imported on first use, so ``scdrugmap.store.errors`` (and the command line) stay light.
+"""
 
 from __future__ import annotations
 
-from store.catalog import DEFAULT_STORE, Store, default_store_path
-from store.embeddings import export_obsm, open_embeddings
-from store.errors import CheckpointError, InputError, ScDrugMapError, StoreError
+from importlib import import_module
+from typing import Any
 
 __all__ = [
     "DEFAULT_STORE",
@@ -17,3 +19,22 @@ __all__ = [
     "export_obsm",
     "open_embeddings",
 ]
+
+_WHERE = {
+    "DEFAULT_STORE": "catalog",
+    "Store": "catalog",
+    "default_store_path": "catalog",
+    "export_obsm": "embeddings",
+    "open_embeddings": "embeddings",
+    "CheckpointError": "errors",
+    "InputError": "errors",
+    "ScDrugMapError": "errors",
+    "StoreError": "errors",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(import_module(f"scdrugmap.store.{_WHERE[name]}"), name)
+    msg = f"module 'scdrugmap.store' has no attribute {name!r}"
+    raise AttributeError(msg)

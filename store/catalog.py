@@ -22,7 +22,7 @@ from typing import Any
 import duckdb
 import pandas as pd
 
-from store.errors import StoreError
+from scdrugmap.store.errors import StoreError
 
 __all__ = ["DEFAULT_STORE", "SCHEMA", "Store", "default_store_path"]
 
@@ -313,7 +313,7 @@ class Store:
 
     def _open(self, *, read_only: bool, config: dict[str, Any]) -> duckdb.DuckDBPyConnection:
         """Open the catalog file, waiting (bounded) while another process holds it."""
-        from store.locking import retry_busy
+        from scdrugmap.store.locking import retry_busy
 
         path = str(self.catalog_path)
         return retry_busy(
@@ -329,8 +329,8 @@ class Store:
         (:mod:`store.locking`). :meth:`transaction` takes it for one transaction. Taking it
         removes temporary files of writers that died (:func:`store.doctor.remove_debris`).
         """
-        from store.doctor import remove_debris
-        from store.locking import store_lock
+        from scdrugmap.store.doctor import remove_debris
+        from scdrugmap.store.locking import store_lock
 
         return store_lock(self.path, timeout_s=self.busy_timeout_s, on_acquire=lambda: remove_debris(self))
 
@@ -369,7 +369,7 @@ class Store:
         InputError
             When the statement is refused, fails (DuckDB's message, one line) or runs too long.
         """
-        from store.filters import run_user_sql
+        from scdrugmap.store.filters import run_user_sql
 
         return run_user_sql(self, sql, limit=limit, time_limit_s=time_limit_s)
 
@@ -382,7 +382,7 @@ class Store:
         """
         if not where:
             return self.query("SELECT * FROM datasets ORDER BY dataset_id")
-        from store.filters import matching_keys
+        from scdrugmap.store.filters import matching_keys
 
         ids = matching_keys(self, where)
         return self.query(

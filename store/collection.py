@@ -18,9 +18,9 @@ from urllib.parse import unquote, urlsplit
 
 import pandas as pd
 
-from store.collection_build import COLLECTION_COLUMNS, DEFAULT_COLLECTION
-from store.errors import InputError
-from store.fetch import DownloadResult, cache_root, download
+from scdrugmap.store.collection_build import COLLECTION_COLUMNS, DEFAULT_COLLECTION
+from scdrugmap.store.errors import InputError
+from scdrugmap.store.fetch import DownloadResult, cache_root, download
 
 __all__ = [
     "FETCH_LOG",

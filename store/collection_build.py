@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from store.errors import InputError
+from scdrugmap.store.errors import InputError
 
 __all__ = ["COLLECTION_COLUMNS", "DEFAULT_COLLECTION", "build_collection", "geo_suppl_url"]
 

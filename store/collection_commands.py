@@ -6,13 +6,13 @@ from pathlib import Path
 
 import click
 
-from cli import CONTEXT, _table
+from scdrugmap.store.shell import CONTEXT, print_table
 
 __all__ = ["collection"]
 
 
 def _open(ctx: click.Context):
-    from store.collection import cache_root, load_collection
+    from scdrugmap.store.collection import cache_root, load_collection
 
     cache = ctx.obj.get("collection_cache") or cache_root(ctx.obj["store"])
     return load_collection(ctx.obj.get("collection_file"), cache=cache)
@@ -35,7 +35,7 @@ def collection(ctx: click.Context, collection_file: Path | None, cache: Path | N
 @click.pass_context
 def list_cmd(ctx: click.Context, where: str | None) -> None:
     """List the datasets with accession, access, label status and local status."""
-    from store.collection import collection_status
+    from scdrugmap.store.collection import collection_status
 
     df = collection_status(_open(ctx))
     if where:
@@ -43,7 +43,7 @@ def list_cmd(ctx: click.Context, where: str | None) -> None:
             df = df.query(where)
         except Exception as exc:
             raise click.BadParameter(f"{where!r}: {exc}", param_hint="--where") from None
-    _table(df)
+    print_table(df)
 
 
 @collection.command(context_settings=CONTEXT)
@@ -59,7 +59,7 @@ def list_cmd(ctx: click.Context, where: str | None) -> None:
 def fetch(ctx: click.Context, dataset_ids: tuple[str, ...], all_open: bool, mirror: str | None, retries: int,
           timeout: float, no_progress: bool) -> None:  # fmt: skip
     """Download the files of DATASET_IDS (resumes; verifies size/checksum; controlled access refused)."""
-    from store.collection import fetch_datasets
+    from scdrugmap.store.collection import fetch_datasets
 
     col = _open(ctx)
     ids = list(dataset_ids)
@@ -81,7 +81,7 @@ def fetch(ctx: click.Context, dataset_ids: tuple[str, ...], all_open: bool, mirr
 @click.pass_context
 def prepare(ctx: click.Context, dataset_ids: tuple[str, ...], out: Path | None) -> None:
     """Turn downloaded files into labelled h5ad files and an ingest manifest (`ingest --manifest`)."""
-    from store.collection_prepare import prepare_datasets
+    from scdrugmap.store.collection_prepare import prepare_datasets
 
     manifest = prepare_datasets(_open(ctx), list(dataset_ids), out=out)
     click.echo(f"wrote {manifest}; next: scdrugmap ingest --manifest {manifest}")
@@ -95,7 +95,7 @@ def export(ctx: click.Context, out: Path, force: bool) -> None:
     """Write a copy of the manifest to OUT.csv to curate (sample_labels, confirmed files and checksums)."""
     import shutil
 
-    from store.errors import InputError
+    from scdrugmap.store.errors import InputError
 
     col = _open(ctx)
     if out.exists() and not force:

@@ -30,8 +30,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from store.collection import FETCH_LOG, Collection
-from store.errors import InputError
+from scdrugmap.store.collection import FETCH_LOG, Collection
+from scdrugmap.store.errors import InputError
 
 __all__ = ["prepare_datasets", "read_units"]
 

@@ -32,7 +32,7 @@ def failure_exception(exc: BaseException, store: str | Path) -> click.ClickExcep
         Printed by click as ``Error: …``; exit status 1 (130 for Ctrl-C). Unknown exceptions
         say where their full traceback was written (:func:`store.failures.write_traceback`).
     """
-    from store.failures import explain, write_traceback
+    from scdrugmap.store.failures import explain, write_traceback
 
     known = explain(exc, store)
     if known is not None:
@@ -50,8 +50,8 @@ def failure_exception(exc: BaseException, store: str | Path) -> click.ClickExcep
 @click.pass_context
 def doctor(ctx: click.Context, repair: bool) -> None:
     """Check catalog ↔ dataset files ↔ Zarr arrays; report (exit 1 if anything is left unrepaired)."""
-    from store import Store
-    from store.doctor import check_store
+    from scdrugmap.store import Store
+    from scdrugmap.store.doctor import check_store
 
     findings = check_store(Store.open(ctx.obj["store"]), repair=repair)
     for f in findings:

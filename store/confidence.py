@@ -21,7 +21,7 @@ import math
 import re
 from typing import Any
 
-from store.errors import InputError
+from scdrugmap.store.errors import InputError
 
 __all__ = [
     "EVIDENCE_FIELDS",

@@ -15,7 +15,7 @@ from typing import Any
 import click
 import pandas as pd
 
-from store.catalog import Store
+from scdrugmap.store.catalog import Store
 
 __all__ = ["coverage_command", "coverage_table"]
 

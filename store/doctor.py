@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from store.catalog import Store
+    from scdrugmap.store.catalog import Store
 
 __all__ = ["Finding", "check_store", "pid_alive", "remove_debris", "temporary_files"]
 

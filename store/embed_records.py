@@ -29,7 +29,7 @@ def record_coverage(con, revision: str, dataset_id: str, model: str, cov: dict[s
         :meth:`Embedder.coverage` of the dataset (route columns absent for models without a
         gene vocabulary are stored as NULL).
     """
-    from embedder.vocab import ROUTES
+    from scdrugmap.embedder.vocab import ROUTES
 
     row = {"revision": revision, "dataset_id": dataset_id, "model": model}
     row |= {"frac_genes": cov["genes"], "frac_counts": cov["counts"]}

@@ -20,13 +20,13 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
 
-from store.errors import StoreError
+from scdrugmap.store.errors import StoreError
 
 if TYPE_CHECKING:
     import xarray as xr
     from anndata import AnnData
 
-    from store.catalog import Store
+    from scdrugmap.store.catalog import Store
 
 __all__ = [
     "MIN_CHUNK_BYTES",

@@ -26,13 +26,13 @@ def export_command(
     ctx: click.Context, dataset_id: str, model: str, revision: str | None, into: Path | None, out: Path
 ) -> None:
     """Write DATASET_ID's embeddings into an h5ad under obsm['X_scdrugmap_<model>'] (scanpy's X_pca untouched)."""
-    from cli import _store
-    from store.embeddings import export_obsm
-    from store.failures import check_writable
-    from store.prepare import read_h5ad_checked
+    from scdrugmap.store.embeddings import export_obsm
+    from scdrugmap.store.failures import check_writable
+    from scdrugmap.store.prepare import read_h5ad_checked
+    from scdrugmap.store.shell import open_store
 
     check_writable(out)
-    store = _store(ctx)
+    store = open_store(ctx)
     adata = read_h5ad_checked(into) if into is not None else None
     adata = export_obsm(store, dataset_id, model, revision=revision, adata=adata)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")

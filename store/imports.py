@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from store.catalog import Store
-from store.embeddings import ensure_array, iter_chunks, write_rows
-from store.errors import InputError
-from store.ingest import IngestSpec, file_sha256, prepare, read_h5ad_checked, write_prepared
-from store.metadata import check_identifier
+from scdrugmap.store.catalog import Store
+from scdrugmap.store.embeddings import ensure_array, iter_chunks, write_rows
+from scdrugmap.store.errors import InputError
+from scdrugmap.store.ingest import IngestSpec, file_sha256, prepare, read_h5ad_checked, write_prepared
+from scdrugmap.store.metadata import check_identifier
 
 __all__ = ["ImportReport", "import_embeddings"]
 

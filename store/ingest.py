@@ -23,11 +23,11 @@ from typing import Any, Literal
 
 import numpy as np
 
-from store.catalog import Store
-from store.errors import InputError
-from store.genes import GENE_COLUMNS
-from store.metadata import META_FIELDS
-from store.prepare import IngestSpec, InputType, Prepared, file_sha256, prepare, read_h5ad_checked
+from scdrugmap.store.catalog import Store
+from scdrugmap.store.errors import InputError
+from scdrugmap.store.genes import GENE_COLUMNS
+from scdrugmap.store.metadata import META_FIELDS
+from scdrugmap.store.prepare import IngestSpec, InputType, Prepared, file_sha256, prepare, read_h5ad_checked
 
 __all__ = [
     "META_FIELDS",

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 import numpy as np
 import pandas as pd
 
-from store.errors import InputError
+from scdrugmap.store.errors import InputError
 
 __all__ = ["RECOGNISED_RESISTANT", "RECOGNISED_SENSITIVE", "map_labels"]
 

@@ -32,7 +32,7 @@ from typing import TypeVar
 
 import duckdb
 
-from store.errors import StoreBusyError
+from scdrugmap.store.errors import StoreBusyError
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from store.catalog import Store
-from store.errors import InputError
-from store.ingest import META_FIELDS, IngestReport, IngestSpec, prepare, write_prepared
+from scdrugmap.store.catalog import Store
+from scdrugmap.store.errors import InputError
+from scdrugmap.store.ingest import META_FIELDS, IngestReport, IngestSpec, prepare, write_prepared
 
 __all__ = ["MANIFEST_COLUMNS", "ingest_manifest"]
 

@@ -13,13 +13,13 @@ from typing import Any
 
 import numpy as np
 
-from store.confidence import (
+from scdrugmap.store.confidence import (
     parse_exposure_days,
     parse_intrinsic_resistance,
     parse_sample_origin,
     with_confidence,
 )
-from store.errors import InputError
+from scdrugmap.store.errors import InputError
 
 __all__ = ["DRUG_CLASSES", "META_FIELDS", "check_identifier", "clean_meta"]
 

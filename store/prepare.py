@@ -19,11 +19,11 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from store.errors import InputError
-from store.genes import GENE_COLUMNS, ID_COLUMNS, file_identifiers, pick_gene_identifiers
-from store.labels import map_labels
-from store.metadata import check_identifier, clean_meta
-from store.qc import QCResult, check_finite, detect_x_kind, expression_matrix, run_qc
+from scdrugmap.store.errors import InputError
+from scdrugmap.store.genes import GENE_COLUMNS, ID_COLUMNS, file_identifiers, pick_gene_identifiers
+from scdrugmap.store.labels import map_labels
+from scdrugmap.store.metadata import check_identifier, clean_meta
+from scdrugmap.store.qc import QCResult, check_finite, detect_x_kind, expression_matrix, run_qc
 
 __all__ = [
     "IngestSpec",
@@ -320,7 +320,7 @@ def _keep_file_names(genes: pd.DataFrame, ids: pd.DataFrame) -> pd.DataFrame:
     ``symbol``/``ensembl_id`` stay HGNC's where the gene was placed; for an unplaced gene they
     take the file's symbol and its Ensembl id without version (``match`` keeps saying unmapped).
     """
-    from store.gene_reference import strip_version
+    from scdrugmap.store.gene_reference import strip_version
 
     out = genes.copy()
     out["file_symbol"] = ids["file_symbol"].to_numpy()

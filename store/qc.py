@@ -17,7 +17,7 @@ import numpy as np
 import scipy.sparse as sp
 from anndata import AnnData
 
-from store.errors import InputError
+from scdrugmap.store.errors import InputError
 
 __all__ = ["QCResult", "XKind", "check_finite", "detect_x_kind", "expression_matrix", "qc_reasons", "run_qc"]
 

@@ -36,8 +36,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from store.errors import InputError
-from store.simulate_datasets import (
+from scdrugmap.store.errors import InputError
+from scdrugmap.store.simulate_datasets import (
     CATALOGUE_COLUMNS,
     MIN_CELLS,
     _Dataset,

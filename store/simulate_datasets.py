@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from store.errors import InputError
+from scdrugmap.store.errors import InputError
 
 __all__ = ["CATALOGUE_COLUMNS", "COUNTS_COLUMNS", "MIN_CELLS", "catalogue_datasets", "default_datasets"]
 

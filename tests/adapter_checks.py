@@ -127,8 +127,8 @@ def pc9_two_sample_store(tmp_path_factory, per_sample: int):
     """``per_sample`` + ``per_sample`` real PC9 cells (two replicates = two samples) in a fresh store."""
     import anndata as ad
 
-    from store import Store
-    from store.ingest import ingest_h5ad
+    from scdrugmap.store import Store
+    from scdrugmap.store.ingest import ingest_h5ad
 
     full = ad.read_h5ad(shared_path(*PC9_H5AD))
     rich = np.flatnonzero(full.obs["n_genes"].to_numpy() >= 800)
@@ -145,8 +145,8 @@ def pc9_store(tmp_path: Path, n_cells: int = 40):
     """``(store, var_names)``: ``n_cells`` real PC9 cells (≥ 600 genes) in a fresh store (default QC)."""
     import anndata as ad
 
-    from store.catalog import Store
-    from store.ingest import ingest_h5ad
+    from scdrugmap.store.catalog import Store
+    from scdrugmap.store.ingest import ingest_h5ad
 
     raw = ad.read_h5ad(shared_path(*PC9_H5AD))
     raw[np.flatnonzero(np.diff(raw.X.indptr) >= 600)[:n_cells]].copy().write_h5ad(tmp_path / "pc9.h5ad")
@@ -157,7 +157,7 @@ def pc9_store(tmp_path: Path, n_cells: int = 40):
 
 def embed_pc9(store, model: str, checkpoint: Path, *, options: dict | None = None, n_done: int | None = None):
     """Embed the store with the runner; check it completed with one coverage row. Returns ``(res, cov)``."""
-    from embedder.runner import embed_datasets
+    from scdrugmap.embedder.runner import embed_datasets
 
     res = embed_datasets(
         store, model, checkpoint=checkpoint, options={"device": "cpu", **(options or {})}, progress=False
@@ -172,7 +172,7 @@ def embed_pc9(store, model: str, checkpoint: Path, *, options: dict | None = Non
 
 def check_pc9_two_samples(store, model: str):
     """The tiny checkpoint embeds every ingested cell finitely; coverage fractions in (0, 1]."""
-    from store.embeddings import open_embeddings
+    from scdrugmap.store.embeddings import open_embeddings
 
     res, cov = embed_pc9(store, model, model_fixture(model) / "tiny")
     assert 0 < cov["frac_genes"].iloc[0] <= 1
@@ -195,7 +195,7 @@ def check_pc9_runner(
 ) -> None:
     """40 real PC9 cells → ingest → runner (``checkpoint`` may be built from the var names) → coverage
     with ``frac_genes`` in (``min_frac_genes``, 1], finite embeddings (``(40, dim)`` when given)."""
-    from store.embeddings import open_embeddings
+    from scdrugmap.store.embeddings import open_embeddings
 
     store, var_names = pc9_store(tmp_path)
     if callable(checkpoint):

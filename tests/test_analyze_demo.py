@@ -16,20 +16,20 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from classify.analyze.biomarkers import run_biomarkers
-from classify.analyze.de_run import run_de
-from classify.analyze.enrich import GeneSet, write_gmt
-from classify.analyze.harmony import compare_correction, correct_embedding, write_embedding
-from classify.analyze.separation import run_separation
-from classify.demo import run_demo
-from cli import main
-from store import Store
-from store.embeddings import open_array, read_rows
+from scdrugmap.classify.analyze.biomarkers import run_biomarkers
+from scdrugmap.classify.analyze.de_run import run_de
+from scdrugmap.classify.analyze.enrich import GeneSet, write_gmt
+from scdrugmap.classify.analyze.harmony import compare_correction, correct_embedding, write_embedding
+from scdrugmap.classify.analyze.separation import run_separation
+from scdrugmap.classify.demo import run_demo
+from scdrugmap.cli import main
+from scdrugmap.store import Store
+from scdrugmap.store.embeddings import open_array, read_rows
 
 
 def planted_programme(seed: int = 0, n_genes: int = 2000) -> tuple[set[str], set[str]]:
     """(up, down) genes of the simulator's shared resistance programme."""
-    from store.simulate import _gene_panel, _Model
+    from scdrugmap.store.simulate import _gene_panel, _Model
 
     symbols, _ = _gene_panel(n_genes)
     model = _Model(symbols, seed)

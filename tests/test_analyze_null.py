@@ -17,10 +17,10 @@ import pytest
 import scipy.sparse as sp
 from synth import hgnc_symbols
 
-from classify.analyze.de_run import run_de
-from store import Store
-from store.errors import InputError
-from store.ingest import ingest_h5ad
+from scdrugmap.classify.analyze.de_run import run_de
+from scdrugmap.store import Store
+from scdrugmap.store.errors import InputError
+from scdrugmap.store.ingest import ingest_h5ad
 
 
 def _null_counts(

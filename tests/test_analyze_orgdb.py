@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from classify.analyze.enrich import over_representation, read_gmt
-from classify.analyze.genesets import fetch_orgdb_debs
-from cli import main
-from store.errors import InputError
+from scdrugmap.classify.analyze.enrich import over_representation, read_gmt
+from scdrugmap.classify.analyze.genesets import fetch_orgdb_debs
+from scdrugmap.cli import main
+from scdrugmap.store.errors import InputError
 
 INTERFERON = ["IFI6", "ISG15", "IFIT1", "OAS1", "OAS2", "MX1"]
 

@@ -15,8 +15,8 @@ import pytest
 from click.testing import CliRunner
 from conftest import shared_path
 
-from cli import main
-from store import Store
+from scdrugmap.cli import main
+from scdrugmap.store import Store
 
 
 def _ok(args: list[str]) -> str:

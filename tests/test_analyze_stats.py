@@ -11,13 +11,13 @@ import pytest
 from click.testing import CliRunner
 from scipy import stats
 
-from classify.analyze.confidence import confidence_stars
-from classify.analyze.de import bh, de_overlap
-from classify.analyze.enrich import GeneSet, over_representation, read_gmt, write_gmt
-from classify.analyze.genesets import OrgDbSpec, orgdb_genesets
-from classify.analyze.separation import separation_scores
-from cli import main
-from store.errors import InputError
+from scdrugmap.classify.analyze.confidence import confidence_stars
+from scdrugmap.classify.analyze.de import bh, de_overlap
+from scdrugmap.classify.analyze.enrich import GeneSet, over_representation, read_gmt, write_gmt
+from scdrugmap.classify.analyze.genesets import OrgDbSpec, orgdb_genesets
+from scdrugmap.classify.analyze.separation import separation_scores
+from scdrugmap.cli import main
+from scdrugmap.store.errors import InputError
 
 
 def test_bh_matches_definition() -> None:

@@ -68,7 +68,7 @@ def browser():
 def server(browser, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     import uvicorn
 
-    from classify.service import create_app
+    from scdrugmap.classify.service import create_app
 
     store = demo_store(tmp_path_factory)
     upload = upload_file(store, tmp_path_factory.mktemp("browser") / "patient_cells.h5ad", n_cells=200)
@@ -151,7 +151,7 @@ def test_page_asks_for_token(browser, tmp_path_factory: pytest.TempPathFactory) 
     """With a token configured, the page shows the token field and then loads the data with it."""
     import uvicorn
 
-    from classify.service import create_app
+    from scdrugmap.classify.service import create_app
 
     port = _free_port()
     srv = uvicorn.Server(
@@ -204,10 +204,10 @@ def server_with_imported_head(
     """A copy of the demo store plus a head on an imported embedding (cannot embed new files)."""
     import uvicorn
 
-    from classify.evaluate import evaluate
-    from classify.service import create_app
-    from store import Store, export_obsm
-    from store.imports import import_embeddings
+    from scdrugmap.classify.evaluate import evaluate
+    from scdrugmap.classify.service import create_app
+    from scdrugmap.store import Store, export_obsm
+    from scdrugmap.store.imports import import_embeddings
 
     tmp = tmp_path_factory.mktemp("browser-big")
     store = tmp / "store"

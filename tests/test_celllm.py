@@ -19,10 +19,10 @@ from adapter_checks import (
 )
 from conftest import fixture_adata, model_fixture
 
-import embedder
-from embedder._performer import PerformerLM
-from embedder.celllm import CellLMTokens
-from store.errors import CheckpointError, InputError
+from scdrugmap import embedder
+from scdrugmap.embedder._performer import PerformerLM
+from scdrugmap.embedder.celllm import CellLMTokens
+from scdrugmap.store.errors import CheckpointError, InputError
 
 POOLED = {
     "cls": "cell_embeddings_cls",

@@ -19,9 +19,9 @@ from adapter_checks import (
 )
 from conftest import fixture_adata, model_fixture
 
-import embedder
-from embedder.cellplm import CellPLMModel
-from store.errors import CheckpointError, InputError
+from scdrugmap import embedder
+from scdrugmap.embedder.cellplm import CellPLMModel
+from scdrugmap.store.errors import CheckpointError, InputError
 
 
 @pytest.fixture(scope="module")

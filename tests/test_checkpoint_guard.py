@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from embedder import load_embedder
-from store.errors import CheckpointError
+from scdrugmap.embedder import load_embedder
+from scdrugmap.store.errors import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,8 +55,8 @@ BOMB = """
 import resource, sys
 limit = 3 * 1024**3
 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-from embedder import load_embedder
-from store.errors import CheckpointError
+from scdrugmap.embedder import load_embedder
+from scdrugmap.store.errors import CheckpointError
 try:
     load_embedder("geneformer", sys.argv[1], device="cpu")
 except CheckpointError as exc:

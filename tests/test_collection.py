@@ -16,9 +16,14 @@ from click.testing import CliRunner
 from conftest import shared_path
 from http_fixture import serve
 
-from cli import main
-from store.catalog import Store
-from store.collection_build import COLLECTION_COLUMNS, DEFAULT_COLLECTION, build_collection, geo_suppl_url
+from scdrugmap.cli import main
+from scdrugmap.store.catalog import Store
+from scdrugmap.store.collection_build import (
+    COLLECTION_COLUMNS,
+    DEFAULT_COLLECTION,
+    build_collection,
+    geo_suppl_url,
+)
 
 GENES = [f"GENE{i}" for i in range(700)]
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cli import main
-from store import Store
+from scdrugmap.cli import main
+from scdrugmap.store import Store
 
-CLI = [sys.executable, "-m", "cli"]
+CLI = [sys.executable, "-m", "scdrugmap.cli"]
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -67,7 +67,7 @@ def _halves(manifest: Path, folder: Path) -> tuple[Path, Path]:
 
 HOLD = """
 import sys, time
-from store import Store
+from scdrugmap.store import Store
 st = Store(sys.argv[1])
 with {what}:
     print("held", flush=True)
@@ -158,8 +158,8 @@ def test_sql_waits_for_a_writer_and_answers(sim: Path, tmp_path: Path) -> None:
 KILLED_INGEST = """
 import sys, time
 import anndata as ad
-from store import Store
-from store.manifest import ingest_manifest
+from scdrugmap.store import Store
+from scdrugmap.store.manifest import ingest_manifest
 
 write = ad.AnnData.write_h5ad
 

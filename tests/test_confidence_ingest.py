@@ -10,15 +10,15 @@ import pytest
 from click.testing import CliRunner
 from synth import toy_adata
 
-from classify.analyze.confidence import confidence_stars as analyze_confidence_stars
-from classify.analyze.confidence import dataset_confidence
-from cli import main
-from embedder.runner import embed_datasets
-from store import Store
-from store.catalog import SCHEMA_VERSION
-from store.confidence import confidence_stars
-from store.errors import InputError
-from store.metadata import clean_meta
+from scdrugmap.classify.analyze.confidence import confidence_stars as analyze_confidence_stars
+from scdrugmap.classify.analyze.confidence import dataset_confidence
+from scdrugmap.cli import main
+from scdrugmap.embedder.runner import embed_datasets
+from scdrugmap.store import Store
+from scdrugmap.store.catalog import SCHEMA_VERSION
+from scdrugmap.store.confidence import confidence_stars
+from scdrugmap.store.errors import InputError
+from scdrugmap.store.metadata import clean_meta
 
 EVIDENCE_COLUMNS = ("exposure_days", "sample_origin", "intrinsic_resistance", "confidence_source")
 

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from synth import toy_adata
 
-from embedder.runner import embed_datasets
-from store import Store, export_obsm, open_embeddings
-from store.embeddings import chunk_rows_for, open_array, read_rows
-from store.errors import InputError
-from store.ingest import ingest_h5ad
+from scdrugmap.embedder.runner import embed_datasets
+from scdrugmap.store import Store, export_obsm, open_embeddings
+from scdrugmap.store.embeddings import chunk_rows_for, open_array, read_rows
+from scdrugmap.store.errors import InputError
+from scdrugmap.store.ingest import ingest_h5ad
 
 
 @pytest.fixture
@@ -93,10 +93,10 @@ def test_bad_selection_and_options(two_datasets: Store) -> None:
 SCRIPT = textwrap.dedent(
     """
     import sys, time
-    from embedder.base import register
-    from embedder.baselines import PCAEmbedder
-    from embedder.runner import embed_datasets
-    from store import Store
+    from scdrugmap.embedder.base import register
+    from scdrugmap.embedder.baselines import PCAEmbedder
+    from scdrugmap.embedder.runner import embed_datasets
+    from scdrugmap.store import Store
 
     @register
     class SlowPCA(PCAEmbedder):
@@ -149,7 +149,7 @@ def test_kill_9_then_resume_matches_uninterrupted_run(two_datasets: Store, tmp_p
 def test_cli_embed_takes_comma_separated_datasets(two_datasets: Store) -> None:
     from click.testing import CliRunner
 
-    from cli import main
+    from scdrugmap.cli import main
 
     res = CliRunner().invoke(
         main,

@@ -10,14 +10,14 @@ from click.testing import CliRunner
 from sklearn import metrics as skm
 from synth import toy_adata
 
-from classify.evaluate import evaluate, summarise
-from classify.folds import get_fold_set
-from classify.metrics import fold_metrics
-from cli import main
-from embedder.runner import embed_datasets
-from store import Store
-from store.errors import InputError
-from store.ingest import ingest_h5ad
+from scdrugmap.classify.evaluate import evaluate, summarise
+from scdrugmap.classify.folds import get_fold_set
+from scdrugmap.classify.metrics import fold_metrics
+from scdrugmap.cli import main
+from scdrugmap.embedder.runner import embed_datasets
+from scdrugmap.store import Store
+from scdrugmap.store.errors import InputError
+from scdrugmap.store.ingest import ingest_h5ad
 
 
 @pytest.fixture(scope="module")

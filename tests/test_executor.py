@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cli import main
-from embedder.executor import EmbedJob, embed_shard, make_executor, plan_shards
-from store.catalog import Store
-from store.embeddings import open_embeddings
-from store.errors import InputError
+from scdrugmap.cli import main
+from scdrugmap.embedder.executor import EmbedJob, embed_shard, make_executor, plan_shards
+from scdrugmap.store.catalog import Store
+from scdrugmap.store.embeddings import open_embeddings
+from scdrugmap.store.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -134,7 +134,7 @@ def test_killed_worker_then_rerun_gives_the_serial_array(ingested, tmp_path, exe
          "--no-progress", "--chunk-rows", "16")  # fmt: skip
     serial = np.asarray(open_embeddings(Store.open(serial_store), "tgpt").values)
     store = _copy(ingested, tmp_path / "scattered")
-    cmd = [sys.executable, "-m", "cli", "--store", str(store), "embed", "--model", "tgpt", "--checkpoint",
+    cmd = [sys.executable, "-m", "scdrugmap.cli", "--store", str(store), "embed", "--model", "tgpt", "--checkpoint",
            str(ckpt), "--device", "cpu", "--no-progress", "--chunk-rows", "16", "--executor", executor,
            "--workers", "2"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO)}

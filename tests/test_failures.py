@@ -15,10 +15,10 @@ import pytest
 from click.testing import CliRunner, Result
 from synth import toy_adata
 
-from classify.heads import HEADS, HeadSpec
-from cli import main
-from store import Store
-from store.errors import InputError
+from scdrugmap.classify.heads import HEADS, HeadSpec
+from scdrugmap.cli import main
+from scdrugmap.store import Store
+from scdrugmap.store.errors import InputError
 
 
 def _run(*args: object) -> Result:
@@ -85,13 +85,13 @@ def test_damaged_chunk_is_one_line_and_doctor_repairs_it(store: Path) -> None:
 
 
 def test_full_disk_in_process_is_one_line(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import store.embeddings as embeddings
+    import scdrugmap.store.embeddings as embeddings
 
     def full(*_: object, **__: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device", str(store / "embeddings.zarr"))
 
     monkeypatch.setattr(embeddings, "write_rows", full)
-    monkeypatch.setattr("embedder.runner.write_rows", full)
+    monkeypatch.setattr("scdrugmap.embedder.runner.write_rows", full)
     shutil.rmtree(store / "embeddings.zarr")
     args = ["--store", store, "embed", "--model", "hvg", "--no-progress"]
     _one_line_error(_run(*args), "disk full", "free some space")
@@ -129,7 +129,7 @@ def test_unknown_exception_is_a_summary_with_a_traceback_file(
     def boom(*_: object, **__: object) -> None:
         raise RuntimeError("kaboom\nsecond line")
 
-    monkeypatch.setattr("store.catalog.Store.datasets", boom)
+    monkeypatch.setattr("scdrugmap.store.catalog.Store.datasets", boom)
     line = _one_line_error(_run("--store", store, "datasets"), "unexpected RuntimeError: kaboom", "--debug")
     saved = list((tmp_path / "logs").glob("*.txt"))
     assert len(saved) == 1
@@ -144,14 +144,14 @@ def test_out_of_memory_is_one_line(store: Path, monkeypatch: pytest.MonkeyPatch)
     def oom(*_: object, **__: object) -> None:
         raise MemoryError
 
-    monkeypatch.setattr("store.catalog.Store.datasets", oom)
+    monkeypatch.setattr("scdrugmap.store.catalog.Store.datasets", oom)
     _one_line_error(_run("--store", store, "datasets"), "out of memory", "--batch-size")
 
 
 def test_cuda_without_cuda_is_refused() -> None:
     import torch
 
-    from embedder._torch import pick_device
+    from scdrugmap.embedder._torch import pick_device
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
@@ -256,7 +256,7 @@ def test_sql_ctrl_c_is_one_line(store: Path) -> None:
 
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cli", "--store", str(store), "sql", SLOW_QUERY],
+        [sys.executable, "-m", "scdrugmap.cli", "--store", str(store), "sql", SLOW_QUERY],
         cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     catalog = os.path.realpath(store / "catalog.duckdb")

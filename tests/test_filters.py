@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cli import main
-from store import Store
-from store.catalog import TABLES
-from store.errors import InputError
-from store.filters import check_expression, matching_keys
+from scdrugmap.cli import main
+from scdrugmap.store import Store
+from scdrugmap.store.catalog import TABLES
+from scdrugmap.store.errors import InputError
+from scdrugmap.store.filters import check_expression, matching_keys
 
 
 def _ok(*args: str) -> str:

@@ -9,10 +9,10 @@ import pytest
 from click.testing import CliRunner
 from conftest import model_fixture
 
-from classify.finetune import finetuned_embedder, predict_cells
-from classify.lora import CellSource
-from cli import main
-from store import Store
+from scdrugmap.classify.finetune import finetuned_embedder, predict_cells
+from scdrugmap.classify.lora import CellSource
+from scdrugmap.cli import main
+from scdrugmap.store import Store
 
 ARGS = ["--value", "Cell line", "--k", "3", "--epochs", "1", "--max-train-cells", "24", "--batch-size", "8"]
 
@@ -150,7 +150,7 @@ def test_service_predicts_with_a_lora_head(collection: tuple[Path, Path], lora_p
     """``/models`` lists LoRA heads as predictable with their folds; ``/predict`` applies a fold like the CLI."""
     from fastapi.testclient import TestClient
 
-    from classify.service import create_app
+    from scdrugmap.classify.service import create_app
 
     store, _ = collection
     run, src, scored, _ = lora_prediction

@@ -13,11 +13,11 @@ from adapter_checks import PC9_H5AD
 from click.testing import CliRunner
 from conftest import model_fixture, shared_path
 
-from cli import main
-from embedder import load_embedder
-from store.catalog import Store
-from store.embeddings import open_embeddings
-from store.gene_reference import gene_reference
+from scdrugmap.cli import main
+from scdrugmap.embedder import load_embedder
+from scdrugmap.store.catalog import Store
+from scdrugmap.store.embeddings import open_embeddings
+from scdrugmap.store.gene_reference import gene_reference
 
 #: model → (embed options reproducing the fixture's run, expected.npz key), per the fixtures' NOTES.md
 CASES: dict[str, tuple[list[str], str]] = {

@@ -11,9 +11,9 @@ import torch
 from adapter_checks import assert_oov_cell_is_nan, check_pc9_runner, link_tiny, lora_hf_gradients
 from conftest import fixture_adata, model_fixture
 
-from embedder import load_embedder
-from embedder._hf import build_model, read_config
-from store.errors import CheckpointError, InputError
+from scdrugmap.embedder import load_embedder
+from scdrugmap.embedder._hf import build_model, read_config
+from scdrugmap.store.errors import CheckpointError, InputError
 
 # config.json of the released 6-layer model (HF ctheodoris/Geneformer, 2021; transformers 4.6)
 REAL_CONFIG = {

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cli import main
-from store.catalog import Store
+from scdrugmap.cli import main
+from scdrugmap.store.catalog import Store
 
 METRICS = "SELECT r.run_id, m.fold, m.metric, m.value FROM metrics m JOIN eval_runs r USING (run_id) ORDER BY 1, 2, 3"
 PREDICTIONS = "SELECT run_id, cell_uid, probability FROM predictions ORDER BY 1, 2"

@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from classify.analyze.correction import batch_labels
-from classify.analyze.harmony import load_correction
-from classify.analyze.separation import separation_scores
-from cli import main
-from store import Store
-from store.embeddings import open_array, read_rows
+from scdrugmap.classify.analyze.correction import batch_labels
+from scdrugmap.classify.analyze.harmony import load_correction
+from scdrugmap.classify.analyze.separation import separation_scores
+from scdrugmap.cli import main
+from scdrugmap.store import Store
+from scdrugmap.store.embeddings import open_array, read_rows
 
 N_CELLS = 1500
 STUDY_EFFECT = 3.0
@@ -191,7 +191,7 @@ def test_strong_study_effects_corrected_vs_uncorrected_cross_auroc(strong: Path)
 def test_write_embedding_leaves_nothing_when_the_catalog_write_fails(strong: Path) -> None:
     import pandas as pd
 
-    from classify.analyze.harmony import write_embedding
+    from scdrugmap.classify.analyze.harmony import write_embedding
 
     st = Store.open(strong)
     before = _catalog_state(st)

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 from conftest import shared_path
 
-from classify.demo import run_demo
-from classify.evaluate import evaluate, summarise
-from classify.summary import format_summary
-from embedder.runner import embed_datasets
-from store import Store
-from store.ingest import ingest_h5ad
+from scdrugmap.classify.demo import run_demo
+from scdrugmap.classify.evaluate import evaluate, summarise
+from scdrugmap.classify.summary import format_summary
+from scdrugmap.embedder.runner import embed_datasets
+from scdrugmap.store import Store
+from scdrugmap.store.ingest import ingest_h5ad
 
 SCAD = {
     "scad_plx4720": ("SCAD_PLX4720_A375_GSE108383_tp4k_z.h5ad", "label_PLX4720"),

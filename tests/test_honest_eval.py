@@ -12,17 +12,17 @@ from click.testing import CliRunner
 from conftest import shared_path
 from synth import toy_adata
 
-from classify.evaluate import evaluate, summarise
-from classify.folds import get_fold_set
-from classify.heads import HeadSpec, make_head
-from classify.leakage import leakage
-from classify.mlp_head import inner_split
-from classify.summary import format_summary, seed_summary
-from cli import main
-from embedder.runner import embed_datasets
-from store import Store
-from store.manifest import ingest_manifest
-from store.simulate import simulate_collection
+from scdrugmap.classify.evaluate import evaluate, summarise
+from scdrugmap.classify.folds import get_fold_set
+from scdrugmap.classify.heads import HeadSpec, make_head
+from scdrugmap.classify.leakage import leakage
+from scdrugmap.classify.mlp_head import inner_split
+from scdrugmap.classify.summary import format_summary, seed_summary
+from scdrugmap.cli import main
+from scdrugmap.embedder.runner import embed_datasets
+from scdrugmap.store import Store
+from scdrugmap.store.manifest import ingest_manifest
+from scdrugmap.store.simulate import simulate_collection
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +221,7 @@ def test_ingest_spec_hash_unchanged_without_patients() -> None:
     import json
     from dataclasses import asdict
 
-    from store.prepare import IngestSpec
+    from scdrugmap.store.prepare import IngestSpec
 
     spec = IngestSpec(dataset_id="X", label_key="response")
     old = {k: v for k, v in asdict(spec).items() if k not in ("patient_key", "patient_scope")}
@@ -233,7 +233,7 @@ def test_ingest_spec_hash_unchanged_without_patients() -> None:
 def test_service_serves_leakage_and_baselines(store: Store) -> None:
     from fastapi.testclient import TestClient
 
-    from classify.service import create_app
+    from scdrugmap.classify.service import create_app
 
     df = leakage(store, model="pca", head="logreg", category="tissue", value="Cell line", k=3)
     assert set(df["grouping"]) == {"cell", "sample", "patient", "study"}

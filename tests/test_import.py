@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from cli import main
-from store import Store, export_obsm, open_embeddings
+from scdrugmap.cli import main
+from scdrugmap.store import Store, export_obsm, open_embeddings
 
 
 @pytest.fixture

@@ -10,10 +10,10 @@ import pytest
 from click.testing import CliRunner
 from synth import toy_adata
 
-from cli import main
-from store import Store
-from store.errors import InputError
-from store.labels import map_labels
+from scdrugmap.cli import main
+from scdrugmap.store import Store
+from scdrugmap.store.errors import InputError
+from scdrugmap.store.labels import map_labels
 
 
 def _files(store: Path) -> list[str]:

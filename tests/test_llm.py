@@ -14,9 +14,9 @@ import pytest
 import torch
 from adapter_checks import check_pc9_runner, lora_hf_gradients
 
-from embedder import load_embedder
-from embedder.llm import write_tiny_checkpoint
-from store.errors import CheckpointError, InputError
+from scdrugmap.embedder import load_embedder
+from scdrugmap.embedder.llm import write_tiny_checkpoint
+from scdrugmap.store.errors import CheckpointError, InputError
 
 N_CELLS, N_GENES = 40, 150
 

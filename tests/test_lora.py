@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import fixture_adata, model_fixture
 
-from classify.lora import CellSource, LoraSpec, attach_lora, build_head, embed_cells
-from embedder import load_embedder
+from scdrugmap.classify.lora import CellSource, LoraSpec, attach_lora, build_head, embed_cells
+from scdrugmap.embedder import load_embedder
 
 MODELS = ["geneformer", "tgpt", "llm", "scgpt", "scfoundation", "uce", "cellplm", "scbert", "celllm"]
 
@@ -20,7 +20,7 @@ def _load(model: str, tmp_path: Path):
     if model == "llm":
         from synth import toy_adata
 
-        from embedder.llm import write_tiny_checkpoint
+        from scdrugmap.embedder.llm import write_tiny_checkpoint
 
         adata = toy_adata(n_cells=8, n_genes=60, seed=0)
         adata.var["symbol"] = adata.var_names.to_numpy()
@@ -32,7 +32,7 @@ def _load(model: str, tmp_path: Path):
     adata = fixture_adata(model)[:6].copy()
     tiny = model_fixture(model) / "tiny"
     if model == "scfoundation":
-        from embedder.scfoundation import PANEL
+        from scdrugmap.embedder.scfoundation import PANEL
 
         ck = tmp_path / "scf"
         ck.mkdir()

@@ -11,13 +11,13 @@ import pytest
 from click.testing import CliRunner
 from conftest import shared_path
 
-from classify.calibrate import expected_calibration_error, fit_calibrator
-from classify.demo import run_demo
-from classify.heads import HeadSpec, make_head
-from classify.persist import load_head, save_head
-from cli import main
-from store import Store
-from store.errors import InputError
+from scdrugmap.classify.calibrate import expected_calibration_error, fit_calibrator
+from scdrugmap.classify.demo import run_demo
+from scdrugmap.classify.heads import HeadSpec, make_head
+from scdrugmap.classify.persist import load_head, save_head
+from scdrugmap.cli import main
+from scdrugmap.store import Store
+from scdrugmap.store.errors import InputError
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +186,7 @@ def test_predicting_a_file_that_trained_the_head_reports_no_in_sample_score(
     assert figs.loc["new", "n"] == 0
     assert pd.isna(figs.loc["new", "value"])
     # the same cells in memory, reordered and renamed: recognised by the content of their rows
-    from classify.predict import predict
+    from scdrugmap.classify.predict import predict
 
     a = ad.read_h5ad(src)[::-1].copy()
     a.obs_names = [f"x{i}" for i in range(a.n_obs)]
@@ -197,9 +197,9 @@ def test_predicting_a_file_that_trained_the_head_reports_no_in_sample_score(
 
 def test_fold_heads_reproduce_the_out_of_fold_scores(demo: Store) -> None:
     """New cells are scored by the kind of model the calibrator was fitted on: the run's fold heads."""
-    from classify.fold_heads import fold_ensemble
-    from classify.predict import _run_row
-    from store.embeddings import open_array, read_rows
+    from scdrugmap.classify.fold_heads import fold_ensemble
+    from scdrugmap.classify.predict import _run_row
+    from scdrugmap.store.embeddings import open_array, read_rows
 
     run = _run(demo, "logreg")
     row = _run_row(demo, run)
@@ -216,8 +216,8 @@ def test_out_of_study_calibration_checks_recompute_with_sklearn(demo: Store) -> 
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import brier_score_loss
 
-    from classify.calibration_check import calibration_checks, default_calibration
-    from classify.fold_heads import oof_predictions
+    from scdrugmap.classify.calibration_check import calibration_checks, default_calibration
+    from scdrugmap.classify.fold_heads import oof_predictions
 
     run = _run(demo, "logreg")
     checks = calibration_checks(demo, run)
@@ -245,8 +245,8 @@ def test_out_of_study_calibration_checks_recompute_with_sklearn(demo: Store) -> 
 def test_export_and_in_memory_anndata_api(demo: Store, tmp_path: Path) -> None:
     import scanpy as sc
 
-    from classify.predict import predict
-    from store.ingest import ingest_anndata
+    from scdrugmap.classify.predict import predict
+    from scdrugmap.store.ingest import ingest_anndata
 
     res = CliRunner().invoke(main, ["--store", str(demo.path), "export", "SIM01", "--model", "pca",
                                     "--out", str(tmp_path / "e.h5ad")])  # fmt: skip
@@ -295,7 +295,7 @@ def test_predict_refuses_changed_revision_and_low_coverage(demo: Store, tmp_path
     # the embedder rebuilt from the recorded options no longer gives the head's revision: refused
     import json
 
-    from classify.predict import predict_file
+    from scdrugmap.classify.predict import predict_file
 
     rev = demo.query("SELECT revision FROM eval_runs WHERE run_id = ?", [run])["revision"].iloc[0]
     spec = demo.query("SELECT spec FROM embeddings WHERE revision = ?", [rev])["spec"].iloc[0]

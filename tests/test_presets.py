@@ -7,8 +7,8 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from cli import main
-from store.catalog import Store
+from scdrugmap.cli import main
+from scdrugmap.store.catalog import Store
 
 
 def _cli(*args: str, ok: bool = True):

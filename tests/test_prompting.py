@@ -28,11 +28,11 @@ from click.testing import CliRunner
 from sklearn import metrics as skm
 from synth import hgnc_symbols, toy_adata
 
-from classify.prompting import ClientSettings, PromptOptions, run_prompt
-from cli import main
-from store import Store
-from store.errors import InputError
-from store.ingest import ingest_h5ad
+from scdrugmap.classify.prompting import ClientSettings, PromptOptions, run_prompt
+from scdrugmap.cli import main
+from scdrugmap.store import Store
+from scdrugmap.store.errors import InputError
+from scdrugmap.store.ingest import ingest_h5ad
 
 API_KEY = "sk-test-0123456789-secret"
 MARKERS = set(hgnc_symbols()[:20])

@@ -15,9 +15,16 @@ import pytest
 import scipy.sparse as sp
 from sklearn import metrics as skm
 
-from classify.prompting.client import ChatClient, ClientSettings, Estimate, Job, Reply, estimate_body
-from classify.prompting.parse import parse_reply
-from classify.prompting.prompts import (
+from scdrugmap.classify.prompting.client import (
+    ChatClient,
+    ClientSettings,
+    Estimate,
+    Job,
+    Reply,
+    estimate_body,
+)
+from scdrugmap.classify.prompting.parse import parse_reply
+from scdrugmap.classify.prompting.prompts import (
     STYLES,
     PromptTemplate,
     cell_ids,
@@ -25,8 +32,8 @@ from classify.prompting.prompts import (
     request_body,
     top_genes,
 )
-from classify.prompting.score import NO_LOGPROBS, PROMPT_METRICS, prompt_fold_metrics
-from store.errors import InputError
+from scdrugmap.classify.prompting.score import NO_LOGPROBS, PROMPT_METRICS, prompt_fold_metrics
+from scdrugmap.store.errors import InputError
 
 IDS = cell_ids(3)
 

@@ -12,8 +12,8 @@ from click.testing import CliRunner
 from conftest import model_fixture, shared_path
 from synth import toy_adata
 
-from cli import main
-from store import Store
+from scdrugmap.cli import main
+from scdrugmap.store import Store
 
 MODELS = {
     "geneformer": [],

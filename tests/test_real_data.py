@@ -10,8 +10,8 @@ from click.testing import CliRunner
 from conftest import shared_path
 from sklearn import metrics as skm
 
-from cli import main
-from store import Store
+from scdrugmap.cli import main
+from scdrugmap.store import Store
 
 SCAD = {
     "scad_plx4720": ("SCAD_PLX4720_A375_GSE108383_tp4k_z.h5ad", "label_PLX4720", "PLX4720", "Melanoma"),

@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 from test_service import demo_store
 
-import cli
-from store import Store
+from scdrugmap import cli
+from scdrugmap.store import Store
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_report_refuses_bad_input(tmp_path_factory: pytest.TempPathFactory, tmp_
     assert bad.exit_code == 1
     assert "unknown metric" in bad.output
     empty = tmp_path / "empty"
-    from store import Store
+    from scdrugmap.store import Store
 
     Store.open(empty, create=True)
     res = runner.invoke(cli.main, ["--store", str(empty), "report", "--out", str(tmp_path / "r")])

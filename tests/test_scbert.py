@@ -20,9 +20,9 @@ from adapter_checks import (
 )
 from conftest import fixture_adata, model_fixture
 
-import embedder
-from embedder._performer import PerformerLM
-from store.errors import CheckpointError, InputError
+from scdrugmap import embedder
+from scdrugmap.embedder._performer import PerformerLM
+from scdrugmap.store.errors import CheckpointError, InputError
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,9 @@ import torch
 from adapter_checks import assert_oov_cell_is_nan, check_pc9_runner, lora_attention_gradients
 from conftest import fixture_adata, model_fixture
 
-from embedder import load_embedder
-from embedder.scfoundation import PANEL, build_module
-from store.errors import CheckpointError, InputError
+from scdrugmap.embedder import load_embedder
+from scdrugmap.embedder.scfoundation import PANEL, build_module
+from scdrugmap.store.errors import CheckpointError, InputError
 
 N_PANEL = 19264
 

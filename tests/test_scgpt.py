@@ -11,10 +11,10 @@ import torch
 from adapter_checks import assert_oov_cell_is_nan, check_pc9_runner, lora_attention_gradients
 from conftest import fixture_adata, model_fixture
 
-from embedder import load_embedder
-from embedder._attention import RaggedTokens
-from embedder.scgpt import build_module, release_key
-from store.errors import CheckpointError, InputError
+from scdrugmap.embedder import load_embedder
+from scdrugmap.embedder._attention import RaggedTokens
+from scdrugmap.embedder.scgpt import build_module, release_key
+from scdrugmap.store.errors import CheckpointError, InputError
 
 
 @pytest.fixture

@@ -18,16 +18,16 @@ pytest.importorskip("fastapi_offline")
 
 from fastapi.testclient import TestClient
 
-from classify.service import create_app
-from classify.service.app import STATIC_DIR
-from classify.service.commands import check_bind
-from store import InputError, Store
+from scdrugmap.classify.service import create_app
+from scdrugmap.classify.service.app import STATIC_DIR
+from scdrugmap.classify.service.commands import check_bind
+from scdrugmap.store import InputError, Store
 
 
 # ---- shared with test_report.py and test_browser.py -----------------------------------------
 def demo_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo store (1,200 simulated cells, pca, logreg pooled + cross), built once per session."""
-    from classify.demo import run_demo
+    from scdrugmap.classify.demo import run_demo
 
     path = tmp_path_factory.getbasetemp() / "service-demo-store"
     if not (path / "catalog.duckdb").exists():
@@ -254,7 +254,7 @@ def test_sql_time_limit(store_path: Path) -> None:
 def test_predict_json_and_csv_match_predict_file(
     client: TestClient, store_path: Path, upload: Path, head: str, tmp_path: Path
 ) -> None:
-    from classify.predict import predict_file
+    from scdrugmap.classify.predict import predict_file
 
     r = _post(client, upload, head)
     assert r.status_code == 200, r.text
@@ -410,7 +410,7 @@ def test_bind_rules() -> None:
 def test_serve_command(store_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from click.testing import CliRunner
 
-    import cli
+    from scdrugmap import cli
 
     calls = []
     monkeypatch.setattr("uvicorn.run", lambda app, **kw: calls.append((app, kw)))
@@ -434,7 +434,7 @@ def test_serve_command(store_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_internal_errors_are_json_without_trace(store_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from classify.service import queries
+    from scdrugmap.classify import queries
 
     def boom(*_a, **_k):
         raise RuntimeError("secret internals /very/private/path")
@@ -472,7 +472,7 @@ def test_jobs_expire(store_path: Path, upload: Path, head: str) -> None:
 
 def test_heads_that_cannot_embed_new_files_say_why(tmp_path: Path) -> None:
     """Imported and transductive (Harmony) embeddings, missing checkpoints and rf heads are not predictable."""
-    from classify.service.heads_info import unpredictable_reason
+    from scdrugmap.classify.heads_info import unpredictable_reason
 
     frozen = {"strategy": "frozen", "head": "logreg"}
     assert unpredictable_reason(frozen, {"options": {}}) is None

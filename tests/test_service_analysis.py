@@ -19,8 +19,8 @@ pytest.importorskip("fastapi_offline")
 
 from fastapi.testclient import TestClient
 
-from classify.service import create_app
-from store import Store
+from scdrugmap.classify.service import create_app
+from scdrugmap.store import Store
 
 N_CELLS = 800
 GENE = "ABCB1"  # a gene of the simulator's planted resistance programme
@@ -35,17 +35,17 @@ def store_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     planted gene, and a Harmony correction of ``pca`` by study compared cross-data (logreg)."""
     from test_analyze_demo import planted_programme
 
-    from classify.analyze.biomarkers import BiomarkerSpec, run_biomarkers
-    from classify.analyze.confidence import confidence_metrics, set_confidence
-    from classify.analyze.correction import correction_table
-    from classify.analyze.de_run import run_de
-    from classify.analyze.enrich import GeneSet, enrich_de, write_gmt
-    from classify.analyze.geneview import gene_view
-    from classify.analyze.harmony import HarmonySpec, correct_embedding
-    from classify.analyze.pseudotime import run_pseudotime
-    from classify.analyze.separation import run_separation
-    from classify.demo import run_demo
-    from classify.evaluate import evaluate
+    from scdrugmap.classify.analyze.biomarkers import BiomarkerSpec, run_biomarkers
+    from scdrugmap.classify.analyze.confidence import confidence_metrics, set_confidence
+    from scdrugmap.classify.analyze.correction import correction_table
+    from scdrugmap.classify.analyze.de_run import run_de
+    from scdrugmap.classify.analyze.enrich import GeneSet, enrich_de, write_gmt
+    from scdrugmap.classify.analyze.geneview import gene_view
+    from scdrugmap.classify.analyze.harmony import HarmonySpec, correct_embedding
+    from scdrugmap.classify.analyze.pseudotime import run_pseudotime
+    from scdrugmap.classify.analyze.separation import run_separation
+    from scdrugmap.classify.demo import run_demo
+    from scdrugmap.classify.evaluate import evaluate
 
     path = tmp_path_factory.mktemp("service-analysis") / "store"
     run_demo(path, n_cells=N_CELLS, heads=["logreg"], echo=lambda _m: None)
@@ -264,7 +264,7 @@ def test_confidence_stars(client: TestClient, store: Store) -> None:
 def test_separation_endpoint_and_cli_share_one_query(client: TestClient, store: Store) -> None:
     """``separation_with_metrics`` (the CLI's table) and the endpoint agree; runs that are not
     complete do not count for either."""
-    from classify.analyze.separation import separation_with_metrics
+    from scdrugmap.classify.analyze.separation import separation_with_metrics
 
     def both() -> tuple[dict, dict]:
         res = _ok(client, "/analysis/separation")
@@ -542,7 +542,7 @@ def test_never_analysed_store_gives_empty_lists(tmp_path: Path) -> None:
             "/analysis/corrections/x/metrics",
         ):
             assert c.get(url).status_code == 404, url
-    from classify.analyze.separation import separation_with_metrics
+    from scdrugmap.classify.analyze.separation import separation_with_metrics
 
     assert separation_with_metrics(st).empty  # the CLI's query reads only, too
     after = set(st.query("SELECT table_name FROM information_schema.tables")["table_name"])

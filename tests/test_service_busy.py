@@ -16,9 +16,9 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient
 from test_service import demo_store
 
-from classify.service import create_app
-from classify.service.state import LockedStore
-from store import Store
+from scdrugmap.classify.service import create_app
+from scdrugmap.classify.service.state import LockedStore
+from scdrugmap.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 SLOW = "SELECT SUM(a.range * b.range) FROM range(1000000) a, range(1000000) b"
@@ -54,7 +54,7 @@ def test_health_answers_within_1s_while_8_slow_queries_run(store_path: Path) -> 
 
 HOLD = """
 import sys, time
-from store import Store
+from scdrugmap.store import Store
 with Store(sys.argv[1]).connect():
     print("held", flush=True)
     time.sleep(30)

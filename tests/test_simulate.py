@@ -12,8 +12,8 @@ import pytest
 import scipy.sparse as sp
 from conftest import shared_path
 
-from store.errors import InputError
-from store.simulate import CATALOGUE_COLUMNS, MANIFEST_COLUMNS, MIN_CELLS, simulate_collection
+from scdrugmap.store.errors import InputError
+from scdrugmap.store.simulate import CATALOGUE_COLUMNS, MANIFEST_COLUMNS, MIN_CELLS, simulate_collection
 
 QC_MIN_GENES, QC_MAX_MITO = 500, 0.10
 

@@ -13,10 +13,10 @@ import torch
 from adapter_checks import check_pc9_runner, link_tiny, lora_hf_gradients
 from conftest import fixture_adata, model_fixture
 
-from embedder import load_embedder
-from embedder._hf import build_model, read_config
-from embedder.tgpt import normalise_symbol
-from store.errors import CheckpointError, InputError
+from scdrugmap.embedder import load_embedder
+from scdrugmap.embedder._hf import build_model, read_config
+from scdrugmap.embedder.tgpt import normalise_symbol
+from scdrugmap.store.errors import CheckpointError, InputError
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ import pytest
 from click.testing import CliRunner
 from conftest import shared_path
 
-from cli import main
-from store import Store
-from store.ingest import ingest_h5ad
+from scdrugmap.cli import main
+from scdrugmap.store import Store
+from scdrugmap.store.ingest import ingest_h5ad
 
 SCAD = {
     "scad_plx4720": ("SCAD_PLX4720_A375_GSE108383_tp4k_z.h5ad", "label_PLX4720", "Melanoma"),
@@ -32,8 +32,8 @@ def _ok(args: list[str]) -> str:
 def test_a375_default_calibration_agrees_with_raw_unless_validated(tmp_path: Path, head: str) -> None:
     from sklearn.metrics import brier_score_loss
 
-    from classify.calibration_check import calibration_checks
-    from classify.fold_heads import oof_predictions
+    from scdrugmap.classify.calibration_check import calibration_checks
+    from scdrugmap.classify.fold_heads import oof_predictions
 
     scad = shared_path("data", "real", "scad_targets")
     st = Store.open(tmp_path / "store", create=True)

@@ -13,10 +13,10 @@ import torch
 from adapter_checks import assert_oov_cell_is_nan, check_pc9_runner, lora_attention_gradients
 from conftest import fixture_adata, model_fixture
 
-from embedder import load_embedder
-from embedder._attention import RaggedTokens
-from embedder.uce import build_module
-from store.errors import CheckpointError, InputError
+from scdrugmap.embedder import load_embedder
+from scdrugmap.embedder._attention import RaggedTokens
+from scdrugmap.embedder.uce import build_module
+from scdrugmap.store.errors import CheckpointError, InputError
 
 # the run arguments of the fixture (NOTES.md): tiny model with 4 heads, filter=True, one RNG stream
 ORIGINAL = {"nhead": 4, "min_cells": 10, "sampling": "stream", "seed": 0}

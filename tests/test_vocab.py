@@ -6,11 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from embedder.tgpt import normalise_symbol
-from embedder.vocab import GeneMatch, Vocabulary, check_gene_matching
-from store.errors import InputError
-from store.gene_reference import is_ensembl_id, strip_version
-from store.genes import file_identifiers
+from scdrugmap.embedder.tgpt import normalise_symbol
+from scdrugmap.embedder.vocab import GeneMatch, Vocabulary, check_gene_matching
+from scdrugmap.store.errors import InputError
+from scdrugmap.store.gene_reference import is_ensembl_id, strip_version
+from scdrugmap.store.genes import file_identifiers
 
 
 def _var(names, **columns) -> pd.DataFrame:
@@ -127,7 +127,7 @@ def test_a_file_with_no_mappable_gene_is_refused_unless_allowed(tmp_path):
     import anndata as ad
     from click.testing import CliRunner
 
-    from cli import main
+    from scdrugmap.cli import main
 
     rng = np.random.default_rng(0)
     X = rng.poisson(2.0, size=(40, 30)).astype(np.float32)

@@ -16,11 +16,11 @@ from conftest import model_fixture
 from http_fixture import serve
 from test_gene_identity import CASES
 
-from cli import main
-from embedder import geneformer, scbert, scgpt, tgpt, uce
-from embedder.weights import RECORD, load_registry
-from store.catalog import Store
-from store.embeddings import open_embeddings
+from scdrugmap.cli import main
+from scdrugmap.embedder import geneformer, scbert, scgpt, tgpt, uce
+from scdrugmap.embedder.weights import RECORD, load_registry
+from scdrugmap.store.catalog import Store
+from scdrugmap.store.embeddings import open_embeddings
 
 HOST = "https://weights.example.org"  # never contacted: --mirror points every URL at 127.0.0.1
 

@@ -28,11 +28,11 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from classify.analyze.data import load_selection, parse_labels
-from classify.analyze.plots import safe_stem, save_figure, violin_by_label
-from classify.analyze.tables import analysis_dir, make_id, now, replace_rows, versions
-from store.catalog import Store
-from store.errors import InputError
+from scdrugmap.classify.analyze.data import load_selection, parse_labels
+from scdrugmap.classify.analyze.plots import safe_stem, save_figure, violin_by_label
+from scdrugmap.classify.analyze.tables import analysis_dir, make_id, now, replace_rows, versions
+from scdrugmap.store.catalog import Store
+from scdrugmap.store.errors import InputError
 
 __all__ = ["BiomarkerOutcome", "BiomarkerSpec", "fit_biomarkers", "run_biomarkers"]
 

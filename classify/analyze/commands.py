@@ -12,7 +12,7 @@ _LABELS_HELP = "truth, or run:RUN_ID for a run's predicted labels (probability â
 
 
 def _store(ctx: click.Context):
-    from store import Store
+    from scdrugmap.store import Store
 
     return Store.open(ctx.obj["store"])
 
@@ -34,7 +34,7 @@ def _figures(paths) -> None:
 
 
 def _selection(st, datasets: tuple[str, ...], where: str | None) -> list[str]:
-    from classify.analyze.data import select_dataset_ids
+    from scdrugmap.classify.analyze.data import select_dataset_ids
 
     if not datasets and not where:
         raise click.UsageError("give --dataset ID (repeatable) or --where EXPR")
@@ -77,7 +77,7 @@ def analyze() -> None:
 @click.pass_context
 def de(ctx: click.Context, datasets, where, labels, method, top, csv_dir, out, **kw: Any) -> None:
     """Differential expression, resistant vs sensitive (tables de_runs/de_results; volcano plots)."""
-    from classify.analyze.de_run import run_de
+    from scdrugmap.classify.analyze.de_run import run_de
 
     st = _store(ctx)
     ids = _selection(st, datasets, where)
@@ -114,9 +114,9 @@ def enrich(
     ctx: click.Context, de_source: str, genesets: Path, min_size: int, max_size: int, top: int, out
 ) -> None:
     """Over-representation (hypergeometric, BH) of up/down genes in gene sets; bubble plot."""
-    from classify.analyze.de_run import load_de_table
-    from classify.analyze.enrich import enrich_de
-    from classify.analyze.tables import analysis_dir
+    from scdrugmap.classify.analyze.de_run import load_de_table
+    from scdrugmap.classify.analyze.enrich import enrich_de
+    from scdrugmap.classify.analyze.tables import analysis_dir
 
     st = _store(ctx)
     table = load_de_table(st, de_source)
@@ -142,7 +142,7 @@ def enrich(
 @click.pass_context
 def biomarkers(ctx: click.Context, datasets, where, labels, top, max_genes, out) -> None:
     """Genes a LightGBM model on expression uses to call resistance (SHAP + gain); violin plot."""
-    from classify.analyze.biomarkers import BiomarkerSpec, run_biomarkers
+    from scdrugmap.classify.analyze.biomarkers import BiomarkerSpec, run_biomarkers
 
     st = _store(ctx)
     o = run_biomarkers(st, _selection(st, datasets, where), labels=labels, top=top,
@@ -166,7 +166,7 @@ def biomarkers(ctx: click.Context, datasets, where, labels, top, max_genes, out)
 @click.pass_context
 def separation(ctx: click.Context, model, revision, category, k, max_cells, no_umap, out) -> None:
     """Label separation of an embedding without a head (silhouette, kNN purity) + UMAP."""
-    from classify.analyze.separation import run_separation, separation_with_metrics
+    from scdrugmap.classify.analyze.separation import run_separation, separation_with_metrics
 
     st = _store(ctx)
     o = run_separation(st, model, revision=revision, category=category, k=k, max_cells=max_cells,
@@ -184,7 +184,7 @@ def separation(ctx: click.Context, model, revision, category, k, max_cells, no_u
 @click.pass_context
 def pseudotime(ctx: click.Context, dataset_id, run_id, root_cell, out) -> None:
     """Diffusion pseudotime rooted in sensitive cells; correlation with label / predictions."""
-    from classify.analyze.pseudotime import run_pseudotime
+    from scdrugmap.classify.analyze.pseudotime import run_pseudotime
 
     o = run_pseudotime(_store(ctx), dataset_id, run_id=run_id, root_cell=root_cell, figures_dir=out)
     click.echo(f"{o.pt_id}: " + ", ".join(f"{k} {v if not isinstance(v, float) else round(v, 4)}"
@@ -200,7 +200,7 @@ def pseudotime(ctx: click.Context, dataset_id, run_id, root_cell, out) -> None:
 @click.pass_context
 def gene(ctx: click.Context, symbol, datasets, where, no_umap, out) -> None:
     """SYMBOL's expression by label in every dataset (mean, fraction expressing, test) + UMAPs."""
-    from classify.analyze.geneview import gene_view
+    from scdrugmap.classify.analyze.geneview import gene_view
 
     o = gene_view(
         _store(ctx), symbol, datasets=datasets or None, where=where, umap=not no_umap, figures_dir=out
@@ -231,7 +231,7 @@ def gene(ctx: click.Context, symbol, datasets, where, no_umap, out) -> None:
 def harmony(ctx: click.Context, model, revision, batch_key, name, datasets, theta, sigma, compare_head, protocol,
             category, value) -> None:  # fmt: skip
     """Harmony-correct an embedding into a new model revision (then `evaluate --model M --corrected M_harmony`)."""
-    from classify.analyze.harmony import HarmonySpec, compare_correction, correct_embedding
+    from scdrugmap.classify.analyze.harmony import HarmonySpec, compare_correction, correct_embedding
 
     st = _store(ctx)
     o = correct_embedding(st, model, revision=revision, batch_key=batch_key, name=name, datasets=list(datasets) or None,
@@ -245,7 +245,7 @@ def harmony(ctx: click.Context, model, revision, batch_key, name, datasets, thet
 
 
 def _echo_correction(st, o) -> None:
-    from classify.analyze.harmony import batch_mixing
+    from scdrugmap.classify.analyze.harmony import batch_mixing
 
     click.echo(f"{o.model} revision {o.revision}: Harmony on {o.source_model} revision {o.source_revision}, "
                f"{o.n_cells} cells Ã— {o.dim}, {o.n_batches} {o.batch_key} batches"
@@ -273,8 +273,8 @@ def echo_harmony_correction(st, result, *, batch_key: str, datasets: list[str] |
         The embedding is not complete, or the correction failed (the message says the uncorrected
         embedding is complete and kept: it is not rolled back).
     """
-    from classify.analyze.harmony import correct_embedding
-    from store.errors import InputError, ScDrugMapError
+    from scdrugmap.classify.analyze.harmony import correct_embedding
+    from scdrugmap.store.errors import InputError, ScDrugMapError
 
     kept = f"the {result.model} embedding (revision {result.revision}) is complete and kept"
     if result.status != "complete":
@@ -312,7 +312,7 @@ def confidence() -> None:
 @click.pass_context
 def confidence_set(ctx: click.Context, dataset_id: str, **kw: Any) -> None:
     """Record DATASET_ID's stars (explicit, or derived from the evidence given)."""
-    from classify.analyze.confidence import set_confidence
+    from scdrugmap.classify.analyze.confidence import set_confidence
 
     stars, reason = set_confidence(_store(ctx), dataset_id, **kw)
     click.echo(f"{dataset_id}: {stars} star(s) ({reason})")
@@ -322,7 +322,7 @@ def confidence_set(ctx: click.Context, dataset_id: str, **kw: Any) -> None:
 @click.pass_context
 def confidence_show(ctx: click.Context) -> None:
     """Effective stars per dataset."""
-    from classify.analyze.confidence import dataset_confidence
+    from scdrugmap.classify.analyze.confidence import dataset_confidence
 
     _echo_table(dataset_confidence(_store(ctx)), max_rows=10_000)
 
@@ -332,7 +332,7 @@ def confidence_show(ctx: click.Context) -> None:
 @click.pass_context
 def confidence_metrics_cmd(ctx: click.Context, run_id: str) -> None:
     """A run's metrics per confidence stratum (0 = unknown)."""
-    from classify.analyze.confidence import confidence_metrics
+    from scdrugmap.classify.analyze.confidence import confidence_metrics
 
     df = confidence_metrics(_store(ctx), run_id)
     _echo_table(
@@ -362,7 +362,7 @@ def genesets() -> None:
 @click.option("--max-size", default=2000, show_default=True)
 def from_orgdb(sqlite: Path, out: Path, go_db, ontologies, no_kegg, direct, min_size, max_size) -> None:
     """Build GO (and KEGG) gene sets from Bioconductor's org.Hs.eg.db SQLITE file (Debian r-bioc-org.hs.eg.db)."""
-    from classify.analyze.genesets import OrgDbSpec, write_orgdb_gmt
+    from scdrugmap.classify.analyze.genesets import OrgDbSpec, write_orgdb_gmt
 
     spec = OrgDbSpec(tuple(ontologies) or ("BP", "MF", "CC"), not direct, not no_kegg, min_size, max_size)
     n = write_orgdb_gmt(sqlite, out, go_sqlite=go_db, spec=spec)
@@ -373,7 +373,7 @@ def from_orgdb(sqlite: Path, out: Path, go_db, ontologies, no_kegg, direct, min_
 @click.argument("dest", type=click.Path(path_type=Path))
 def fetch_debian(dest: Path) -> None:
     """apt-get download + dpkg -x r-bioc-org.hs.eg.db and r-bioc-go.db into DEST; print the SQLite paths."""
-    from classify.analyze.genesets import fetch_orgdb_debs
+    from scdrugmap.classify.analyze.genesets import fetch_orgdb_debs
 
     for pkg, path in fetch_orgdb_debs(dest).items():
         click.echo(f"{pkg}: {path}")

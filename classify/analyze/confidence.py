@@ -24,10 +24,10 @@ from typing import Any
 
 import pandas as pd
 
-from classify.analyze.tables import ensure_tables, existing_tables, now, replace_rows
-from store.catalog import Store
-from store.confidence import confidence_stars
-from store.errors import InputError
+from scdrugmap.classify.analyze.tables import ensure_tables, existing_tables, now, replace_rows
+from scdrugmap.store.catalog import Store
+from scdrugmap.store.confidence import confidence_stars
+from scdrugmap.store.errors import InputError
 
 __all__ = [
     "by_confidence",
@@ -118,7 +118,7 @@ def confidence_metrics(store: Store, run_id: str) -> pd.DataFrame:
     InputError
         Unknown run or no predictions.
     """
-    from classify.metrics import fold_metrics
+    from scdrugmap.classify.metrics import fold_metrics
 
     run = store.query("SELECT positive_class FROM eval_runs WHERE run_id = ?", [run_id])
     if run.empty:

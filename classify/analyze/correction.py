@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from classify.analyze.tables import ensure_tables, now, replace_frame
-from store.catalog import Store
-from store.embeddings import open_array, read_rows
-from store.errors import InputError
+from scdrugmap.classify.analyze.tables import ensure_tables, now, replace_frame
+from scdrugmap.store.catalog import Store
+from scdrugmap.store.embeddings import open_array, read_rows
+from scdrugmap.store.errors import InputError
 
 if TYPE_CHECKING:
-    from classify.analyze.harmony import CorrectionOutcome
+    from scdrugmap.classify.analyze.harmony import CorrectionOutcome
 
 __all__ = ["batch_mixing", "compare_correction", "correction_table", "evaluate_pair"]
 
@@ -45,7 +45,7 @@ def batch_mixing(
     InputError
         Fewer than 2 cells in each of two batches in the subsample.
     """
-    from classify.analyze.separation import separation_scores
+    from scdrugmap.classify.analyze.separation import separation_scores
 
     uids = store.query(
         "SELECT cell_uid FROM embedded_cells WHERE revision = ? ORDER BY 1", [outcome.revision]
@@ -150,7 +150,7 @@ def evaluate_pair(store: Store, outcome: CorrectionOutcome, **evaluate_options) 
     (list of RunOutcome, list of RunOutcome)
         The uncorrected and the corrected runs, paired by category value.
     """
-    from classify.evaluate import evaluate
+    from scdrugmap.classify.evaluate import evaluate
 
     return (
         evaluate(store, model=outcome.source_model, revision=outcome.source_revision, **evaluate_options),
@@ -189,7 +189,7 @@ def compare_correction(
 
 def batch_sql(batch_key: str) -> str:
     """SQL expression of a batch key over ``cells c JOIN datasets d``; InputError for an unknown key."""
-    from classify.folds import CATEGORIES
+    from scdrugmap.classify.folds import CATEGORIES
 
     if batch_key == "sample_id":
         return "COALESCE(c.dataset_id || '/' || c.sample_id, c.dataset_id)"

@@ -24,8 +24,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from store.catalog import Store
-from store.errors import InputError, StoreError
+from scdrugmap.store.catalog import Store
+from scdrugmap.store.errors import InputError, StoreError
 
 __all__ = [
     "LabelSource",
@@ -110,7 +110,7 @@ def select_dataset_ids(
     InputError
         Unknown ids, a bad expression, or an empty selection.
     """
-    from embedder.runner import select_datasets
+    from scdrugmap.embedder.runner import select_datasets
 
     return select_datasets(store, list(datasets) if datasets else None, where)["dataset_id"].tolist()
 

@@ -36,7 +36,7 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy import stats
 
-from store.errors import InputError
+from scdrugmap.store.errors import InputError
 
 __all__ = ["DEMethod", "DESpec", "bh", "cell_level_de", "de_overlap", "group_summary", "pseudobulk_de"]
 

@@ -17,12 +17,20 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from classify.analyze.data import load_selection, parse_labels
-from classify.analyze.de import DEMethod, DESpec, bh, cell_level_de, de_overlap, group_summary, pseudobulk_de
-from classify.analyze.plots import safe_stem, save_figure, volcano_plot
-from classify.analyze.tables import analysis_dir, make_id, now, replace_rows, versions
-from store.catalog import Store
-from store.errors import InputError, StoreError
+from scdrugmap.classify.analyze.data import load_selection, parse_labels
+from scdrugmap.classify.analyze.de import (
+    DEMethod,
+    DESpec,
+    bh,
+    cell_level_de,
+    de_overlap,
+    group_summary,
+    pseudobulk_de,
+)
+from scdrugmap.classify.analyze.plots import safe_stem, save_figure, volcano_plot
+from scdrugmap.classify.analyze.tables import analysis_dir, make_id, now, replace_rows, versions
+from scdrugmap.store.catalog import Store
+from scdrugmap.store.errors import InputError, StoreError
 
 __all__ = ["RESULT_COLUMNS", "DEOutcome", "load_de_table", "run_de"]
 

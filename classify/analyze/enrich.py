@@ -22,11 +22,11 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from classify.analyze.de import bh
-from classify.analyze.plots import bubble_plot, safe_stem, save_figure
-from classify.analyze.tables import make_id, now, replace_rows
-from store.catalog import Store
-from store.errors import InputError
+from scdrugmap.classify.analyze.de import bh
+from scdrugmap.classify.analyze.plots import bubble_plot, safe_stem, save_figure
+from scdrugmap.classify.analyze.tables import make_id, now, replace_rows
+from scdrugmap.store.catalog import Store
+from scdrugmap.store.errors import InputError
 
 __all__ = ["EnrichOutcome", "GeneSet", "enrich_de", "over_representation", "read_gmt", "write_gmt"]
 

@@ -28,8 +28,8 @@ from typing import Literal
 
 import pandas as pd
 
-from classify.analyze.enrich import GeneSet, write_gmt
-from store.errors import InputError
+from scdrugmap.classify.analyze.enrich import GeneSet, write_gmt
+from scdrugmap.store.errors import InputError
 
 __all__ = [
     "ORGDB_DEBS",

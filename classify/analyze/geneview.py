@@ -23,12 +23,12 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy import stats
 
-from classify.analyze.data import load_expression, select_dataset_ids
-from classify.analyze.plots import safe_stem, save_figure
-from classify.analyze.separation import umap_coords
-from classify.analyze.tables import analysis_dir, now, replace_rows
-from store.catalog import Store
-from store.errors import InputError
+from scdrugmap.classify.analyze.data import load_expression, select_dataset_ids
+from scdrugmap.classify.analyze.plots import safe_stem, save_figure
+from scdrugmap.classify.analyze.separation import umap_coords
+from scdrugmap.classify.analyze.tables import analysis_dir, now, replace_rows
+from scdrugmap.store.catalog import Store
+from scdrugmap.store.errors import InputError
 
 __all__ = ["GeneViewOutcome", "expression_umap", "gene_view"]
 

@@ -27,18 +27,25 @@ from importlib.metadata import version
 import numpy as np
 import pandas as pd
 
-from classify.analyze.correction import (
+from scdrugmap.classify.analyze.correction import (
     batch_labels,
     batch_mixing,
     batch_sql,
     compare_correction,
     correction_table,
 )
-from classify.analyze.tables import ensure_tables, now, replace_frame
-from store.catalog import Store
-from store.embeddings import ensure_array, iter_chunks, open_array, read_rows, resolve_revision, write_rows
-from store.errors import InputError
-from store.metadata import check_identifier
+from scdrugmap.classify.analyze.tables import ensure_tables, now, replace_frame
+from scdrugmap.store.catalog import Store
+from scdrugmap.store.embeddings import (
+    ensure_array,
+    iter_chunks,
+    open_array,
+    read_rows,
+    resolve_revision,
+    write_rows,
+)
+from scdrugmap.store.errors import InputError
+from scdrugmap.store.metadata import check_identifier
 
 __all__ = [
     "CorrectionOutcome",

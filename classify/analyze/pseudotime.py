@@ -25,11 +25,11 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from classify.analyze.data import load_expression, predicted_labels
-from classify.analyze.plots import LABEL_COLOURS, safe_stem, save_figure
-from classify.analyze.tables import analysis_dir, make_id, now, replace_rows
-from store.catalog import Store
-from store.errors import InputError
+from scdrugmap.classify.analyze.data import load_expression, predicted_labels
+from scdrugmap.classify.analyze.plots import LABEL_COLOURS, safe_stem, save_figure
+from scdrugmap.classify.analyze.tables import analysis_dir, make_id, now, replace_rows
+from scdrugmap.store.catalog import Store
+from scdrugmap.store.errors import InputError
 
 __all__ = ["PseudotimeOutcome", "PseudotimeSpec", "run_pseudotime"]
 

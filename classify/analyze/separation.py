@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from classify.analyze.plots import embedding_panels, safe_stem, save_figure
-from classify.analyze.tables import analysis_dir, existing_tables, now, replace_rows
-from store.catalog import Store
-from store.embeddings import open_array, read_rows, resolve_revision
-from store.errors import InputError
+from scdrugmap.classify.analyze.plots import embedding_panels, safe_stem, save_figure
+from scdrugmap.classify.analyze.tables import analysis_dir, existing_tables, now, replace_rows
+from scdrugmap.store.catalog import Store
+from scdrugmap.store.embeddings import open_array, read_rows, resolve_revision
+from scdrugmap.store.errors import InputError
 
 __all__ = [
     "SeparationOutcome",
@@ -161,7 +161,7 @@ def run_separation(
     InputError
         Unknown category, or no embedded labelled cells.
     """
-    from classify.folds import CATEGORIES
+    from scdrugmap.classify.folds import CATEGORIES
 
     if category not in CATEGORIES:
         msg = f"unknown category {category!r}; choose one of: {', '.join(CATEGORIES)}"

@@ -17,8 +17,8 @@ from typing import Any
 
 import pandas as pd
 
-from embedder.base import spec_hash
-from store.catalog import Store
+from scdrugmap.embedder.base import spec_hash
+from scdrugmap.store.catalog import Store
 
 __all__ = [
     "ANALYSIS_SCHEMA",

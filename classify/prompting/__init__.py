@@ -9,7 +9,15 @@ outcome per cell), ``cache`` (request/response cache table ``prompt_cache``), ``
 
 from __future__ import annotations
 
-from classify.prompting.client import ClientSettings
-from classify.prompting.run import PromptOptions, PromptReport, PromptRun, PromptSpec, run_prompt
+from importlib import import_module
+from typing import Any
 
 __all__ = ["ClientSettings", "PromptOptions", "PromptReport", "PromptRun", "PromptSpec", "run_prompt"]
+
+
+def __getattr__(name: str) -> Any:  # lazy: `scdrugmap --help` must not import the prompting stack
+    if name in __all__:
+        module = "client" if name == "ClientSettings" else "run"
+        return getattr(import_module(f"scdrugmap.classify.prompting.{module}"), name)
+    msg = f"module 'scdrugmap.classify.prompting' has no attribute {name!r}"
+    raise AttributeError(msg)

@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from classify.prompting.client import Reply
-from store.catalog import Store
+from scdrugmap.classify.prompting.client import Reply
+from scdrugmap.store.catalog import Store
 
 __all__ = ["CACHE_DDL", "CacheWriter", "cells_hash", "lookup", "request_key", "table_exists"]
 

@@ -19,7 +19,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from store.errors import InputError
+from scdrugmap.store.errors import InputError
 
 __all__ = [
     "DEFAULT_BASE_URL",

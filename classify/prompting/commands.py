@@ -7,8 +7,8 @@ from typing import Any
 
 import click
 
-from classify.prompting.client import DEFAULT_BASE_URL
-from classify.prompting.prompts import STYLES
+from scdrugmap.classify.prompting.client import DEFAULT_BASE_URL
+from scdrugmap.classify.prompting.prompts import STYLES
 
 __all__ = ["prompt"]
 
@@ -97,10 +97,10 @@ def prompt(ctx: click.Context, datasets: tuple[str, ...], values: tuple[str, ...
     cells per request; cells come from the persisted folds (every cell in its test fold) and the run
     is stored like a head run (strategy 'prompt'). Replies are cached in the store: a rerun sends nothing.
     """
-    from classify.prompting.client import ClientSettings
-    from classify.prompting.prompts import PromptTemplate
-    from classify.prompting.run import PromptOptions, run_prompt
-    from store import Store
+    from scdrugmap.classify.prompting.client import ClientSettings
+    from scdrugmap.classify.prompting.prompts import PromptTemplate
+    from scdrugmap.classify.prompting.run import PromptOptions, run_prompt
+    from scdrugmap.store import Store
 
     if show_template:
         t = PromptTemplate.load(kw["style"], template)

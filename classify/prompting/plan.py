@@ -14,20 +14,20 @@ from typing import Any, Literal
 
 import numpy as np
 
-from classify.folds import CATEGORIES, FoldSet, Grouping, Protocol, category_values, get_fold_set
-from classify.prompting.cache import cells_hash, request_key
-from classify.prompting.client import estimate_body
-from classify.prompting.prompts import (
+from scdrugmap.classify.folds import CATEGORIES, FoldSet, Grouping, Protocol, category_values, get_fold_set
+from scdrugmap.classify.prompting.cache import cells_hash, request_key
+from scdrugmap.classify.prompting.client import estimate_body
+from scdrugmap.classify.prompting.prompts import (
     PromptTemplate,
     ResponseFormat,
     describe_source,
     request_body,
     top_genes,
 )
-from classify.runs import completed_run
-from embedder.base import spec_hash
-from store.catalog import Store
-from store.errors import InputError
+from scdrugmap.classify.runs import completed_run
+from scdrugmap.embedder.base import spec_hash
+from scdrugmap.store.catalog import Store
+from scdrugmap.store.errors import InputError
 
 __all__ = ["Plan", "PromptOptions", "PromptSpec", "Request", "plan_runs"]
 

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from store.errors import InputError, StoreError
+from scdrugmap.store.errors import InputError, StoreError
 
 __all__ = [
     "CLASSES",
@@ -100,7 +100,11 @@ class PromptTemplate:
             if style not in STYLES:
                 msg = f"unknown prompt style {style!r}; choose one of: {', '.join(STYLES)}"
                 raise InputError(msg)
-            raw = resources.files("classify.prompting").joinpath("templates", f"{style}.toml").read_bytes()
+            raw = (
+                resources.files("scdrugmap.classify.prompting")
+                .joinpath("templates", f"{style}.toml")
+                .read_bytes()
+            )
         else:
             if not Path(path).is_file():
                 msg = f"prompt template {str(path)!r} not found"

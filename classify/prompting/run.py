@@ -28,16 +28,16 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from classify.folds import Grouping, Protocol
-from classify.prompting.cache import CacheWriter, cells_hash, lookup
-from classify.prompting.client import ChatClient, ClientSettings, Estimate, Job, Reply, read_api_key
-from classify.prompting.parse import CellCall, failed, parse_reply
-from classify.prompting.plan import Plan, PromptOptions, PromptSpec, Request, plan_runs
-from classify.prompting.prompts import PromptTemplate, cell_ids
-from classify.prompting.score import prompt_fold_metrics
-from classify.runs import write_run
-from store.catalog import Store
-from store.errors import InputError
+from scdrugmap.classify.folds import Grouping, Protocol
+from scdrugmap.classify.prompting.cache import CacheWriter, cells_hash, lookup
+from scdrugmap.classify.prompting.client import ChatClient, ClientSettings, Estimate, Job, Reply, read_api_key
+from scdrugmap.classify.prompting.parse import CellCall, failed, parse_reply
+from scdrugmap.classify.prompting.plan import Plan, PromptOptions, PromptSpec, Request, plan_runs
+from scdrugmap.classify.prompting.prompts import PromptTemplate, cell_ids
+from scdrugmap.classify.prompting.score import prompt_fold_metrics
+from scdrugmap.classify.runs import write_run
+from scdrugmap.store.catalog import Store
+from scdrugmap.store.errors import InputError
 
 __all__ = ["OUTCOMES_DDL", "PromptOptions", "PromptReport", "PromptRun", "PromptSpec", "run_prompt"]
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from classify.metrics import METRICS, fold_metrics
+from scdrugmap.classify.metrics import METRICS, fold_metrics
 
 __all__ = ["NO_LOGPROBS", "PROMPT_METRICS", "prompt_fold_metrics"]
 

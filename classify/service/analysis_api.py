@@ -17,10 +17,10 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
 
-from classify.analyze.tables import existing_tables
-from classify.service.errors import ApiError
-from classify.service.queries import to_records
-from classify.service.state import LockedStore
+from scdrugmap.classify.analyze.tables import existing_tables
+from scdrugmap.classify.queries import to_records
+from scdrugmap.classify.service.errors import ApiError
+from scdrugmap.classify.service.state import LockedStore
 
 __all__ = ["Metric", "not_found", "parse_json", "router", "store_of"]
 

@@ -24,10 +24,10 @@ import pandas as pd
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse
 
-from classify.analyze.tables import existing_tables
-from classify.service.analysis_api import Metric, not_found, parse_json, store_of
-from classify.service.errors import ApiError
-from classify.service.queries import to_records
+from scdrugmap.classify.analyze.tables import existing_tables
+from scdrugmap.classify.queries import to_records
+from scdrugmap.classify.service.analysis_api import Metric, not_found, parse_json, store_of
+from scdrugmap.classify.service.errors import ApiError
 
 __all__ = ["FIGURE_NAME", "figures_dir", "parse_index", "router", "thin_by_rank"]
 
@@ -64,7 +64,7 @@ def separation(
     complete pooled runs on the same revision and value. ``models``: per revision, the mean of the
     scores over the per-dataset rows. The same query as ``scdrugmap analyze separation``
     (:func:`classify.analyze.separation.separation_rows`)."""
-    from classify.analyze.separation import separation_rows
+    from scdrugmap.classify.analyze.separation import separation_rows
 
     sep, heads = separation_rows(store_of(request), model=model, metric=metric)
     by_key: dict[tuple, dict] = {}
@@ -257,7 +257,7 @@ def confidence(request: Request, run_id: str | None = None) -> dict[str, Any]:
     """Label confidence stars per dataset (a ``scdrugmap analyze confidence set`` row, else the
     ingest value) with their evidence; ``counts`` per stars (``none`` = no stars). With ``run_id``,
     also that run's metrics per confidence stratum (``confidence_metrics``; 0 = no stars)."""
-    from classify.analyze.confidence import dataset_confidence
+    from scdrugmap.classify.analyze.confidence import dataset_confidence
 
     store = store_of(request)
     tables = existing_tables(store)

@@ -19,10 +19,10 @@ from fastapi.responses import FileResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 
-from classify.service.background import SqlPool, StoreCounts
-from classify.service.errors import ApiError, install_error_handlers
-from classify.service.jobs import JobManager
-from classify.service.state import LockedStore, ServiceConfig
+from scdrugmap.classify.service.background import SqlPool, StoreCounts
+from scdrugmap.classify.service.errors import ApiError, install_error_handlers
+from scdrugmap.classify.service.jobs import JobManager
+from scdrugmap.classify.service.state import LockedStore, ServiceConfig
 
 __all__ = ["STATIC_DIR", "create_app"]
 
@@ -92,8 +92,14 @@ def create_app(
     """
     from fastapi_offline import FastAPIOffline
 
-    from classify.service import analysis_api, analysis_cells_api, catalog_api, leakage_api, predict_api
-    from store.errors import InputError
+    from scdrugmap.classify.service import (
+        analysis_api,
+        analysis_cells_api,
+        catalog_api,
+        leakage_api,
+        predict_api,
+    )
+    from scdrugmap.store.errors import InputError
 
     if max_upload_mb <= 0 or sql_row_limit < 1 or sql_time_limit_s <= 0 or workers < 1:
         msg = "max_upload_mb, sql_row_limit, sql_time_limit_s and workers must be positive"

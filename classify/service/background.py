@@ -17,7 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from classify.service.errors import ApiError
+from scdrugmap.classify.service.errors import ApiError
 
 __all__ = ["SqlPool", "StoreCounts"]
 

@@ -8,11 +8,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
 
-from classify.service import queries
-from classify.service.errors import ApiError
-from classify.service.sqlguard import run_sql
-from classify.service.state import LockedStore, ServiceConfig
-from store.errors import InputError, StoreError
+from scdrugmap.classify import queries
+from scdrugmap.classify.service.errors import ApiError
+from scdrugmap.classify.service.sqlguard import run_sql
+from scdrugmap.classify.service.state import LockedStore, ServiceConfig
+from scdrugmap.store.errors import InputError, StoreError
 
 __all__ = ["public_router", "router"]
 

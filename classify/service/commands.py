@@ -6,7 +6,7 @@ import ipaddress
 
 import click
 
-from store.errors import InputError
+from scdrugmap.store.errors import InputError
 
 __all__ = ["check_bind", "serve"]
 
@@ -77,7 +77,7 @@ def serve(
     """Serve the store over HTTP: JSON API (/docs), per-cell predictions and the web page (/)."""
     import uvicorn
 
-    from classify.service.app import create_app
+    from scdrugmap.classify.service.app import create_app
 
     check_bind(host, token)
     app = create_app(

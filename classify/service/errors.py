@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from store.errors import CheckpointError, InputError, ScDrugMapError, StoreBusyError, StoreError
+from scdrugmap.store.errors import CheckpointError, InputError, ScDrugMapError, StoreBusyError, StoreError
 
 __all__ = ["ApiError", "install_error_handlers", "status_for"]
 

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import pandas as pd
 
-from classify.service.errors import ApiError, status_for
+from scdrugmap.classify.service.errors import ApiError, status_for
 
 __all__ = ["Job", "JobManager", "JobStatus"]
 

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 
-from classify.service.state import LockedStore
+from scdrugmap.classify.service.state import LockedStore
 
 __all__ = ["router"]
 

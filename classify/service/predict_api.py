@@ -19,9 +19,9 @@ from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from classify.service.errors import ApiError
-from classify.service.jobs import Job
-from classify.service.state import LockedStore, ServiceConfig
+from scdrugmap.classify.service.errors import ApiError
+from scdrugmap.classify.service.jobs import Job
+from scdrugmap.classify.service.state import LockedStore, ServiceConfig
 
 __all__ = ["UploadLimit", "router"]
 
@@ -165,8 +165,8 @@ def _check_head(store: LockedStore, run_id: str, fold: int) -> str:
     """The run's strategy (``frozen`` / ``lora``); 404 unknown run, 422 unusable run or fold."""
     import json
 
-    from classify.service.heads_info import unpredictable_reason
-    from classify.service.queries import lora_folds
+    from scdrugmap.classify.heads_info import unpredictable_reason
+    from scdrugmap.classify.queries import lora_folds
 
     df = store.query("SELECT strategy, status, head, revision FROM eval_runs WHERE run_id = ?", [run_id])
     if df.empty:
@@ -201,8 +201,8 @@ def _predict_work(
     state: Any, calibration: str, abstain: tuple[float, float] | None, *, strategy: str, fold: int,
     qc: dict[str, Any],
 ):  # fmt: skip
-    from classify.fold_heads import fold_ensemble
-    from classify.predict import _run_row, predict_file
+    from scdrugmap.classify.fold_heads import fold_ensemble
+    from scdrugmap.classify.predict import _run_row, predict_file
 
     store: LockedStore = state.store
     run_locks: dict[str, threading.Lock] = state.run_locks
@@ -286,8 +286,8 @@ async def predict(request: Request) -> Response:
     ``job_id`` (poll ``GET /jobs/{job_id}``). 413: too large; 415: not an .h5ad (HDF5) file;
     404: unknown head; 422: unusable file or options.
     """
-    from classify.calibrate import parse_band
-    from store.errors import InputError
+    from scdrugmap.classify.calibrate import parse_band
+    from scdrugmap.store.errors import InputError
 
     cfg: ServiceConfig = request.app.state.config
     try:
@@ -364,7 +364,7 @@ def job_umap(
     import anndata as ad
     import numpy as np
 
-    from classify.service.projection import expression_pcs, umap_2d
+    from scdrugmap.classify.projection import expression_pcs, umap_2d
 
     job: Job = request.app.state.jobs.get(job_id)
     if job.status != "done" or job.cells is None:

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import duckdb
 import pandas as pd
 
-from store.catalog import Store
-from store.errors import InputError
+from scdrugmap.store.catalog import Store
+from scdrugmap.store.errors import InputError
 
 __all__ = ["SqlResult", "check_statement", "run_sql"]
 

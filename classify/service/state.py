@@ -17,7 +17,7 @@ from pathlib import Path
 
 import duckdb
 
-from store.catalog import Store
+from scdrugmap.store.catalog import Store
 
 __all__ = ["LockedStore", "ServiceConfig"]
 

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from store.catalog import Store
-from store.errors import InputError, StoreError
+from scdrugmap.store.catalog import Store
+from scdrugmap.store.errors import InputError, StoreError
 
 __all__ = [
     "FACET_FIELDS",
@@ -162,7 +162,7 @@ def dataset_detail(store: Store, dataset_id: str) -> dict[str, Any]:
         "COUNT(DISTINCT sample_id) AS n_samples FROM cells WHERE dataset_id = ?",
         [dataset_id],
     ).iloc[0]
-    from store.coverage import coverage_table
+    from scdrugmap.store.coverage import coverage_table
 
     coverage = coverage_table(store, dataset=dataset_id).drop(columns=["dataset_id"])
     embedded = store.query(
@@ -190,7 +190,7 @@ def models_overview(store: Store) -> dict[str, list[dict[str, Any]]]:
         ``embeddings``: rows of the ``embeddings`` table (no spec); ``heads``: one row per
         complete evaluation run (not ``predict`` records) with the mean of every metric and
         ``predictable`` with ``not_predictable_reason`` (imported and transductive embeddings
-        cannot embed new files: :mod:`classify.service.heads_info`), ``default`` and, for
+        cannot embed new files: :mod:`scdrugmap.classify.heads_info`), ``default`` and, for
         LoRA runs, ``folds`` (the folds with a saved adapter + head; ``/predict`` takes ``fold``).
     """
     emb = store.query(
@@ -213,7 +213,7 @@ def models_overview(store: Store) -> dict[str, list[dict[str, Any]]]:
         h["metrics"] = (
             {k: _num(v) for k, v in wide.loc[h["run_id"]].items()} if h["run_id"] in wide.index else {}
         )
-    from classify.service.heads_info import annotate_heads
+    from scdrugmap.classify.heads_info import annotate_heads
 
     default = annotate_heads(store, heads)  # predictable / not_predictable_reason / default
     return {"embeddings": to_records(emb), "heads": heads, "default_head": default}
@@ -283,7 +283,9 @@ def summary_metrics(store: Store, filters: Mapping[str, Sequence[str]]) -> pd.Da
     g = df.groupby(keys, sort=False, dropna=False)["score"]
     out = g.agg(mean="mean", sd="std", n_folds="count", n_rows="size").reset_index()
     out["n_undefined"] = out.pop("n_rows") - out["n_folds"]
-    from classify.summary import summarise  # baselines, prevalence, undefined reasons, degenerate flag
+    from scdrugmap.classify.summary import (
+        summarise,  # baselines, prevalence, undefined reasons, degenerate flag
+    )
 
     extra = ["positive_class", "prevalence", "baseline", "n_folds_total", "undefined_reason", "degenerate"]
     honest = summarise(store, out["run_id"].unique().tolist())[["run_id", "metric", *extra]]

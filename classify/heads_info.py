@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from store.catalog import Store
+from scdrugmap.store.catalog import Store
 
 __all__ = ["annotate_heads", "unpredictable_reason"]
 
