@@ -224,10 +224,12 @@ def test_ingest_spec_hash_unchanged_without_patients() -> None:
     from scdrugmap.store.prepare import IngestSpec
 
     spec = IngestSpec(dataset_id="X", label_key="response")
-    old = {k: v for k, v in asdict(spec).items() if k not in ("patient_key", "patient_scope")}
+    newer = ("patient_key", "patient_scope", "allow_unmapped")  # fields added later, unset here
+    old = {k: v for k, v in asdict(spec).items() if k not in newer}
     before = hashlib.sha256(json.dumps(old, sort_keys=True, default=str).encode()).hexdigest()[:16]
     assert spec.hash() == before  # stores ingested before patients existed re-ingest as no-ops
     assert spec.hash() != IngestSpec(dataset_id="X", label_key="response", patient_key="donor").hash()
+    assert spec.hash() != IngestSpec(dataset_id="X", label_key="response", allow_unmapped=True).hash()
 
 
 def test_service_serves_leakage_and_baselines(store: Store) -> None:
