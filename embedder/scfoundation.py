@@ -54,7 +54,13 @@ from scdrugmap.embedder._attention import (
     encoder_stack,
     parse_options,
 )
-from scdrugmap.embedder._checkpoint import load_state_dict, load_strict, require_dir, require_files
+from scdrugmap.embedder._checkpoint import (
+    check_state_shapes,
+    load_state_dict,
+    load_strict,
+    require_dir,
+    require_files,
+)
 from scdrugmap.embedder._torch import masked_mean
 from scdrugmap.embedder.base import register
 from scdrugmap.embedder.vocab import Vocabulary
@@ -278,6 +284,9 @@ class ScFoundationEmbedder(MHAEmbedder):
         state = {
             k.split("model.", 1)[1] if "model." in k else k: v for k, v in ckpt[key]["state_dict"].items()
         }
+        # the config sits inside the checkpoint: its shapes are checked on the meta device before allocating
+        check_state_shapes(lambda: build_module(config), state, source=f"{weights}['{key}']['config']",
+                           what="scFoundation model")  # fmt: skip
         module = build_module(config)
         load_strict(module, state, source=f"{weights}['{key}']")
         panel = _read_panel(panel_path, int(config["seq_len"]) - 2)

@@ -43,7 +43,13 @@ from scdrugmap.embedder._attention import (
     counts_csr,
     parse_options,
 )
-from scdrugmap.embedder._checkpoint import load_state_dict, load_strict, require_dir, require_files
+from scdrugmap.embedder._checkpoint import (
+    check_state_shapes,
+    load_state_dict,
+    load_strict,
+    require_dir,
+    require_files,
+)
 from scdrugmap.embedder._torch import masked_mean
 from scdrugmap.embedder.base import register
 from scdrugmap.embedder.vocab import Vocabulary
@@ -263,6 +269,10 @@ class ScGPTEmbedder(MHAEmbedder):
             msg = f"{weights} does not hold a flat state dict (name → tensor) like the released best_model.pt"
             raise CheckpointError(msg)
         state = {mk: v for k, v in raw.items() if (mk := module_key(k)) is not None}
+        # shapes checked on the meta device first: an args.json declaring a huge model is refused unallocated
+        check_state_shapes(
+            lambda: build_module(args, vocab), state, source=directory / "args.json", what="scGPT model"
+        )
         module = build_module(args, vocab)
         load_strict(module, state, source=weights)
         files = [directory / n for n in EXPECTED]

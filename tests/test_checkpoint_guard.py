@@ -101,3 +101,24 @@ def test_truncated_weights_file_is_a_clear_error(tiny: Path, tmp_path: Path) -> 
     (ckpt / "model.safetensors").write_bytes(raw[: len(raw) // 3])
     with pytest.raises(CheckpointError, match="cannot read weights"):
         load_embedder("geneformer", ckpt, device="cpu")
+
+
+SCGPT_BOMB = BOMB.replace(
+    'load_embedder("geneformer", sys.argv[1], device="cpu")',
+    'load_embedder("scgpt", sys.argv[1], device="cpu")',
+)
+
+
+def test_scgpt_args_declaring_a_huge_model_are_refused_before_allocation(tmp_path: Path) -> None:
+    from conftest import model_fixture
+
+    ckpt = _copy(model_fixture("scgpt") / "tiny", tmp_path / "bomb")
+    args = json.loads((ckpt / "args.json").read_text())
+    args.update(embsize=1_048_576, d_hid=1_048_576, nlayers=64)
+    (ckpt / "args.json").write_text(json.dumps(args))
+    res = subprocess.run(
+        [sys.executable, "-c", SCGPT_BOMB, str(ckpt)], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 3, res.stdout + res.stderr
+    assert "args.json declares a scGPT model" in res.stdout
+    assert "does not match its weights" in res.stdout
