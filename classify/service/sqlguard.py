@@ -11,7 +11,6 @@ interrupts the query after the time limit.
 
 from __future__ import annotations
 
-import re
 import threading
 from dataclasses import dataclass
 
@@ -20,18 +19,12 @@ import pandas as pd
 
 from scdrugmap.store.catalog import Store
 from scdrugmap.store.errors import InputError
+from scdrugmap.store.filters import check_query
 
 __all__ = ["SqlResult", "check_statement", "run_sql"]
 
-#: functions that read files, URLs, the environment, secrets or other databases
-_FORBIDDEN_FUNCTIONS = re.compile(
-    r"\b(read_\w+|\w+_scan|glob|sniff_csv|parquet_\w+|getenv|duckdb_secrets|which_secret|"
-    r"sqlite_\w+|postgres_\w+|mysql_\w+|iceberg_\w+|delta_\w+|st_read\w*|httpfs\w*|load_\w+|"
-    r"install_\w+|query_table|query)\s*\(",
-    re.IGNORECASE,
-)
-_STRING = re.compile(r"'(?:[^']|'')*'")
-_COMMENT = re.compile(r"--[^\n]*|/\*.*?\*/", re.DOTALL)
+#: the ``/sql`` guard is the ``scdrugmap sql`` / ``--where`` guard (one place: :mod:`scdrugmap.store.filters`)
+check_statement = check_query
 
 
 @dataclass(frozen=True)
@@ -51,43 +44,6 @@ class SqlResult:
     frame: pd.DataFrame
     truncated: bool
     elapsed_s: float
-
-
-def check_statement(sql: str) -> None:
-    """Refuse anything but a single read-only query.
-
-    Parameters
-    ----------
-    sql
-        The user's statement.
-
-    Raises
-    ------
-    InputError
-        Empty input, several statements, a statement that is not a query, or a call of a
-        function that reads files / the environment.
-    """
-    if not sql or not sql.strip():
-        msg = "empty query; send one SELECT statement"
-        raise InputError(msg)
-    try:
-        statements = duckdb.extract_statements(sql)
-    except duckdb.Error as exc:
-        msg = f"query does not parse: {str(exc).splitlines()[0]}"
-        raise InputError(msg) from exc
-    if len(statements) != 1:
-        msg = f"send exactly one statement (got {len(statements)})"
-        raise InputError(msg)
-    kind = statements[0].type
-    if kind != duckdb.StatementType.SELECT:
-        name = str(kind).rsplit(".", 1)[-1]
-        msg = f"{name} statements are refused: the catalog is read-only here; only SELECT-style queries run"
-        raise InputError(msg)
-    code = _STRING.sub("''", _COMMENT.sub(" ", sql))
-    hit = _FORBIDDEN_FUNCTIONS.search(code)
-    if hit:
-        msg = f"{hit.group(1)}() is refused: queries may read the catalog only (no files, environment or secrets)"
-        raise InputError(msg)
 
 
 def run_sql(store: Store, sql: str, *, limit: int, time_limit_s: float) -> SqlResult:
