@@ -158,3 +158,11 @@ def test_killed_worker_then_rerun_gives_the_serial_array(ingested, tmp_path, exe
     np.testing.assert_array_equal(np.asarray(open_embeddings(st, "tgpt").values), serial)
     counts = st.query("SELECT COUNT(*) AS n, COUNT(DISTINCT cell_uid) AS u FROM embedded_cells").iloc[0]
     assert counts["n"] == counts["u"] == len(st.query("SELECT 1 FROM cells"))
+
+
+@pytest.mark.slow
+def test_ray_actors_write_the_serial_pca_array(ingested, tmp_path):
+    pytest.importorskip("ray")
+    serial = _embed(_copy(ingested, tmp_path / "serial"))
+    scattered = _embed(_copy(ingested, tmp_path / "ray"), "--executor", "ray", "--workers", "2")
+    np.testing.assert_array_equal(scattered, serial)
