@@ -69,6 +69,7 @@ def _coverage(store: Path, revision: str) -> dict:
     return rows.iloc[0].to_dict()
 
 
+@pytest.mark.slow  # ~70 s for the 8 models × 2 modes: run by .ci/run (issue 14 acceptance 1)
 @pytest.mark.parametrize("model", sorted(CASES))
 def test_ingest_then_embed_reproduces_the_original(model, tmp_path):
     fx = model_fixture(model)

@@ -66,6 +66,7 @@ def _same_results(a: Path, b: Path) -> None:
     assert sa.query(PREDICTIONS).equals(sb.query(PREDICTIONS))
 
 
+@pytest.mark.slow  # with the grid file test ~90 s: run by .ci/run (issue 18 acceptance 2)
 def test_local_grid_equals_the_sequential_runs(embedded, sequential, tmp_path):
     store = tmp_path / "store"
     shutil.copytree(embedded, store)
@@ -80,6 +81,7 @@ def test_local_grid_equals_the_sequential_runs(embedded, sequential, tmp_path):
     assert ": done (" not in again
 
 
+@pytest.mark.slow
 def test_grid_file_and_bad_grid_files(embedded, sequential, tmp_path):
     store = tmp_path / "store"
     shutil.copytree(embedded, store)

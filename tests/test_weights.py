@@ -55,6 +55,7 @@ def _publish(model: str, www: Path) -> dict:
     return {"home": f"{HOST}/{model}", "files": files}
 
 
+@pytest.mark.slow  # ~80 s for the 8 models: run by .ci/run (issue 19 acceptance 3)
 @pytest.mark.parametrize("model", sorted(CASES))
 def test_fetched_weights_embed_like_the_golden_fixture(model, tmp_path):
     fx = model_fixture(model)
