@@ -27,7 +27,7 @@ from scdrugmap.store.errors import StoreError
 __all__ = ["DEFAULT_STORE", "SCHEMA", "Store", "default_store_path"]
 
 DEFAULT_STORE = "./scdrugmap-store"
-SCHEMA_VERSION = "3"
+SCHEMA_VERSION = "4"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
@@ -99,6 +99,23 @@ CREATE TABLE IF NOT EXISTS leakage (
     seed INTEGER, grouping VARCHAR, run_id VARCHAR, metric VARCHAR, mean DOUBLE, n_folds INTEGER,
     reference VARCHAR, inflation DOUBLE, created_at TIMESTAMP, PRIMARY KEY (report_id, grouping, metric)
 );
+CREATE TABLE IF NOT EXISTS cell_types (
+    cell_uid BIGINT, method VARCHAR, cell_type VARCHAR, score DOUBLE, PRIMARY KEY (cell_uid, method)
+);
+CREATE TABLE IF NOT EXISTS ccc_runs (
+    ccc_id VARCHAR PRIMARY KEY, dataset_ids JSON, groupby VARCHAR, method VARCHAR, resource VARCHAR,
+    spec JSON, versions JSON, n_cells INTEGER, status VARCHAR, note VARCHAR, created_at TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS ccc_results (
+    ccc_id VARCHAR, source VARCHAR, target VARCHAR, ligand VARCHAR, receptor VARCHAR,
+    magnitude DOUBLE, specificity DOUBLE, PRIMARY KEY (ccc_id, source, target, ligand, receptor)
+);
+CREATE TABLE IF NOT EXISTS releases (
+    release_id VARCHAR PRIMARY KEY, name VARCHAR, scope_category VARCHAR, scope_value VARCHAR,
+    model VARCHAR, revision VARCHAR, inputs_hash VARCHAR, content_hash VARCHAR, spec JSON,
+    versions JSON, n_cells INTEGER, n_datasets INTEGER, path VARCHAR, created_date DATE,
+    created_at TIMESTAMP
+);
 """
 
 #: schema_version → statements bringing a catalog of that version to the next one (idempotent)
@@ -136,6 +153,27 @@ CREATE TABLE IF NOT EXISTS leakage (
     report_id VARCHAR, model VARCHAR, revision VARCHAR, head VARCHAR, category VARCHAR, value VARCHAR,
     seed INTEGER, grouping VARCHAR, run_id VARCHAR, metric VARCHAR, mean DOUBLE, n_folds INTEGER,
     reference VARCHAR, inflation DOUBLE, created_at TIMESTAMP, PRIMARY KEY (report_id, grouping, metric)
+);
+""",
+    # 3 → 4 (scDrugAtlas views II): per-cell cell-type labels by annotation method; cell–cell
+    # communication runs and their ligand–receptor results; immutable integrated releases.
+    "3": """
+CREATE TABLE IF NOT EXISTS cell_types (
+    cell_uid BIGINT, method VARCHAR, cell_type VARCHAR, score DOUBLE, PRIMARY KEY (cell_uid, method)
+);
+CREATE TABLE IF NOT EXISTS ccc_runs (
+    ccc_id VARCHAR PRIMARY KEY, dataset_ids JSON, groupby VARCHAR, method VARCHAR, resource VARCHAR,
+    spec JSON, versions JSON, n_cells INTEGER, status VARCHAR, note VARCHAR, created_at TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS ccc_results (
+    ccc_id VARCHAR, source VARCHAR, target VARCHAR, ligand VARCHAR, receptor VARCHAR,
+    magnitude DOUBLE, specificity DOUBLE, PRIMARY KEY (ccc_id, source, target, ligand, receptor)
+);
+CREATE TABLE IF NOT EXISTS releases (
+    release_id VARCHAR PRIMARY KEY, name VARCHAR, scope_category VARCHAR, scope_value VARCHAR,
+    model VARCHAR, revision VARCHAR, inputs_hash VARCHAR, content_hash VARCHAR, spec JSON,
+    versions JSON, n_cells INTEGER, n_datasets INTEGER, path VARCHAR, created_date DATE,
+    created_at TIMESTAMP
 );
 """,
 }
