@@ -6,7 +6,8 @@ Two tests, each stored as its own table (``de_runs.method`` says which one):
   normal approximation). Over several datasets the per-dataset z-scores are combined with
   Stouffer's method weighted by √n (stratified by dataset, so study effects are not tested).
   Cells of one sample are not independent: with sample-level labels this test over-calls.
-- ``pseudobulk`` — one pseudo-sample per (dataset, sample, label) with ≥ ``min_cells`` cells.
+- ``pseudobulk`` — one pseudo-sample per (dataset, sample, label) with ≥ ``min_cells`` cells
+  (summed or averaged with ``scanpy.get.aggregate``).
   Raw counts: summed counts tested with PyDESeq2 (``~condition``, plus ``~dataset`` over several
   datasets; Wald test, no independent filtering). Log-normalised or scaled input has no counts:
   per-pseudo-sample means are compared with Welch's t-test (``pseudobulk`` still, recorded in
@@ -197,13 +198,18 @@ def _pseudo_samples(adata: ad.AnnData, min_cells: int) -> tuple[pd.Series, pd.Da
 
 
 def _aggregate(X, key: pd.Series, groups: pd.Index, how: Literal["sum", "mean"]) -> np.ndarray:
-    codes = pd.Categorical(key, categories=groups).codes
-    ok = codes >= 0
-    ind = sp.csr_matrix((np.ones(ok.sum()), (codes[ok], np.flatnonzero(ok))), shape=(len(groups), len(key)))
-    agg = np.asarray((ind @ X).toarray() if sp.issparse(X) else ind @ np.asarray(X))
-    if how == "mean":
-        agg = agg / np.asarray(ind.sum(axis=1))
-    return agg
+    """Per-pseudo-sample sums or means of ``X`` ``(n_cells, n_genes)`` -> ``(len(groups), n_genes)``.
+
+    Rows follow ``groups``; cells whose ``key`` is not in ``groups`` are left out
+    (:func:`scanpy.get.aggregate`).
+    """
+    import scanpy as sc
+
+    ok = key.isin(groups).to_numpy()
+    obs = pd.DataFrame({"_pb": pd.Categorical(key[ok].astype(str), categories=groups.astype(str))})
+    part = ad.AnnData(X=X[ok], obs=obs.set_axis(pd.RangeIndex(int(ok.sum())).astype(str)))
+    agg = sc.get.aggregate(part, by="_pb", func=how)
+    return np.asarray(agg[groups.astype(str)].layers[how], dtype=np.float64)
 
 
 def pseudobulk_de(adata: ad.AnnData, *, min_cells: int = 10) -> tuple[pd.DataFrame, dict]:
