@@ -111,27 +111,34 @@ def main() -> None:
     ap.add_argument("--workers", default="2", help="comma-separated worker counts to compare, e.g. 1,2")
     ap.add_argument("--executor", default="local", help="comma-separated: local,ray")
     ap.add_argument("--skip-setup", action="store_true", help="reuse the store of an earlier run")
+    ap.add_argument(
+        "--stages",
+        default="simulate,ingest,embed,grid",
+        help="comma-separated subset of simulate,ingest,embed,grid,mlpfold (e.g. simulate,ingest to prepare a store)",
+    )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     work = args.workdir / f"scale-{args.scale}"
     store, sim = work / "store", work / "sim"
     results: dict = {"scale": args.scale, "stages": []}
-    if not args.skip_setup:
-        work.mkdir(parents=True, exist_ok=True)
+    stages = set(args.stages.split(",")) - ({"simulate", "ingest", "embed"} if args.skip_setup else set())
+    work.mkdir(parents=True, exist_ok=True)
+    if "simulate" in stages:
         results["stages"].append(_stage("simulate", ["simulate", "--out", str(sim), "--catalogue", str(args.catalogue),
                                                      "--scale", str(args.scale)], work / "unused"))  # fmt: skip
+    if "ingest" in stages:
         results["stages"].append(_stage("ingest", ["ingest", "--manifest", str(sim / "manifest.csv")], store))
     from scdrugmap.store.catalog import Store
 
     n_cells = int(Store.open(store).query("SELECT COUNT(*) FROM cells").iloc[0, 0])
     results["n_cells"] = n_cells
-    if not args.skip_setup:
+    if "embed" in stages:
         results["stages"].append(
             _stage("embed pca", ["embed", "--model", "pca", "--no-progress"], store, n_cells)
         )
     grid = ["evaluate", "--model", "pca", "--head", args.heads, "--protocol", "pooled,cross",
             "--category", "tissue,cancer_type,drug_class,regimen"]  # fmt: skip
-    for executor in args.executor.split(","):
+    for executor in args.executor.split(",") if "grid" in stages else []:
         for workers in (int(w) for w in args.workers.split(",")):
             name = f"grid {args.heads} {executor} x{workers}"
             results["stages"].append(
@@ -151,7 +158,7 @@ def main() -> None:
                     n_cells,
                 )
             )
-    if "mlp" in args.heads.split(","):
+    if ("mlp" in args.heads.split(",") and "grid" in stages) or "mlpfold" in stages:
         results["matmul"] = matmul_bound(d=50)
         results["mlp_fold"] = [head_fold(store, t) for t in (1, 2)]
         print(json.dumps({"matmul": results["matmul"], "mlp_fold": results["mlp_fold"]}))
