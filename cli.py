@@ -33,6 +33,8 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("scdrugmap.store.commands:doctor", "Check catalog ↔ dataset files ↔ Zarr arrays; report (exit 1 if anything is left unrepaired)."),
     "coverage": ("scdrugmap.store.coverage:coverage_command", "Gene coverage per dataset and model revision, by how genes matched the vocabulary."),
     "collection": ("scdrugmap.store.collection_commands:collection", "scDrugMap's 60 datasets: list them, fetch open files, prepare labelled h5ad + an ingest manifest."),
+    "recommend": ("scdrugmap.classify.recommend:recommend_command", "Recommend a model/head per category value and scenario from the stored runs, with the evidence."),
+    "release": ("scdrugmap.store.release_commands:release", "Integrated releases: a category value's datasets merged, Harmony-corrected, one immutable h5ad."),
     "weights": ("scdrugmap.embedder.weights_commands:weights", "Released checkpoints of the foundation models: where they live, fetched into the adapters' layout."),
 }  # fmt: skip
 
@@ -115,17 +117,21 @@ class _Group(click.Group):
 @click.option("--wait-timeout", type=click.FloatRange(min=0), envvar="SCDRUGMAP_WAIT_TIMEOUT", default=600.0,
               show_default=True, help="Seconds to wait while another process holds the store.")  # fmt: skip
 @click.option("--no-wait", is_flag=True, help="Refuse at once when another process holds the store.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or progress lines on stderr.")
 @click.version_option(package_name="scdrugmap")
 @click.pass_context
 def main(
-    ctx: click.Context, store_path: Path, verbose: bool, debug: bool, wait_timeout: float, no_wait: bool
-) -> None:
+    ctx: click.Context, store_path: Path, verbose: bool, debug: bool, wait_timeout: float, no_wait: bool,
+    quiet: bool,
+) -> None:  # fmt: skip
     """Predict drug sensitive/resistant single cells from scRNA-seq with foundation-model embeddings.
 
     Flow: ingest h5ad → embed (per model, into Zarr) → evaluate (pooled / cross-data) → results / sql.
     """
+    from scdrugmap.store import progress
     from scdrugmap.store.locking import configure
 
+    progress.configure(enabled=not quiet)
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s: %(message)s"
     )
