@@ -45,6 +45,7 @@ from scdrugmap.classify.heads import HeadSpec
 from scdrugmap.classify.runs import combine_folds, head_fit_predict, run_fold, write_run
 from scdrugmap.store.catalog import Store
 from scdrugmap.store.errors import InputError, StoreError
+from scdrugmap.store.progress import track
 
 __all__ = ["FoldTask", "GridSpec", "run_fold_task", "run_grid"]
 
@@ -316,7 +317,7 @@ def run_grid(
         results = (
             _run_local(tasks, workers) if executor == "local" else _run_ray(tasks, workers, threads, address)
         )
-        for run_id, fold, rows, preds in results:
+        for run_id, fold, rows, preds in track(results, "evaluate grid", total=len(tasks), unit="folds"):
             plan, excluded, n_folds, t0, parts = meta[run_id]
             parts[fold] = (rows, preds)
             if all(p is not None for p in parts):

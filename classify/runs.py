@@ -15,6 +15,7 @@ import pandas as pd
 
 from scdrugmap.classify.metrics import METRICS, fold_metrics
 from scdrugmap.store.catalog import Store
+from scdrugmap.store.progress import track
 
 __all__ = [
     "combine_folds",
@@ -111,7 +112,7 @@ def run_folds(
     """
     parts = [
         run_fold(cell_uids, y, folds, f, fit_predict, shots=shots, seed=seed, prevalence=prevalence)
-        for f in range(n_folds)
+        for f in track(range(n_folds), "evaluate", unit="folds")
     ]
     return combine_folds(parts)
 
