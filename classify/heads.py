@@ -1,7 +1,8 @@
 """Classifier heads on frozen embeddings (the layer-freezing strategy).
 
-Every head standardises its input (z-score fitted on the training fold) and returns the
-probability of the positive class. All are seeded and deterministic on CPU.
+Every head standardises its input (scikit-learn's ``StandardScaler`` fitted on the training fold,
+in a ``Pipeline`` with the head) and returns the probability of the positive class. All are seeded
+and deterministic on CPU.
 
 - ``mlp``: scDrugMap's network (``d → 512 → 512 → 2``, ReLU, AdamW) trained to convergence:
   lr 1e-3, early stopping on a grouped inner validation split, at least 300 optimiser steps,
@@ -96,33 +97,83 @@ class HeadSpec:
         return dict(self.params)
 
 
+def _as_float32(Z: np.ndarray) -> np.ndarray:
+    return np.asarray(Z, dtype=np.float32)
+
+
 class ScaledHead:
-    """Standardise with training-fold mean/std, then delegate; BLAS limited to ``threads``."""
+    """A head behind scikit-learn's :class:`~sklearn.preprocessing.StandardScaler` in a
+    :class:`~sklearn.pipeline.Pipeline` (``scale`` → ``float32`` → ``head``); BLAS limited to ``threads``.
+
+    The scaler's mean and standard deviation (ddof 0; constant features get 1) are fitted on the
+    training fold; the head sees float32 z-scores.
+
+    Parameters
+    ----------
+    inner
+        Unfitted head with ``fit(X, y)`` (``fit(X, y, groups=)`` when ``accepts_groups``) and
+        ``predict_proba(X) -> (n, 2)``.
+    threads
+        BLAS/OpenMP threads while fitting and predicting (:func:`threadpoolctl.threadpool_limits`).
+    """
 
     def __init__(self, inner: Any, *, threads: int = 1) -> None:
-        self.inner = inner
+        from sklearn.pipeline import Pipeline
+        from sklearn.preprocessing import FunctionTransformer, StandardScaler
+
+        self.pipeline = Pipeline(
+            [("scale", StandardScaler()), ("float32", FunctionTransformer(_as_float32)), ("head", inner)]
+        )
         self.threads = int(threads)
 
+    @property
+    def inner(self) -> Any:
+        """The head (last step of :attr:`pipeline`)."""
+        return self.pipeline.steps[-1][1]
+
+    @inner.setter
+    def inner(self, head: Any) -> None:
+        self.pipeline.steps[-1] = ("head", head)
+
+    @property
+    def mean(self) -> np.ndarray:
+        """Training-fold feature means ``(d,)`` (the scaler's ``mean_``)."""
+        return self.pipeline.named_steps["scale"].mean_
+
+    @mean.setter
+    def mean(self, value: np.ndarray) -> None:  # a saved head (classify.persist)
+        scaler = self.pipeline.named_steps["scale"]
+        scaler.mean_ = np.asarray(value)
+        scaler.n_features_in_ = len(scaler.mean_)
+
+    @property
+    def std(self) -> np.ndarray:
+        """Training-fold feature standard deviations ``(d,)``, 1 for constant features (``scale_``)."""
+        return self.pipeline.named_steps["scale"].scale_
+
+    @std.setter
+    def std(self, value: np.ndarray) -> None:
+        scaler = self.pipeline.named_steps["scale"]
+        scaler.scale_ = np.asarray(value)
+        scaler.var_ = scaler.scale_.astype(np.float64) ** 2
+
     def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None) -> ScaledHead:
-        """Fit on standardised ``X``; ``groups`` reach heads that split internally (``mlp``)."""
+        """Fit the scaler and the head on ``X`` ``(n, d)``; ``groups`` reach heads that split
+        internally (``mlp``)."""
         from threadpoolctl import threadpool_limits
 
-        self.mean = X.mean(axis=0)
-        std = X.std(axis=0)
-        self.std = np.where(std > 0, std, 1.0)
-        Z = ((X - self.mean) / self.std).astype(np.float32)
+        params = {"head__groups": groups} if getattr(self.inner, "accepts_groups", False) else {}
         with threadpool_limits(limits=self.threads):
-            if getattr(self.inner, "accepts_groups", False):
-                self.inner.fit(Z, y, groups=groups)
-            else:
-                self.inner.fit(Z, y)
+            self.pipeline.fit(X, y, **params)
         return self
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        """Probability of the positive class ``(n,)``."""
         from threadpoolctl import threadpool_limits
 
-        with threadpool_limits(limits=self.threads):
-            return self.inner.predict_proba(((X - self.mean) / self.std).astype(np.float32))[:, 1]
+        with threadpool_limits(limits=self.threads):  # the head may be a loaded booster or torch net,
+            Z = self.pipeline[:-1].transform(X)  # which scikit-learn's fitted check does not know
+            return self.inner.predict_proba(Z)[:, 1]
 
 
 def make_head(spec: HeadSpec, *, seed: int, threads: int = 1) -> Any:

@@ -75,3 +75,77 @@ def test_pseudobulk_de_unchanged(counts: bool, monkeypatch: pytest.MonkeyPatch) 
     assert info_new == info_old
     pd.testing.assert_frame_equal(new, old)
     assert new["p"].notna().any()
+
+
+class _OldScaledHead:
+    """``classify/heads.py``'s hand-written standardisation before the StandardScaler pipeline."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def fit(self, X, y, groups=None):
+        self.mean = X.mean(axis=0)
+        std = X.std(axis=0)
+        self.std = np.where(std > 0, std, 1.0)
+        Z = ((X - self.mean) / self.std).astype(np.float32)
+        if getattr(self.inner, "accepts_groups", False):
+            self.inner.fit(Z, y, groups=groups)
+        else:
+            self.inner.fit(Z, y)
+        return self
+
+    def predict_proba(self, X):
+        return self.inner.predict_proba(((X - self.mean) / self.std).astype(np.float32))[:, 1]
+
+
+def _head_data(dtype=np.float32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(1)
+    X = rng.normal(2.0, 3.0, (300, 12)).astype(dtype)
+    X[:, 3] = 5.0  # a constant feature: scaled by 1
+    y = (X[:, 0] + 0.5 * X[:, 1] + rng.normal(0, 2, 300) > 3).astype(int)
+    groups = np.repeat(np.arange(10), 30)
+    return X, y, groups
+
+
+HEAD_PARAMS = {
+    "logreg": {},
+    "lightgbm": {"n_estimators": 30},
+    "rf": {"n_estimators": 20},
+    "mlp_paper": {"epochs": 3},
+    "mlp": {"max_epochs": 5, "min_steps": 10},
+}
+
+
+@pytest.mark.parametrize("name", list(HEAD_PARAMS))
+def test_scaled_head_pipeline_predicts_as_before(name: str) -> None:
+    from scdrugmap.classify.heads import HeadSpec, make_head
+
+    X, y, groups = _head_data()
+    spec = HeadSpec.create(name, HEAD_PARAMS[name])
+    new = make_head(spec, seed=3, threads=1).fit(X, y, groups)
+    old = _OldScaledHead(make_head(spec, seed=3).inner).fit(X, y, groups)
+    np.testing.assert_allclose(new.mean, old.mean, rtol=1e-6)
+    np.testing.assert_allclose(new.std, old.std, rtol=1e-5)
+    assert new.std[3] == 1.0
+    np.testing.assert_allclose(new.predict_proba(X), old.predict_proba(X), atol=1e-4)
+    assert new.predict_proba(X[:7]).shape == (7,)
+
+
+@pytest.mark.parametrize("name", ["logreg", "lightgbm", "mlp_paper"])
+def test_saved_heads_reload_bit_identical_and_old_saves_load(name: str, tmp_path) -> None:
+    from scdrugmap.classify.heads import HeadSpec, make_head
+    from scdrugmap.classify.persist import load_head, save_head
+
+    X, y, groups = _head_data()
+    spec = HeadSpec.create(name, HEAD_PARAMS[name])
+    new = make_head(spec, seed=3).fit(X, y, groups)
+    save_head(new, spec, tmp_path / "new", extra={})
+    loaded, meta = load_head(tmp_path / "new")
+    assert meta["n_features"] == X.shape[1]
+    np.testing.assert_array_equal(loaded.predict_proba(X), new.predict_proba(X))
+    # a head saved before the pipeline (same files: scaler.mean/std in the input's dtype)
+    old = _OldScaledHead(make_head(spec, seed=3).inner).fit(X, y, groups)
+    save_head(old, spec, tmp_path / "old", extra={})
+    loaded_old, _ = load_head(tmp_path / "old")
+    assert loaded_old.mean.dtype == np.float32
+    np.testing.assert_array_equal(loaded_old.predict_proba(X), old.predict_proba(X))
