@@ -5,7 +5,7 @@ Each test keeps a copy of the replaced implementation as the reference.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import anndata as ad
 import numpy as np
@@ -149,3 +149,91 @@ def test_saved_heads_reload_bit_identical_and_old_saves_load(name: str, tmp_path
     loaded_old, _ = load_head(tmp_path / "old")
     assert loaded_old.mean.dtype == np.float32
     np.testing.assert_array_equal(loaded_old.predict_proba(X), old.predict_proba(X))
+
+
+class _ScriptedServer:
+    """OpenAI-style endpoint answering each model name with a fixed sequence of HTTP statuses."""
+
+    SCRIPTS: ClassVar[dict[str, list]] = {
+        "rate": [(429, {"Retry-After": "0"}), 200],
+        "busy": [(503, {"Retry-After": "2"}), 500, 200],
+        "down": [502, 502, 502, 502],
+        "bad": [400],
+        "auth": [401],
+        "gone": [404],
+    }
+
+    def __init__(self) -> None:
+        import threading
+        from collections import Counter
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.tries: Counter[str] = Counter()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                import json
+
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                model = body["model"]
+                server.tries[model] += 1
+                script = server.SCRIPTS[model]
+                step = script[min(server.tries[model], len(script)) - 1]
+                status, headers = step if isinstance(step, tuple) else (step, {})
+                if status == 200:
+                    out = {"id": "x", "object": "chat.completion", "created": 0, "model": model,
+                           "choices": [{"index": 0, "finish_reason": "stop",
+                                        "message": {"role": "assistant", "content": "ok"}}]}  # fmt: skip
+                else:
+                    out = {"error": {"message": f"status {status}"}}
+                data = json.dumps(out).encode()
+                self.send_response(status)
+                for k, v in {"Content-Type": "application/json", **headers}.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+def test_openai_client_retries_429_and_5xx_and_fails_4xx_at_once() -> None:
+    from scdrugmap.classify.prompting.client import ChatClient, ClientSettings, EndpointError, Job
+
+    srv = _ScriptedServer()
+    try:
+        sleeps: list[float] = []
+        settings = ClientSettings(base_url=srv.url, timeout_s=5, retries=3, backoff_s=0.5, max_backoff_s=30)
+        chat = ChatClient(settings, "k", sleep=sleeps.append)
+
+        def send(model: str):
+            return chat.send(Job(model, {"model": model, "messages": [{"role": "user", "content": "hi"}]}, 1))
+
+        r = send("rate")
+        assert (r.status, r.attempts, srv.tries["rate"]) == ("ok", 2, 2)
+        assert sleeps == [0.0]  # Retry-After: 0 honoured
+        r = send("busy")
+        assert (r.status, r.attempts, srv.tries["busy"]) == ("ok", 3, 3)
+        assert sleeps[1] == 2.0  # Retry-After: 2
+        assert 0.5 <= sleeps[2] <= 1.0  # second retry: backoff 0.5 × 2, half jittered
+        sleeps.clear()
+        r = send("down")
+        assert (r.status, r.attempts, r.error, srv.tries["down"]) == ("error", 4, "HTTP 502", 4)
+        assert len(sleeps) == 3
+        assert 0.25 <= sleeps[0] <= 0.5  # 0.5 × 2**i, half jittered
+        assert 1.0 <= sleeps[2] <= 2.0
+        sleeps.clear()
+        for model, status in (("bad", 400), ("auth", 401), ("gone", 404)):
+            with pytest.raises(EndpointError, match=f"HTTP {status}"):
+                send(model)
+            assert srv.tries[model] == 1, model  # no retry
+        assert sleeps == []
+    finally:
+        srv.httpd.shutdown()
+        srv.httpd.server_close()

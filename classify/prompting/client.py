@@ -3,7 +3,9 @@
 Uses the ``openai`` package against any base URL (OpenAI, Azure-style proxies, a local llama.cpp
 or vLLM server). The API key is read from an environment variable (``OPENAI_API_KEY`` unless
 ``api_key_env`` says otherwise) at send time only; it is never written anywhere. Responses are
-kept as the server's raw JSON so they can be cached and re-parsed bit for bit.
+kept as the server's raw JSON so they can be cached and re-parsed bit for bit. Retries are the
+``openai`` client's own (``max_retries``); only its wait between tries follows
+:class:`ClientSettings` (``--backoff``).
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
-#: HTTP statuses retried with back-off (besides timeouts and connection errors)
-RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+#: HTTP statuses the openai client retries with back-off (and every 5xx; besides timeouts and
+#: connection errors)
+RETRY_STATUS = frozenset({408, 409, 429})
 CHARS_PER_TOKEN = 4.0
 
 
@@ -58,7 +61,8 @@ class ClientSettings:
     timeout_s
         Seconds per HTTP attempt.
     retries
-        Extra attempts after a timeout, connection error, HTTP 429 or 5xx.
+        Extra attempts after a timeout, connection error, HTTP 408/409/429 or 5xx (the openai
+        client's ``max_retries``).
     backoff_s, max_backoff_s
         Back-off before retry ``i`` (0-based) is ``min(max, backoff × 2**i)``, half of it jittered;
         a ``Retry-After`` header on 429/503 is honoured (capped at ``max_backoff_s``).
@@ -216,8 +220,11 @@ class ChatClient:
         self.settings = settings
         self._sleep = sleep
         self._openai = openai
-        self._client = openai.OpenAI(
-            api_key=api_key, base_url=settings.endpoint, timeout=settings.timeout_s, max_retries=0
+        self._client = _retrying_openai(openai, self)(
+            api_key=api_key,
+            base_url=settings.endpoint,
+            timeout=settings.timeout_s,
+            max_retries=settings.retries,
         )
 
     def _delay(self, attempt: int, retry_after: str | None) -> float:
@@ -231,7 +238,8 @@ class ChatClient:
         return d / 2 + random.uniform(0, d / 2)
 
     def send(self, job: Job) -> Reply:
-        """Send one request, retrying timeouts, connection errors, 429 and 5xx with back-off.
+        """Send one request; the openai client retries timeouts, connection errors, 408/409/429 and 5xx
+        (``settings.retries`` times, back-off of :class:`ClientSettings`).
 
         Raises
         ------
@@ -240,46 +248,35 @@ class ChatClient:
         """
         oa = self._openai
         t0 = time.perf_counter()
-        status: Literal["timeout", "error"] = "error"
-        error = ""
-        for attempt in range(self.settings.retries + 1):
-            retry_after = None
+        attempts = self.settings.retries + 1
+        try:
+            raw = self._client.chat.completions.with_raw_response.create(**job.body)
+            text = raw.http_response.text
+        except oa.APITimeoutError:
+            status, error = "timeout", f"timed out after {self.settings.timeout_s} s"
+        except oa.APIStatusError as exc:
+            if not _retryable(exc.status_code):
+                msg = (
+                    f"the endpoint {self.settings.endpoint} refused the request (HTTP {exc.status_code}: "
+                    f"{str(exc.message)[:300]}); check the API key variable {self.settings.api_key_env}, "
+                    "--model, and try --response-format text or --no-logprobs if the server lacks them"
+                )
+                raise EndpointError(msg) from None
+            status, error = "error", f"HTTP {exc.status_code}"
+        except oa.APIConnectionError as exc:
+            status, error = "error", f"connection error: {exc}"
+        else:
+            attempts = raw.retries_taken + 1
             try:
-                raw = self._client.chat.completions.with_raw_response.create(**job.body)
-                text = raw.http_response.text
-            except oa.APITimeoutError:
-                status, error = "timeout", f"timed out after {self.settings.timeout_s} s"
-            except oa.APIStatusError as exc:
-                if exc.status_code not in RETRY_STATUS:
-                    msg = (
-                        f"the endpoint {self.settings.endpoint} refused the request (HTTP {exc.status_code}: "
-                        f"{str(exc.message)[:300]}); check the API key variable {self.settings.api_key_env}, "
-                        "--model, and try --response-format text or --no-logprobs if the server lacks them"
-                    )
-                    raise EndpointError(msg) from None
-                status, error = "error", f"HTTP {exc.status_code}"
-                retry_after = exc.response.headers.get("retry-after")
-            except oa.APIConnectionError as exc:
-                status, error = "error", f"connection error: {exc}"
-            else:
-                try:
-                    data = json.loads(text)
-                except ValueError:
-                    data = None
-                if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
-                    return Reply(
-                        job.key,
-                        "invalid",
-                        None,
-                        attempt + 1,
-                        time.perf_counter() - t0,
-                        "not a chat completion",
-                    )
-                return Reply(job.key, "ok", data, attempt + 1, time.perf_counter() - t0)
-            if attempt < self.settings.retries:
-                log.info("request %s: %s, retry %d", job.key[:12], error, attempt + 1)
-                self._sleep(self._delay(attempt, retry_after))
-        return Reply(job.key, status, None, self.settings.retries + 1, time.perf_counter() - t0, error)
+                data = json.loads(text)
+            except ValueError:
+                data = None
+            if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
+                return Reply(
+                    job.key, "invalid", None, attempts, time.perf_counter() - t0, "not a chat completion"
+                )
+            return Reply(job.key, "ok", data, attempts, time.perf_counter() - t0)
+        return Reply(job.key, status, None, attempts, time.perf_counter() - t0, error)
 
     def send_all(
         self, jobs: Sequence[Job], *, budget: int | None, on_reply: Callable[[Reply], None]
@@ -344,3 +341,24 @@ class ChatClient:
         if failure is not None:
             raise failure
         return [replies[j.key] for j in jobs]
+
+
+def _retryable(status: int) -> bool:
+    return status in RETRY_STATUS or status >= 500
+
+
+def _retrying_openai(openai: Any, chat: ChatClient) -> type:
+    """``openai.OpenAI`` whose built-in retry loop (``max_retries``) waits :meth:`ChatClient._delay`
+    through ``chat._sleep``: the ``--backoff`` settings instead of the SDK's fixed 0.5 s × 2**i
+    (≤ 8 s), a ``Retry-After`` of 0 honoured, and a sleep that tests can record. What is retried
+    and when to stop stay the SDK's (it gives up on a ``Retry-After`` above two minutes).
+    """
+
+    class _OpenAI(openai.OpenAI):
+        def _sleep_for_retry(self, *, retries_taken: int, response: Any = None, **_: Any) -> None:
+            retry_after = response.headers.get("retry-after") if response is not None else None
+            delay = chat._delay(retries_taken, retry_after)
+            log.info("retry %d in %.2f s", retries_taken + 1, delay)
+            chat._sleep(delay)
+
+    return _OpenAI
