@@ -9,6 +9,12 @@ tested), with query Q ⊆ U:
 adjusted with Benjamini–Hochberg within the direction over the sets of size ``min_size`` …
 ``max_size`` inside U. Gene sets come from GMT files (``name<TAB>description<TAB>gene…``), e.g.
 built offline by ``scdrugmap genesets from-orgdb``.
+
+Kept hand-written (issue #20, checked with gseapy 1.3.1 and decoupler 2.2): gseapy's offline
+``enrich`` applies the same ``hypergeom.sf`` but drops sets without a hit before BH (smaller padj)
+and its ``read_gmt`` loses descriptions and skips malformed lines silently; decoupler 2.3 needs
+Python ≥ 3.12, 2.2 brings plotting packages (marsilea, legendkit, adjustText) and its ``ora`` tests
+each observation's top-ranked features rather than a given gene list.
 """
 
 from __future__ import annotations
