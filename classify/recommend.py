@@ -121,6 +121,8 @@ def candidates(
         df = df[df["shots"] > 0]
     elif scenario is not None:
         df = df[(df["protocol"] == scenario) & (df["shots"] == 0)]
+    if df.empty:
+        return pd.DataFrame()
     # one run per candidate and seed (the latest; a rerun with other head parameters replaces it)
     df = df.sort_values("created_at").drop_duplicates(
         [*_GROUP, "model", "strategy", "head", "seed"], keep="last"

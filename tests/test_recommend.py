@@ -1,0 +1,144 @@
+"""Issue 21, acceptance 4: the recommendation names, per tissue, the best model/head with its evidence
+(mean, interval over seeds, runs, margin over the baseline and the next model) and says "not enough
+evidence" where the intervals overlap.
+
+Two tissues of toy data with a strong, sample-level label signal, embedded with ``pca``; two more
+embeddings are planted next to it: ``pca_twin`` (pca plus 1e-4 noise: a near-identical model) and
+``noise`` (Gaussian noise: no signal). Tissue A holds pca and pca_twin (intervals overlap → not enough
+evidence), tissue B pca and noise (pca clearly wins). Runs: logreg, pooled, 3 folds, seeds 0, 1, 2.
+The full CLI path on the simulated demo (pca and hvg, logreg and mlp, pooled and cross-data) is the
+slow test at the end.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from synth import toy_adata
+
+from scdrugmap.classify.analyze.harmony import write_embedding
+from scdrugmap.classify.evaluate import evaluate
+from scdrugmap.classify.recommend import NOT_ENOUGH, candidates, recommend
+from scdrugmap.cli import main
+from scdrugmap.embedder.runner import embed_datasets
+from scdrugmap.store import Store
+from scdrugmap.store.embeddings import open_array, read_rows, resolve_revision
+from scdrugmap.store.manifest import ingest_manifest
+
+SEEDS = [0, 1, 2]
+
+
+def _ok(store: Path, *args: str) -> str:
+    res = CliRunner().invoke(main, ["--store", str(store), *args])
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        raise res.exception
+    assert res.exit_code == 0, res.output
+    return res.output
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
+    tmp = tmp_path_factory.mktemp("recommend")
+    rows = ["path,dataset_id,label_key,sample_key,study,tissue,min_genes"]
+    for i, tissue in enumerate(("Tissue A", "Tissue B")):
+        toy_adata(n_cells=240, seed=40 + i, n_samples=12, prefix=f"r{i}_").write_h5ad(tmp / f"r{i}.h5ad")
+        rows.append(f"r{i}.h5ad,r{i},response,sample,st{i},{tissue},100")
+    (tmp / "manifest.csv").write_text("\n".join(rows) + "\n")
+    st = Store.open(tmp / "store", create=True)
+    ingest_manifest(st, tmp / "manifest.csv")
+    embed_datasets(st, "pca", progress=False, options={"n_comps": 10})
+    rev = resolve_revision(st, "pca")
+    uids = st.query("SELECT cell_uid FROM embedded_cells WHERE revision = ? ORDER BY 1", [rev])["cell_uid"]
+    uids = uids.to_numpy(dtype=np.int64)
+    X = read_rows(open_array(st, "pca", rev), uids)
+    rng = np.random.default_rng(0)
+    for name, values in (("pca_twin", X + rng.normal(0, 1e-4, X.shape)), ("noise", rng.normal(size=X.shape))):
+        write_embedding(st, name, f"{name}-rev", uids, values.astype(np.float32), spec={"planted": name})
+    for model, tissue in (
+        ("pca", "Tissue A"),
+        ("pca_twin", "Tissue A"),
+        ("pca", "Tissue B"),
+        ("noise", "Tissue B"),
+    ):
+        evaluate(st, model=model, head="logreg", category="tissue", value=tissue, k=3, seeds=SEEDS)
+    return st
+
+
+def test_recommendation_names_the_clear_winner_and_refuses_on_overlap(store: Store) -> None:
+    out = _ok(store.path, "recommend", "--category", "tissue")
+    lines = {
+        line.split("Tissue ")[1][0]: line for line in out.splitlines() if line.lstrip().startswith("tissue")
+    }
+    assert "pca/logreg" in lines["B"]  # the clear winner, with its evidence on the line
+    assert NOT_ENOUGH not in lines["B"]
+    assert NOT_ENOUGH in lines["A"]  # pca vs its near-identical twin
+    assert "Tissue A · pooled:" in out
+    assert "intervals overlap with" in out
+
+    rec = recommend(store, category="tissue").set_index("value")
+    b = rec.loc["Tissue B"]
+    assert b["recommendation"] == "pca/logreg"
+    assert b["next"] == "noise/logreg"
+    assert b["n_seeds"] == 3
+    assert b["n_runs"] == 3
+    assert b["ci_low"] > b["next_ci_high"]  # the intervals are apart
+    assert b["mean"] > 0.9
+    assert b["over_baseline"] == pytest.approx(b["mean"] - 0.5)
+    assert b["over_next"] > 0.3
+    assert f"{b['mean']:.3f} [{b['ci_low']:.3f}, {b['ci_high']:.3f}]" in lines["B"]
+    a = rec.loc["Tissue A"]
+    assert a["recommendation"] == NOT_ENOUGH
+    assert {a["best"], a["next"]} == {"pca/logreg", "pca_twin/logreg"}
+    assert abs(a["over_next"]) < 0.01
+
+    # the interval is the one `results --seeds` prints (classify.summary.seed_summary)
+    from scdrugmap.classify.summary import seed_summary, summarise
+
+    s = seed_summary(summarise(store, where="model = 'pca' AND value = 'Tissue B'"))
+    s = s[s["metric"] == "auroc"].iloc[0]
+    assert (s["mean"], s["ci_low"], s["ci_high"]) == pytest.approx((b["mean"], b["ci_low"], b["ci_high"]))
+
+
+def test_thin_evidence_options_and_bad_input(store: Store) -> None:
+    strict = recommend(store, category="tissue", min_seeds=4)
+    assert (strict["recommendation"] == NOT_ENOUGH).all()
+    assert strict["reason"].str.contains("3 seed").all()
+    # a fourth model with one seed only, better than everything: its single value is no evidence
+    evaluate(store, model="pca_twin", head="lightgbm", category="tissue", value="Tissue B", k=3, seed=0,
+             head_params={"n_estimators": 5})  # fmt: skip
+    cand = candidates(store, category="tissue", scenario="pooled", metric="auroc")
+    assert set(cand.loc[cand["value"] == "Tissue B", "model"]) == {"pca", "noise", "pca_twin"}
+    by_f1 = recommend(store, metric="f1", scenario="pooled")
+    assert set(by_f1["metric"]) == {"f1"}
+    assert recommend(store, scenario="cross").empty
+    res = CliRunner().invoke(main, ["--store", str(store.path), "recommend", "--metric", "f2"])
+    assert res.exit_code == 1
+    assert "unknown metric 'f2'" in res.output
+
+
+@pytest.mark.slow
+def test_demo_recommendation_through_the_cli(tmp_path: Path) -> None:
+    """simulate → ingest → embed pca and hvg → evaluate (logreg, mlp; pooled, cross; 3 seeds) → recommend."""
+    sim, st = tmp_path / "sim", tmp_path / "store"
+    _ok(tmp_path / "unused", "simulate", "--out", str(sim), "--n-cells", "900", "--n-genes", "1000")
+    _ok(st, "ingest", "--manifest", str(sim / "manifest.csv"))
+    for model in ("pca", "hvg"):
+        _ok(st, "embed", "--model", model)
+    _ok(st, "evaluate", "--model", "pca,hvg", "--head", "logreg,mlp", "--protocol", "pooled,cross",
+        "--category", "tissue", "--k", "3", "--seeds", "0,1,2")  # fmt: skip
+    out = _ok(st, "recommend", "--category", "tissue", "--candidates")
+    rec = recommend(Store.open(st), category="tissue")
+    tissues = set(Store.open(st).datasets()["tissue"])
+    assert set(rec["value"]) == tissues
+    assert set(rec["scenario"]) == {"pooled", "cross-data"}
+    assert (rec["n_candidates"] == 4).all()
+    for _, r in rec.iterrows():
+        assert r["value"] in out
+        assert r["best"].split("/")[0] in ("pca", "hvg")
+        assert (r["recommendation"] == NOT_ENOUGH) == bool(r["reason"])
+        if r["recommendation"] != NOT_ENOUGH:
+            assert r["ci_low"] > max(r["baseline"], r["next_ci_high"])
+    assert "Candidates:" in out
