@@ -48,6 +48,7 @@ __all__ = [
     "RELEASE_CATEGORIES",
     "Release",
     "build_release",
+    "check_release_file",
     "export_release",
     "list_releases",
     "release_row",
@@ -310,6 +311,19 @@ def _check_file(rel: Release) -> None:
     if _sha256(rel.path) != rel.content_hash:
         msg = f"release file {rel.path} changed on disk (SHA-256 differs from the catalog's); restore it from a copy"
         raise StoreError(msg)
+
+
+def check_release_file(store: Store, row: pd.Series) -> Path:
+    """The file of a release row (:func:`release_row`), after checking its SHA-256 against the catalog.
+
+    Raises
+    ------
+    StoreError
+        The file is missing or its bytes changed.
+    """
+    rel = _as_release(row, store, reused=True)
+    _check_file(rel)
+    return rel.path
 
 
 def list_releases(store: Store) -> pd.DataFrame:

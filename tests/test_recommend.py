@@ -142,3 +142,19 @@ def test_demo_recommendation_through_the_cli(tmp_path: Path) -> None:
         if r["recommendation"] != NOT_ENOUGH:
             assert r["ci_low"] > max(r["baseline"], r["next_ci_high"])
     assert "Candidates:" in out
+
+
+def test_service_recommendation(store: Store) -> None:
+    from fastapi.testclient import TestClient
+
+    from scdrugmap.classify.service import create_app
+
+    with TestClient(create_app(store.path)) as client:
+        res = client.get("/recommend", params={"category": "tissue", "scenario": "pooled"}).json()
+        by_value = {r["value"]: r for r in res["items"]}
+        assert by_value["Tissue B"]["recommendation"] == "pca/logreg"
+        assert by_value["Tissue A"]["recommendation"] == NOT_ENOUGH
+        assert by_value["Tissue A"]["reason"].startswith("intervals overlap")
+        bad = client.get("/recommend", params={"metric": "f2"})
+        assert bad.status_code == 422
+        assert "f2" in bad.json()["detail"]

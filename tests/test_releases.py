@@ -161,3 +161,24 @@ def test_bad_value_is_refused_with_nothing_written(sim: tuple[Path, Path]) -> No
     assert code == 1, out
     assert "'no-such-release' is not stored" in out, out
     assert _state(store) == before
+
+
+def test_service_lists_and_serves_the_release_file(sim: tuple[Path, Path]) -> None:
+    from fastapi.testclient import TestClient
+
+    from scdrugmap.classify.service import create_app
+    from scdrugmap.store.releases import build_release
+
+    store, _ = sim
+    rel = build_release(Store.open(store), "drug_class", "chemotherapy", model="pca")  # built or found
+    with TestClient(create_app(store)) as client:
+        items = client.get("/releases").json()["items"]
+        item = next(i for i in items if i["release_id"] == rel.release_id)
+        assert item["n_cells"] == rel.n_cells
+        res = client.get(item["download"])
+        assert res.status_code == 200
+        assert hashlib.sha256(res.content).hexdigest() == rel.content_hash
+        assert f"{rel.release_id}.h5ad" in res.headers["content-disposition"]
+        missing = client.get("/releases/no-such-release/download")
+        assert missing.status_code == 404
+        assert "no-such-release" in missing.json()["detail"]

@@ -95,7 +95,9 @@ def create_app(
     from scdrugmap.classify.service import (
         analysis_api,
         analysis_cells_api,
+        atlas_api,
         catalog_api,
+        context_api,
         leakage_api,
         predict_api,
     )
@@ -149,8 +151,10 @@ def create_app(
     app.include_router(catalog_api.router, dependencies=auth)
     app.include_router(analysis_api.router, dependencies=auth)
     app.include_router(analysis_cells_api.router, dependencies=auth)
+    app.include_router(context_api.router, dependencies=auth)
     app.include_router(predict_api.router, dependencies=auth)
     app.include_router(leakage_api.router, dependencies=auth)
+    app.include_router(atlas_api.router, dependencies=auth)
     app.add_middleware(predict_api.UploadLimit, max_upload_mb=config.max_upload_mb)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 

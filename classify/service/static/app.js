@@ -1,6 +1,8 @@
 // The scdrugmap page: tabs, token handling, errors; each tab lives in its own module.
 import { getJSON, getToken, renderTable, setToken, api } from "./api.js";
+import { initAtlas } from "./atlas.js";
 import { initBiology } from "./biology.js";
+import { initContext } from "./context.js";
 import { initDatasets } from "./datasets.js";
 import { initPredict } from "./predict.js";
 import { initResults } from "./results.js";
@@ -56,6 +58,8 @@ async function main() {
   }
   initDatasets({ onError });
   const activators = { results: initResults({ onError }), biology: initBiology({ onError }),
+    context: initContext({ onError }),
+    atlas: initAtlas({ onError }),
     predict: initPredict({ onError, clearError }) };
   // a new action replaces the previous one's error: no stale banner above a later result
   document.addEventListener("submit", clearError, true);
