@@ -380,9 +380,11 @@ def sql(ctx: click.Context, query: str, limit: int, as_csv: bool, time_limit: fl
               help="Sd of each sample's gene-wise effect; 0.3-0.6 is as large as real cultures/biopsies.")  # fmt: skip
 @click.option("--samples-per-patient", default=1, show_default=True,
               help="Above 1: samples form patients (obs patient_id, manifest patient_key).")  # fmt: skip
+@click.option("--cell-types", default=0, show_default=True,
+              help="Plant N cell types with marker programmes (obs cell_type; 0 = none, 10 at most).")  # fmt: skip
 def simulate(
     out_dir: Path, n_cells: int, n_genes: int, seed: int, catalogue: Path | None, scale: float | None,
-    study_effect: float, sample_effect: float, samples_per_patient: int,
+    study_effect: float, sample_effect: float, samples_per_patient: int, cell_types: int,
 ) -> None:  # fmt: skip
     """Write a simulated multi-study collection (h5ad per dataset + manifest.csv)."""
     from scdrugmap.store.simulate import simulate_collection
@@ -390,6 +392,7 @@ def simulate(
     manifest = simulate_collection(
         out_dir, n_cells=n_cells, n_genes=n_genes, seed=seed, catalogue=catalogue, scale=scale,
         study_effect=study_effect, sample_effect=sample_effect, samples_per_patient=samples_per_patient,
+        cell_types=cell_types,
     )  # fmt: skip
     click.echo(f"wrote {manifest}")
 
@@ -400,8 +403,12 @@ def simulate(
 @click.option("--heads", default="logreg,mlp_paper,mlp", show_default=True, help="Comma-separated heads.")
 @click.option("--sample-effect", default=0.08, show_default=True,
               help="Per-sample effect of the simulation (0.5: real-culture-sized; see `scdrugmap leakage`).")  # fmt: skip
+@click.option("--cell-types", default=0, show_default=True,
+              help="Plant N cell types and annotate them (analyze celltypes); 0 = none.")  # fmt: skip
 @click.pass_context
-def demo(ctx: click.Context, n_cells: int, seed: int, heads: str, sample_effect: float) -> None:
+def demo(
+    ctx: click.Context, n_cells: int, seed: int, heads: str, sample_effect: float, cell_types: int
+) -> None:
     """Simulate → ingest → embed pca → evaluate pooled and cross-data → results, in a fresh store."""
     from scdrugmap.classify.demo import run_demo
 
@@ -412,6 +419,7 @@ def demo(ctx: click.Context, n_cells: int, seed: int, heads: str, sample_effect:
         heads=[h.strip() for h in heads.split(",") if h.strip()],
         echo=click.echo,
         sample_effect=sample_effect,
+        cell_types=cell_types,
     )
     from scdrugmap.classify.summary import print_summary
 

@@ -69,6 +69,8 @@ __all__ = ["evaluate", "predict", "results"]
               "(1–3) train and are scored; datasets without stars are left out.")  # fmt: skip
 @click.option("--by-confidence", is_flag=True, help="Also print AUROC and F1 per label-confidence stratum "
               "(always stored in confidence_metrics).")  # fmt: skip
+@click.option("--by-cell-type", "by_cell_type", help="Also print metrics per cell type of this annotation (e.g. "
+              "markers, from `analyze celltypes annotate`): the run's out-of-fold predictions split by cell type.")  # fmt: skip
 @click.option("--corrected", help="Also evaluate this batch-corrected embedding of MODEL (e.g. pca_harmony, from "
               "`embed --correct harmony`) on the same folds; print both side by side (table correction_metrics).")  # fmt: skip
 @click.option("--grid", "grid_file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
@@ -87,6 +89,7 @@ def evaluate(
     positive: str,
     corrected: str | None,
     by_confidence: bool,
+    by_cell_type: str | None,
     seeds: str | None,
     grid_file: Path | None,
     executor: str,
@@ -122,9 +125,9 @@ def evaluate(
     if grid_file is not None or executor != "local" or workers > 1 or any(len(v) > 1 for v in lists.values()):
         from scdrugmap.classify.grid_commands import run_grid_command
 
-        if corrected:
+        if corrected or by_cell_type:
             raise click.UsageError(
-                "--corrected compares one model with its correction; run it without a grid"
+                "--corrected and --by-cell-type apply to one model, head, protocol and category; run them without a grid"
             )
         run_grid_command(st, grid_file, lists, kw, head_params=head_params, positive=positive, executor=executor,
                          workers=workers, threads=threads, address=address, by_confidence=by_confidence)  # fmt: skip
@@ -159,6 +162,15 @@ def evaluate(
             "\nPer label-confidence stratum (stars 0 = none; out-of-fold predictions pooled over folds):"
         )
         print_table(strata(st, [o.run_id for o in [*outcomes, *corr_outcomes]]).round(4))
+    if by_cell_type:
+        from scdrugmap.classify.analyze.celltypes import cell_type_metrics
+
+        click.echo(f"\nPer cell type ({by_cell_type} annotation; out-of-fold predictions pooled over folds):")
+        for o in [*outcomes, *corr_outcomes]:
+            df = cell_type_metrics(st, o.run_id, method=by_cell_type)
+            keys = ["run_id", "cell_type", "n_cells", "n_positive"]
+            wide = df.set_index([*keys, "metric"])["value"].unstack("metric").reset_index()
+            print_table(wide[[*keys, *(m for m in ("auroc", "auprc", "f1") if m in wide)]].round(4))
     if correction is not None:
         from scdrugmap.classify.analyze.correction import correction_table
 

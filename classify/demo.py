@@ -44,6 +44,7 @@ def run_demo(
     category: str = "tissue",
     echo: Callable[[str], None] = print,
     sample_effect: float = 0.08,
+    cell_types: int = 0,
 ) -> pd.DataFrame:
     """Run the whole flow on a simulated collection.
 
@@ -62,6 +63,9 @@ def run_demo(
     sample_effect
         Sd of the simulated per-sample effect (:func:`store.simulate.simulate_collection`; 0.5 makes
         cell-level splits visibly leak).
+    cell_types
+        Above 0: plant that many cell types in the simulation and annotate every dataset with the
+        bundled markers after ingest (:func:`classify.analyze.celltypes.annotate_dataset`).
 
     Returns
     -------
@@ -81,13 +85,19 @@ def run_demo(
     t0 = time.perf_counter()
     st = _fresh_store(Path(store_path))
     manifest = simulate_collection(
-        st.path / "demo_input", n_cells=n_cells, seed=seed, sample_effect=sample_effect
+        st.path / "demo_input", n_cells=n_cells, seed=seed, sample_effect=sample_effect, cell_types=cell_types
     )
     echo(f"[{time.perf_counter() - t0:5.1f}s] simulated collection: {manifest}")
     reports = ingest_manifest(st, manifest)
     echo(
         f"[{time.perf_counter() - t0:5.1f}s] ingested {len(reports)} datasets, {sum(r.n_cells for r in reports)} cells after QC"
     )
+    if cell_types:
+        from scdrugmap.classify.analyze.celltypes import annotate_dataset
+
+        for r in reports:
+            annotate_dataset(st, r.dataset_id)
+        echo(f"[{time.perf_counter() - t0:5.1f}s] annotated cell types (markers) of {len(reports)} datasets")
     res = embed_datasets(st, "pca", progress=False)
     echo(f"[{time.perf_counter() - t0:5.1f}s] embedded pca (revision {res.revision}, {res.n_done} cells)")
     run_ids = []

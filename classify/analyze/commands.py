@@ -7,6 +7,8 @@ from typing import Any
 
 import click
 
+from scdrugmap.classify.analyze.context_commands import ccc, celltypes
+
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 _LABELS_HELP = "truth, or run:RUN_ID for a run's predicted labels (probability ≥ 0.5 → its positive class)."
 
@@ -61,6 +63,10 @@ def _apply(options):
 @click.group(context_settings=CONTEXT)
 def analyze() -> None:
     """Biology views: DE, enrichment, biomarkers, embedding separation, pseudotime, genes, Harmony, confidence."""
+
+
+analyze.add_command(ccc)
+analyze.add_command(celltypes)
 
 
 @analyze.command(context_settings=CONTEXT)
