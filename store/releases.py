@@ -266,7 +266,7 @@ def build_release(
             final.unlink()
         tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
         try:
-            adata.write_h5ad(tmp, compression="gzip")
+            _write(adata, tmp)
             content_hash = _sha256(tmp)
             os.replace(tmp, final)
             from scdrugmap.classify.analyze.tables import now
@@ -302,6 +302,11 @@ def _anndata(obs: pd.DataFrame, obsm: dict[str, np.ndarray], meta: dict):
         "versions": json.dumps(meta["versions"], sort_keys=True),
     }  # fmt: skip
     return adata
+
+
+def _write(adata, path: Path) -> None:
+    """Write the release h5ad: gzip, no object timestamps (h5py's default), so equal inputs give equal bytes."""
+    adata.write_h5ad(path, compression="gzip")
 
 
 def _check_file(rel: Release) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from click.testing import CliRunner
 from synth import toy_adata
@@ -26,6 +27,7 @@ from scdrugmap.cli import main
 from scdrugmap.embedder.runner import embed_datasets
 from scdrugmap.store import Store
 from scdrugmap.store.embeddings import open_array, read_rows, resolve_revision
+from scdrugmap.store.errors import InputError
 from scdrugmap.store.manifest import ingest_manifest
 
 SEEDS = [0, 1, 2]
@@ -67,6 +69,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
     return st
 
 
+@pytest.mark.slow
 def test_recommendation_names_the_clear_winner_and_refuses_on_overlap(store: Store) -> None:
     out = _ok(store.path, "recommend", "--category", "tissue")
     lines = {
@@ -102,6 +105,7 @@ def test_recommendation_names_the_clear_winner_and_refuses_on_overlap(store: Sto
     assert (s["mean"], s["ci_low"], s["ci_high"]) == pytest.approx((b["mean"], b["ci_low"], b["ci_high"]))
 
 
+@pytest.mark.slow
 def test_thin_evidence_options_and_bad_input(store: Store) -> None:
     strict = recommend(store, category="tissue", min_seeds=4)
     assert (strict["recommendation"] == NOT_ENOUGH).all()
@@ -144,6 +148,7 @@ def test_demo_recommendation_through_the_cli(tmp_path: Path) -> None:
     assert "Candidates:" in out
 
 
+@pytest.mark.slow
 def test_service_recommendation(store: Store) -> None:
     from fastapi.testclient import TestClient
 
@@ -158,3 +163,25 @@ def test_service_recommendation(store: Store) -> None:
         bad = client.get("/recommend", params={"metric": "f2"})
         assert bad.status_code == 422
         assert "f2" in bad.json()["detail"]
+
+
+def _cand(model: str, mean: float, lo: float, hi: float, **kw) -> pd.Series:
+    base = {"model": model, "head": "logreg", "strategy": "frozen", "mean": mean, "ci_low": lo, "ci_high": hi,
+            "n_seeds": 3, "baseline": 0.5, "degenerate": False}  # fmt: skip
+    return pd.Series({**base, **kw})
+
+
+def test_evidence_rules() -> None:
+    from scdrugmap.classify.recommend import _verdict
+
+    best = _cand("a", 0.80, 0.75, 0.85)
+    assert _verdict(best, _cand("b", 0.70, 0.65, 0.74), 3) == ""  # apart: recommended
+    assert _verdict(best, _cand("b", 0.78, 0.70, 0.80), 3) == "intervals overlap with b/logreg"
+    assert _verdict(best, _cand("b", 0.76, np.nan, np.nan, n_seeds=1), 3) == "intervals overlap with b/logreg"
+    assert _verdict(best, _cand("b", 0.70, np.nan, np.nan, n_seeds=1), 3) == ""  # its single value is below
+    assert _verdict(best, None, 3) == "only one model/head evaluated"
+    assert _verdict(_cand("a", 0.8, 0.75, 0.85, n_seeds=2), None, 3).startswith("2 seed(s); need ≥ 3")
+    assert _verdict(_cand("a", 0.6, 0.45, 0.75), None, 3) == "interval reaches the baseline 0.500"
+    assert "degenerate" in _verdict(_cand("a", 0.9, 0.85, 0.95, degenerate=True), None, 3)
+    with pytest.raises(InputError, match="min_seeds=1"):
+        recommend(None, min_seeds=1)  # type: ignore[arg-type]

@@ -67,6 +67,7 @@ def _built(out: str) -> str:
     return m.group(1)
 
 
+@pytest.mark.slow
 def test_same_inputs_same_id_and_bytes_other_inputs_new_id(sim: tuple[Path, Path], tmp_path: Path) -> None:
     store, simdir = sim
     twin = tmp_path / "twin"
@@ -135,6 +136,7 @@ def test_same_inputs_same_id_and_bytes_other_inputs_new_id(sim: tuple[Path, Path
     assert _sha(path) == first
 
 
+@pytest.mark.slow
 def test_bad_value_is_refused_with_nothing_written(sim: tuple[Path, Path]) -> None:
     store, _ = sim
     before = _state(store)
@@ -163,6 +165,7 @@ def test_bad_value_is_refused_with_nothing_written(sim: tuple[Path, Path]) -> No
     assert _state(store) == before
 
 
+@pytest.mark.slow
 def test_service_lists_and_serves_the_release_file(sim: tuple[Path, Path]) -> None:
     from fastapi.testclient import TestClient
 
@@ -182,3 +185,43 @@ def test_service_lists_and_serves_the_release_file(sim: tuple[Path, Path]) -> No
         missing = client.get("/releases/no-such-release/download")
         assert missing.status_code == 404
         assert "no-such-release" in missing.json()["detail"]
+
+
+def test_release_file_bytes_do_not_depend_on_when_they_are_written(tmp_path: Path) -> None:
+    import time
+
+    from scdrugmap.store.releases import _anndata, _write
+
+    rng = np.random.default_rng(0)
+    obs = pd.DataFrame(
+        {"label": pd.Categorical(["sensitive", "resistant", None], categories=["sensitive", "resistant"]),
+         "stars": pd.array([3, 2, None], dtype="Int8"), "study": pd.Categorical(["a", "b", "a"]),
+         "cell_uid": np.arange(3, dtype=np.int64)},
+        index=["d:x", "d:y", "e:z"],
+    )  # fmt: skip
+    spec = {"category": "drug", "value": "v", "model": "pca", "revision": "r", "corrected_revision": "c",
+            "batch_key": "study", "datasets": ["d", "e"], "harmony": {"theta": 2.0, "nclust": None}}  # fmt: skip
+    meta = {"release_id": "drug-v-0", "inputs_hash": "0" * 64, "spec": spec, "versions": {"anndata": "x"}}
+    obsm = {"X_pca": rng.normal(size=(3, 4)).astype(np.float32)}
+    _write(_anndata(obs, obsm, meta), tmp_path / "a.h5ad")
+    time.sleep(1.1)  # HDF5 object timestamps have a one-second resolution
+    _write(_anndata(obs.copy(), dict(obsm), meta), tmp_path / "b.h5ad")
+    assert _sha(tmp_path / "a.h5ad") == _sha(tmp_path / "b.h5ad")
+    back = ad.read_h5ad(tmp_path / "a.h5ad")
+    assert back.uns["scdrugmap_release"]["release_id"] == "drug-v-0"
+    assert back.obs["stars"].isna().sum() == 1
+
+
+def test_bad_scope_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    from scdrugmap.store.errors import InputError, StoreError
+    from scdrugmap.store.releases import build_release, export_release
+
+    st = Store.open(tmp_path / "store", create=True)
+    with pytest.raises(InputError, match="unknown release category 'study'"):
+        build_release(st, "study", "x", model="pca")
+    with pytest.raises(InputError, match="no dataset has drug = 'cisplatin'; values in the store: none"):
+        build_release(st, "drug", "cisplatin", model="pca")
+    with pytest.raises(StoreError, match="'nope' is not stored"):
+        export_release(st, "nope", tmp_path / "out.h5ad")
+    assert not (tmp_path / "store" / "releases").exists()
+    assert not (tmp_path / "out.h5ad").exists()
