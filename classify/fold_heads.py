@@ -41,6 +41,7 @@ from scdrugmap.classify.runs import fold_masks
 from scdrugmap.store.catalog import Store
 from scdrugmap.store.embeddings import open_array, read_rows
 from scdrugmap.store.errors import InputError
+from scdrugmap.store.progress import track
 
 __all__ = ["FoldEnsemble", "calibration_meta", "fold_ensemble", "lora_meta", "oof_predictions", "row_hashes"]
 
@@ -206,7 +207,7 @@ def _build(store: Store, row: pd.Series, directory: Path) -> None:
     tmp.mkdir(parents=True)
     try:
         folds = []
-        for f in range(n_folds):
+        for f in track(range(n_folds), "fold heads", unit="folds"):
             train, _ = fold_masks(cells["fold"].to_numpy(), y, f, shots=int(spec_json.get("shots", 0)),
                                   seed=int(row["seed"]), prevalence=float(spec_json.get("prevalence", 0.0)))  # fmt: skip
             if np.unique(y[train]).size < 2:

@@ -34,6 +34,7 @@ from scdrugmap.classify.calibrate import Calibrator, abstain_mask
 from scdrugmap.classify.fold_heads import oof_predictions, row_hashes
 from scdrugmap.store.catalog import Store
 from scdrugmap.store.errors import InputError
+from scdrugmap.store.progress import Progress, progress, track
 
 __all__ = ["Calibration", "PredictResult", "Prediction", "predict", "predict_file"]
 
@@ -190,19 +191,35 @@ def predict(
         Unknown run, imported or transductive embedding, changed model revision, too little gene
         coverage, no cell passing QC, bad input.
     """
-    import anndata as ad
-
-    from scdrugmap.classify.predict_output import annotate, build_summary
     from scdrugmap.store.catalog import default_store_path
-    from scdrugmap.store.prepare import IngestSpec, prepare, read_h5ad_checked
-    from scdrugmap.store.qc import qc_reasons
 
     store = store if store is not None else Store.open(default_store_path())
     if calibration not in ("auto", "platt", "isotonic", "none"):
         msg = f"calibration {calibration!r} unknown; use auto, platt, isotonic or none"
         raise InputError(msg)
+    bar = progress("predict", 5, unit="steps")
+    with bar:
+        return _predict(data, bar, head=head, store=store, calibration=calibration, abstain=abstain,
+                        min_genes=min_genes, max_pct_mito=max_pct_mito, input_type=input_type, layer=layer,
+                        gene_key=gene_key, checkpoint=checkpoint, min_coverage=min_coverage,
+                        batch_size=batch_size, fold=fold)  # fmt: skip
+
+
+def _predict(data: Any, bar: Progress, *, head: str, store: Store, calibration: Calibration,
+             abstain: tuple[float, float] | None, min_genes: int, max_pct_mito: float, input_type: str,
+             layer: str | None, gene_key: str | None, checkpoint: str | Path | None, min_coverage: float,
+             batch_size: int, fold: int) -> Prediction:  # fmt: skip
+    """:func:`predict`'s body; ``bar`` counts its five steps."""
+    import anndata as ad
+
+    from scdrugmap.classify.predict_output import annotate, build_summary
+    from scdrugmap.store.prepare import IngestSpec, prepare, read_h5ad_checked
+    from scdrugmap.store.qc import qc_reasons
+
+    bar.set_stage("loading the head and the embedder")
     row = _run_row(store, head)
     emb, score, meta = _scorer(store, row, fold, checkpoint)
+    bar.update(stage="reading the file and QC")
     method = meta["default_calibration"] if calibration == "auto" else calibration
     if method != "none" and method not in meta["calibrators"]:
         msg = f"--calibration {method} is not available: run {head}'s out-of-fold predictions hold one class; use auto or none"
@@ -233,10 +250,11 @@ def predict(
         )
         raise InputError(msg)
     uid, dataset_id = _recognise(store, prepared, meta, head)
+    bar.update(stage=f"embedding and scoring {int(passed.sum()):,} cells")
     raw = np.full(adata.n_obs, np.nan)
     embedding: np.ndarray | None = None
     idx = np.flatnonzero(passed)
-    for start in range(0, idx.size, batch_size):
+    for start in track(range(0, idx.size, batch_size), "predict: cells", unit="batches"):
         part = idx[start : start + batch_size]
         r, X = score(adata[part])
         raw[part] = r
@@ -244,6 +262,7 @@ def predict(
             if embedding is None:
                 embedding = np.full((adata.n_obs, X.shape[1]), np.nan, dtype=np.float32)
             embedding[part] = X
+    bar.update(stage="out-of-fold predictions and calibration")
     status = np.where(passed, "scored", "not_scored").astype(object)
     no_emb = passed & ~np.isfinite(raw)
     reason[no_emb] = f"no gene known to {emb.name} is expressed"
@@ -272,6 +291,7 @@ def predict(
          "reason": reason, "cell_uid": uid},
         index=adata.obs_names.astype(str),
     )  # fmt: skip
+    bar.update(stage="summary, figures and the annotated copy")
     source = data.copy() if in_memory else read_h5ad_checked(data)
     summary = build_summary(
         store, row, meta, cells, qc=qc, x_kind=prepared.row["x_kind"], min_genes=min_genes,
@@ -279,6 +299,7 @@ def predict(
         dataset_id=dataset_id,
     )  # fmt: skip
     out = annotate(source, cells, embedding, summary, model=str(row["model"]))
+    bar.update()
     return Prediction(out, cells, summary, dataset_id)
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from scdrugmap.classify import queries
+from scdrugmap.classify.recommend import report_table
 from scdrugmap.classify.report_figures import (
     METRIC_NAMES,
     embedding_umap,
@@ -34,6 +35,7 @@ from scdrugmap.classify.report_figures import (
 from scdrugmap.classify.report_honest import baseline_table, leakage_figure
 from scdrugmap.store.catalog import Store
 from scdrugmap.store.errors import InputError
+from scdrugmap.store.progress import progress
 
 __all__ = ["Report", "report", "scalability_tables", "write_report"]
 
@@ -195,52 +197,79 @@ def write_report(
     sections: dict[str, list[tuple[str, str]]] = {
         "Fold bars": [], "Radar": [], "ROC and PR": [], "Leakage": [], "UMAP": []
     }  # fmt: skip
-    fig = leakage_figure(store)
-    if fig is not None:
-        save_figure(fig, out, "leakage")
-        sections["Leakage"].append(
-            ("Leakage — metrics of the same cells under each split grouping", "leakage")
-        )
-    for (protocol, category), sub in folds.groupby(["protocol", "category"], sort=True):
-        what = f"{protocol} · {category}"
-        figs = {
-            "Fold bars": (f"Fold bars — {what}", "bars", fold_bars(sub, metrics, what)),
-            "Radar": (f"Radar — {what}", "radar", radar(_means(sub), metrics, what)),
-            "ROC and PR": (
-                f"ROC and PR — {what}",
-                "curves",
-                roc_pr_curves(
-                    store, runs[(runs["protocol"] == protocol) & (runs["category"] == category)], what
-                ),
-            ),
-        }
-        for section, (title, kind, fig) in figs.items():
-            if fig is not None:
-                stem = _slug(kind, protocol, category)
-                save_figure(fig, out, stem)
-                sections[section].append((title, stem))
-    if umap:
-        emb = store.query(
+    groups = list(folds.groupby(["protocol", "category"], sort=True))
+    emb = (
+        store.query(
             "SELECT model, revision FROM embeddings WHERE rows_done > 0 QUALIFY row_number() OVER "
             "(PARTITION BY model ORDER BY updated_at DESC) = 1 ORDER BY model"
         )
+        if umap
+        else pd.DataFrame(columns=["model", "revision"])
+    )
+    with progress("report", 2 + len(groups) + len(emb), unit="steps") as bar:
+        bar.set_stage("leakage figure")
+        fig = leakage_figure(store)
+        if fig is not None:
+            save_figure(fig, out, "leakage")
+            sections["Leakage"].append(
+                ("Leakage — metrics of the same cells under each split grouping", "leakage")
+            )
+        bar.update()
+        for (protocol, category), sub in groups:
+            what = f"{protocol} · {category}"
+            bar.set_stage(what)
+            figs = {
+                "Fold bars": (f"Fold bars — {what}", "bars", fold_bars(sub, metrics, what)),
+                "Radar": (f"Radar — {what}", "radar", radar(_means(sub), metrics, what)),
+                "ROC and PR": (
+                    f"ROC and PR — {what}",
+                    "curves",
+                    roc_pr_curves(
+                        store, runs[(runs["protocol"] == protocol) & (runs["category"] == category)], what
+                    ),
+                ),
+            }
+            for section, (title, kind, fig) in figs.items():
+                if fig is not None:
+                    stem = _slug(kind, protocol, category)
+                    save_figure(fig, out, stem)
+                    sections[section].append((title, stem))
+            bar.update()
         for model, revision in emb.itertuples(index=False):
+            bar.set_stage(f"UMAP of {model}")
             fig = embedding_umap(store, model, revision, max_cells=umap_cells, seed=seed)
             if fig is not None:
                 stem = _slug("umap", model)
                 save_figure(fig, out, stem)
                 sections["UMAP"].append((f"UMAP — {model} embeddings by label and by dataset", stem))
-    for figs in sections.values():
-        rep.figures.extend(figs)
-    if not rep.figures:
-        msg = f"nothing to draw in {store.path}: no evaluation runs or embeddings (run `scdrugmap evaluate` first)"
-        raise InputError(msg)
+            bar.update()
+        bar.set_stage("tables and index.html")
+        for figs in sections.values():
+            rep.figures.extend(figs)
+        if not rep.figures:
+            msg = f"nothing to draw in {store.path}: no evaluation runs or embeddings (run `scdrugmap evaluate` first)"
+            raise InputError(msg)
+        tables = _tables(store, out, rep)
+        rep.index.write_text(_index(store, rep, list(sections.items()), tables), encoding="utf-8")
+        bar.update()
+    return rep
+
+
+def _tables(store: Store, out: Path, rep: Report) -> str:
+    """Write the scalability CSVs (listed in ``rep.tables``); the HTML of the index's tables."""
     emb_table, head_table = scalability_tables(store)
     for name, df in (("scalability_embeddings", emb_table), ("scalability_heads", head_table)):
         df.to_csv(out / f"{name}.csv", index=False)
         rep.tables.append(out / f"{name}.csv")
     baselines = baseline_table(store)
-    tables = (
+    recommendation = report_table(store)
+    recommendation.to_csv(out / "recommendation.csv", index=False)
+    rep.tables.append(out / "recommendation.csv")
+    return (
+        "<h2>Which model to pick</h2><p>Per category value and scenario, the model/head with the highest mean "
+        "AUROC, recommended only with ≥ 3 seeds, a 95 % interval over seeds above the baseline and apart from the "
+        "next model's; otherwise <i>not enough evidence</i> and why (<code>scdrugmap recommend</code>).</p>"
+        f"{_html_table(recommendation)}"
         "<h2>Results beside their baselines</h2><p>Means over folds; baseline = constant classifier at each "
         "fold's prevalence of the positive class (F1 = 2p/(1+p), AUPRC = p; AUROC and balanced accuracy 0.5, "
         "MCC 0). Degenerate: every fold called one class, or |MCC| &lt; 0.05.</p>"
@@ -249,8 +278,6 @@ def write_report(
         f"{_html_table(emb_table)}<h3>Heads</h3><p>Cells per second of training + scoring over all folds of all "
         f"runs (eval_runs.duration_s).</p>{_html_table(head_table)}"
     )
-    rep.index.write_text(_index(store, rep, list(sections.items()), tables), encoding="utf-8")
-    return rep
 
 
 def _means(folds: pd.DataFrame) -> pd.DataFrame:

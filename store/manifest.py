@@ -20,6 +20,7 @@ import pandas as pd
 from scdrugmap.store.catalog import Store
 from scdrugmap.store.errors import InputError
 from scdrugmap.store.ingest import META_FIELDS, IngestReport, IngestSpec, prepare, write_prepared
+from scdrugmap.store.progress import progress
 
 __all__ = ["MANIFEST_COLUMNS", "ingest_manifest"]
 
@@ -72,30 +73,44 @@ def ingest_manifest(store: Store, manifest: str | Path) -> list[IngestReport]:
         msg = f"{manifest.name}: unknown columns {unknown}, missing {missing}; allowed columns: {', '.join(MANIFEST_COLUMNS)}"
         raise InputError(msg)
     items = []
-    for rec in df.to_dict("records"):
+    bar = progress("ingest", len(df) + 1, unit="steps")
+    with bar:
+        recs = df.to_dict("records")
+        stages = [f"reading {(r.get('dataset_id') or '').strip()}" for r in recs]
+        stages.append("writing the catalog and dataset files")
+        bar.set_stage(stages[0])
+        for i, rec in enumerate(recs):
+            items.append(_prepare_row(manifest, rec))
+            bar.update(stage=stages[i + 1])
+        reports = write_prepared(store, items)
+        bar.update()
+    return reports
 
-        def get(key: str, rec: dict[str, str] = rec) -> str | None:
-            return (rec.get(key) or "").strip() or None
 
-        spec = IngestSpec(
-            dataset_id=get("dataset_id") or "",
-            label_key=get("label_key"),
-            sensitive=tuple(v for v in (get("sensitive") or "").split("|") if v),
-            resistant=tuple(v for v in (get("resistant") or "").split("|") if v),
-            sample_key=get("sample_key"),
-            patient_key=get("patient_key"),
-            patient_scope=get("patient_scope"),
-            input_type=get("input_type") or "auto",  # type: ignore[arg-type]
-            layer=get("layer"),
-            gene_key=get("gene_key"),
-            min_genes=_number(get("min_genes"), int, 500, f"{manifest.name}: min_genes"),
-            max_pct_mito=_number(get("max_pct_mito"), float, 10.0, f"{manifest.name}: max_pct_mito"),
-            meta=tuple(sorted((k, rec[k].strip()) for k in META_FIELDS if (rec.get(k) or "").strip())),
-            allow_unmapped=(get("allow_unmapped") or "").strip().lower() in ("1", "true", "yes"),
-        )
-        path = Path(rec["path"])
-        items.append(prepare(path if path.is_absolute() else manifest.parent / path, spec))
-    return write_prepared(store, items)
+def _prepare_row(manifest: Path, rec: dict[str, str]):
+    """Read, map and QC the dataset of one manifest row (:func:`store.prepare.prepare`)."""
+
+    def get(key: str) -> str | None:
+        return (rec.get(key) or "").strip() or None
+
+    spec = IngestSpec(
+        dataset_id=get("dataset_id") or "",
+        label_key=get("label_key"),
+        sensitive=tuple(v for v in (get("sensitive") or "").split("|") if v),
+        resistant=tuple(v for v in (get("resistant") or "").split("|") if v),
+        sample_key=get("sample_key"),
+        patient_key=get("patient_key"),
+        patient_scope=get("patient_scope"),
+        input_type=get("input_type") or "auto",  # type: ignore[arg-type]
+        layer=get("layer"),
+        gene_key=get("gene_key"),
+        min_genes=_number(get("min_genes"), int, 500, f"{manifest.name}: min_genes"),
+        max_pct_mito=_number(get("max_pct_mito"), float, 10.0, f"{manifest.name}: max_pct_mito"),
+        meta=tuple(sorted((k, rec[k].strip()) for k in META_FIELDS if (rec.get(k) or "").strip())),
+        allow_unmapped=(get("allow_unmapped") or "").strip().lower() in ("1", "true", "yes"),
+    )
+    path = Path(rec["path"])
+    return prepare(path if path.is_absolute() else manifest.parent / path, spec)
 
 
 def _number(text: str | None, cast: type, default: float, what: str) -> float:

@@ -5,7 +5,8 @@ Library loops (folds, runs, genes, datasets, batches) report through :func:`prog
 
 - by default it goes to **stderr** (never stdout, which carries tables and JSON): a tqdm bar
   when stderr is a terminal, else plain lines such as ``evaluate: 3/10 folds (30%)`` at every
-  tenth of the way and a final ``evaluate: 10/10 folds (100%) in 4.2 s``;
+  tenth of the way and a final ``evaluate: 10/10 folds (100%) in 4.2 s``; both only once the
+  loop has run :data:`DELAY_S` seconds, so quick steps (and quick failures) print nothing;
 - :func:`configure` ``(enabled=False)`` silences it (``scdrugmap --quiet``);
 - inside :func:`report_to` it goes to a callback ``(fraction, text)`` instead (the web page's
   jobs record it and show it on their status).
@@ -43,6 +44,8 @@ _STACK: contextvars.ContextVar[tuple[Progress, ...]] = contextvars.ContextVar(
 LINE_STEPS = 10
 #: plain lines of a loop of unknown length: at most one every this many seconds.
 LINE_SECONDS = 5.0
+#: seconds a loop runs before anything is shown on stderr (quick steps and quick failures stay quiet).
+DELAY_S = 2.0
 
 
 def configure(*, enabled: bool) -> None:
@@ -109,7 +112,8 @@ class Progress:
             from tqdm import tqdm
 
             self._bar = tqdm(total=self.total, desc=self.label, unit=self.unit.rstrip("s") or "it",
-                             leave=self._depth == 0, position=self._depth, file=sys.stderr)  # fmt: skip
+                             leave=self._depth == 0, position=self._depth, file=sys.stderr,
+                             delay=DELAY_S)  # fmt: skip
         self._emit()
         return self
 
@@ -124,7 +128,9 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
         elif self._sink is None and _ENABLED and final:
-            _line(f"{self.label}: {self._count()} in {time.perf_counter() - self._t0:.1f} s")
+            elapsed = time.perf_counter() - self._t0
+            if self._last_line or elapsed >= DELAY_S:
+                _line(f"{self.label}: {self._count()} in {elapsed:.1f} s")
         if self._token is not None:
             with contextlib.suppress(ValueError):  # closed in another context: leave the stack alone
                 _STACK.reset(self._token)
@@ -133,10 +139,10 @@ class Progress:
 
     # -- steps -------------------------------------------------------------------------------
     def update(self, n: int = 1, *, stage: str | None = None) -> None:
-        """``n`` more steps done; ``stage`` (optional) says what runs next."""
+        """``n`` more steps done; ``stage`` says what runs next (none: the last stage is cleared)."""
         self.done += n
-        if stage is not None:
-            self.stage = stage
+        if stage is not None or n:
+            self.stage = stage or ""
         if self._bar is not None:
             self._bar.update(n)
             if stage is not None:
@@ -176,6 +182,8 @@ class Progress:
             self._sink(top.fraction(), text)
             return
         if self._bar is not None or not _ENABLED or self.done == 0:
+            return
+        if time.perf_counter() - self._t0 < DELAY_S:
             return
         if self.total:
             mark = self.done * LINE_STEPS // self.total

@@ -16,7 +16,9 @@ from scdrugmap.store import progress as prog
 
 
 @pytest.fixture(autouse=True)
-def _shown():
+def _shown(monkeypatch: pytest.MonkeyPatch):
+    """Progress shown at once (the small stores here finish before the default delay)."""
+    monkeypatch.setattr(prog, "DELAY_S", 0.0)
     prog.configure(enabled=True)
     yield
     prog.configure(enabled=True)
@@ -32,6 +34,14 @@ def test_plain_lines_on_stderr_never_stdout(capsys: pytest.CaptureFixture[str]) 
     assert "evaluate: 10/20 folds (50%)" in lines
     assert len(lines) == 10  # nine tenths + the final line
     assert re.fullmatch(r"evaluate: 20/20 folds \(100%\) in \d+\.\d s", lines[-1])
+
+
+def test_quick_loops_print_nothing(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(prog, "DELAY_S", 60.0)
+    list(prog.track(range(50), "quick"))
+    assert capsys.readouterr().err == ""
 
 
 def test_stage_unknown_total_and_quiet(capsys: pytest.CaptureFixture[str]) -> None:
@@ -79,5 +89,62 @@ def test_each_thread_has_its_own_sink() -> None:
         t.start()
     for t in threads:
         t.join()
-    assert all(t.startswith("a") for t in seen["a"][:-1]) and seen["a"][-1] == "a: done"
-    assert all(t.startswith("b") for t in seen["b"][:-1]) and seen["b"][-1] == "b: done"
+    assert all(t.startswith("a") for t in seen["a"][:-1])
+    assert seen["a"][-1] == "a: done"
+    assert all(t.startswith("b") for t in seen["b"][:-1])
+    assert seen["b"][-1] == "b: done"
+
+
+# ---- the commands ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private copy of the session's demo store (1,200 cells, pca, logreg runs)."""
+    from test_service import demo_store
+
+    path = tmp_path_factory.mktemp("progress") / "store"
+    shutil.copytree(demo_store(tmp_path_factory), path)
+    return path
+
+
+def _cli(*args: object, ok: bool = True):
+    res = CliRunner().invoke(cli.main, [str(a) for a in args])
+    if ok:
+        assert res.exit_code == 0, res.output
+    return res
+
+
+def test_evaluate_reports_folds_on_stderr_and_quiet_hides_them(demo: Path) -> None:
+    args = ["--store", demo, "evaluate", "--model", "pca", "--head", "logreg", "--k", "4", "--value", "Cell line",
+            "--seed", "7"]  # fmt: skip
+    res = _cli(*args)
+    assert "evaluate: 4/4 folds (100%) in" in res.stderr
+    assert "folds (" in res.stderr
+    assert "evaluate:" not in res.stdout  # stdout keeps only the table
+    again = _cli(args[0], args[1], "--quiet", *args[2:], "--rerun")
+    assert "folds" not in again.stderr
+    assert again.stdout.splitlines()[-1] == res.stdout.splitlines()[-1]  # the same result row
+
+
+def test_predict_and_report_show_their_steps(demo: Path, tmp_path: Path) -> None:
+    from test_service import pooled_run, upload_file
+
+    cells = upload_file(demo, tmp_path / "cells.h5ad", n_cells=120)
+    res = _cli("--store", demo, "predict", cells, "--head", pooled_run(demo), "--out", tmp_path / "o.h5ad")
+    assert "predict: 1/5 steps (20%) – reading the file and QC" in res.stderr
+    assert re.search(r"^predict: 5/5 steps \(100%\) in \d+\.\d s$", res.stderr, re.M)
+    assert "predict:" not in res.stdout
+    rep = _cli("--store", demo, "report", "--out", tmp_path / "rep", "--no-umap")
+    assert re.search(r"^report: 1/\d+ steps \(\d+%\)$", rep.stderr, re.M)
+    assert "steps (100%) in" in rep.stderr
+    assert "report:" not in rep.stdout
+
+
+def test_ingest_manifest_counts_datasets(demo: Path, tmp_path: Path) -> None:
+    files = sorted((demo / "demo_input").glob("SIM0[12].h5ad"))
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,dataset_id,label_key,sample_key,min_genes\n" + "".join(
+        f"{f},{f.stem},response,sample_id,10\n" for f in files))  # fmt: skip
+    res = _cli("--store", tmp_path / "s", "ingest", "--manifest", manifest)
+    assert "ingest: 1/3 steps (33%) – reading SIM02" in res.stderr
+    assert "ingest: 3/3 steps (100%) in" in res.stderr
+    assert "ingest:" not in res.stdout

@@ -30,6 +30,7 @@ import pandas as pd
 
 from scdrugmap.classify.analyze.enrich import GeneSet, write_gmt
 from scdrugmap.store.errors import InputError
+from scdrugmap.store.progress import progress
 
 __all__ = [
     "ORGDB_DEBS",
@@ -124,28 +125,35 @@ def orgdb_genesets(
         with _connect(go_path) as gcon:
             names = dict(gcon.execute("SELECT go_id, term FROM go_term").fetchall())
     frames = []
-    with _connect(path) as con:
+    bar = progress("genesets from-orgdb", len(spec.ontologies) + int(spec.kegg) + 1, unit="steps")
+    with bar, _connect(path) as con:
         try:
             _check_orgdb(con, path)
         except sqlite3.DatabaseError as exc:
             msg = f"{path} is not a SQLite database: {exc}"
             raise InputError(msg) from exc
         for ont in spec.ontologies:
+            bar.set_stage(f"GO {ont}")
             table = f"go_{ont.lower()}{'_all' if spec.propagate else ''}"
             df = pd.read_sql_query(
                 f"SELECT DISTINCT g.go_id AS term, i.symbol FROM {table} g JOIN gene_info i USING (_id)", con
             )
             frames.append(df.assign(kind=ont))
+            bar.update()
         if spec.kegg:
+            bar.set_stage("KEGG")
             df = pd.read_sql_query(
                 "SELECT DISTINCT 'KEGG:hsa' || k.path_id AS term, i.symbol FROM kegg k JOIN gene_info i USING (_id)",
                 con,
             )
             frames.append(df.assign(kind="KEGG"))
-    allrows = pd.concat(frames, ignore_index=True)
+            bar.update()
+        bar.set_stage("grouping genes by term")
+        allrows = pd.concat(frames, ignore_index=True)
+        allrows["symbol"] = allrows["symbol"].str.upper()
+        grouped = allrows.groupby(["term", "kind"], sort=True)["symbol"].agg(frozenset)
+        bar.update()
     out = []
-    allrows["symbol"] = allrows["symbol"].str.upper()
-    grouped = allrows.groupby(["term", "kind"], sort=True)["symbol"].agg(frozenset)
     for (term, kind), genes in grouped.items():
         if not spec.min_size <= len(genes) <= spec.max_size:
             continue

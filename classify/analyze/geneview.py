@@ -29,6 +29,7 @@ from scdrugmap.classify.analyze.separation import umap_coords
 from scdrugmap.classify.analyze.tables import analysis_dir, now, replace_rows
 from scdrugmap.store.catalog import Store
 from scdrugmap.store.errors import InputError
+from scdrugmap.store.progress import track
 
 __all__ = ["GeneViewOutcome", "expression_umap", "gene_view"]
 
@@ -110,7 +111,8 @@ def gene_view(
     """
     gene = symbol.strip().upper()
     rows, panels = [], []
-    for did in select_dataset_ids(store, datasets, where):
+    for did in track(select_dataset_ids(store, datasets, where), f"analyze gene {gene}", unit="datasets",
+                     stage=str):  # fmt: skip
         adata = load_expression(store, did, labelled_only=False)
         match = np.flatnonzero(adata.var_names.str.upper() == gene)
         if match.size == 0:

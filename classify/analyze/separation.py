@@ -29,6 +29,7 @@ from scdrugmap.classify.analyze.tables import analysis_dir, existing_tables, now
 from scdrugmap.store.catalog import Store
 from scdrugmap.store.embeddings import open_array, read_rows, resolve_revision
 from scdrugmap.store.errors import InputError
+from scdrugmap.store.progress import progress
 
 __all__ = [
     "SeparationOutcome",
@@ -183,8 +184,12 @@ def run_separation(
         if category != "dataset_id"
         else [("dataset", "dataset_id")]
     )
-    for scope, col in scopes:
-        for value, part in cells.dropna(subset=[col]).groupby(col, sort=True):
+    parts = [(scope, value, part) for scope, col in scopes
+             for value, part in cells.dropna(subset=[col]).groupby(col, sort=True)]  # fmt: skip
+    bar = progress(f"analyze separation {model}", len(parts) + int(umap), unit="steps")
+    with bar:
+        for scope, value, part in parts:
+            bar.set_stage(f"{scope} {value}")
             sub = _subsample(part, max_cells, seed)
             X = read_rows(arr, sub["cell_uid"].to_numpy())
             ok = np.isfinite(X).all(axis=1)
@@ -192,38 +197,42 @@ def run_separation(
                 s = separation_scores(X[ok], sub["label"].to_numpy()[ok], k=k, seed=seed)
             except InputError as exc:
                 log.warning("%s %s = %s: %s", model, scope, value, exc)
+                bar.update()
                 continue
             lab = sub["label"].to_numpy()[ok]
             rows.append({"model": model, "revision": rev, "scope": scope, "value": str(value), "n_cells": int(ok.sum()),
                          "n_resistant": int((lab == "resistant").sum()), "n_sensitive": int((lab == "sensitive").sum()),
                          **s, "k": k, "seed": seed, "created_at": now()})  # fmt: skip
-    scores = pd.DataFrame(rows)
-    replace_rows(store, [("separation", scores)], key={"revision": rev})
-    figures: tuple[Path, ...] = ()
-    if umap:
-        sub = _subsample(cells, 20_000, seed)
-        X = read_rows(arr, sub["cell_uid"].to_numpy())
-        ok = np.isfinite(X).all(axis=1)
-        sub = sub[ok]
-        coords = umap_coords(X[ok], seed=seed)
-        pd.DataFrame(
-            {"cell_uid": sub["cell_uid"].to_numpy(), "umap1": coords[:, 0], "umap2": coords[:, 1]}
-        ).to_parquet(analysis_dir(store, "umap") / f"{model}_{rev}.parquet", index=False)
-        fig = embedding_panels(
-            coords,
-            {"label": sub["label"].to_numpy(), "dataset": sub["dataset_id"].to_numpy(),
-             "cancer type": sub["cancer_type"].fillna("unknown").to_numpy()},
-            title=f"{model} embedding (revision {rev}), UMAP",
-        )  # fmt: skip
-        mean_sil = (
-            scores.loc[scores["scope"] == "dataset", "silhouette"].mean() if len(scores) else float("nan")
-        )
-        caption = (
-            f"UMAP of the {model} embedding (revision {rev}, {len(sub)} labelled cells) coloured by label, dataset "
-            f"and cancer type; mean per-dataset label silhouette {mean_sil:.3f} (table separation)."
-        )
-        figures = tuple(save_figure(fig, figures_dir or analysis_dir(store, "figures"), safe_stem("umap", model, rev),
-                                    caption))  # fmt: skip
+            bar.update()
+        scores = pd.DataFrame(rows)
+        replace_rows(store, [("separation", scores)], key={"revision": rev})
+        figures: tuple[Path, ...] = ()
+        if umap:
+            bar.set_stage("UMAP")
+            sub = _subsample(cells, 20_000, seed)
+            X = read_rows(arr, sub["cell_uid"].to_numpy())
+            ok = np.isfinite(X).all(axis=1)
+            sub = sub[ok]
+            coords = umap_coords(X[ok], seed=seed)
+            pd.DataFrame(
+                {"cell_uid": sub["cell_uid"].to_numpy(), "umap1": coords[:, 0], "umap2": coords[:, 1]}
+            ).to_parquet(analysis_dir(store, "umap") / f"{model}_{rev}.parquet", index=False)
+            fig = embedding_panels(
+                coords,
+                {"label": sub["label"].to_numpy(), "dataset": sub["dataset_id"].to_numpy(),
+                 "cancer type": sub["cancer_type"].fillna("unknown").to_numpy()},
+                title=f"{model} embedding (revision {rev}), UMAP",
+            )  # fmt: skip
+            mean_sil = (
+                scores.loc[scores["scope"] == "dataset", "silhouette"].mean() if len(scores) else float("nan")
+            )
+            caption = (
+                f"UMAP of the {model} embedding (revision {rev}, {len(sub)} labelled cells) coloured by label, dataset "
+                f"and cancer type; mean per-dataset label silhouette {mean_sil:.3f} (table separation)."
+            )
+            figures = tuple(save_figure(fig, figures_dir or analysis_dir(store, "figures"), safe_stem("umap", model, rev),
+                                        caption))  # fmt: skip
+            bar.update()
     return SeparationOutcome(model, rev, scores, figures)
 
 

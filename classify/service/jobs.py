@@ -21,6 +21,7 @@ from typing import Any, Literal
 import pandas as pd
 
 from scdrugmap.classify.service.errors import ApiError, status_for
+from scdrugmap.store.progress import report_to
 
 __all__ = ["Job", "JobManager", "JobStatus"]
 
@@ -43,6 +44,9 @@ class Job:
         The job's private folder.
     status, stage
         ``queued → running → done | failed``; ``stage`` says what a running job does.
+    fraction, detail
+        Progress of the running step (0–1) and what it does in detail (e.g. ``predict 3/5 steps:
+        embedding and scoring 150 cells``), recorded by :mod:`store.progress` through :meth:`record`.
     summary
         Counts when done (cells, scored, sensitive, resistant, abstained, …).
     cells
@@ -58,6 +62,8 @@ class Job:
     created: float = field(default_factory=time.time)
     status: JobStatus = "queued"
     stage: str = "queued"
+    fraction: float = 0.0
+    detail: str = ""
     started: float | None = None
     finished: float | None = None
     summary: dict[str, Any] | None = None
@@ -78,15 +84,20 @@ class Job:
         """The scored h5ad written by :func:`classify.predict.predict_file`."""
         return self.directory / "scored.h5ad"
 
+    def record(self, fraction: float, detail: str) -> None:
+        """A :func:`store.progress.report_to` sink: the running step's fraction done and its detail."""
+        self.fraction, self.detail = min(max(float(fraction), 0.0), 1.0), detail
+
     def to_dict(self) -> dict[str, Any]:
-        """Status as JSON (no per-cell rows)."""
+        """Status as JSON (no per-cell rows); ``progress`` is 0–1, ``progress_detail`` says what runs."""
         now = self.finished or time.time()
-        progress = {"queued": 0.0, "running": 0.5, "done": 1.0, "failed": 1.0}[self.status]
+        progress = {"queued": 0.0, "running": self.fraction, "done": 1.0, "failed": 1.0}[self.status]
         return {
             "job_id": self.job_id,
             "status": self.status,
             "stage": self.stage,
-            "progress": progress,
+            "progress": round(progress, 4),
+            "progress_detail": self.detail if self.status == "running" else self.stage,
             "run_id": self.run_id,
             "filename": self.filename,
             "elapsed_s": round(now - self.created, 3),
@@ -134,7 +145,8 @@ class JobManager:
         def run() -> None:
             job.status, job.stage, job.started = "running", "predicting", time.time()
             try:
-                work(job)
+                with report_to(job.record):  # the work's loops report to the job, not to stderr
+                    work(job)
             except BaseException as exc:
                 status, detail = status_for(exc)
                 detail = detail.replace(str(job.upload_path), job.filename).replace(f"{job.directory}/", "")

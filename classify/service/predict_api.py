@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from scdrugmap.classify.service.errors import ApiError
 from scdrugmap.classify.service.jobs import Job
 from scdrugmap.classify.service.state import LockedStore, ServiceConfig
+from scdrugmap.store.progress import progress
 
 __all__ = ["UploadLimit", "router"]
 
@@ -208,19 +209,24 @@ def _predict_work(
     run_locks: dict[str, threading.Lock] = state.run_locks
 
     def work(job: Job) -> None:
-        if strategy == "frozen":  # LoRA runs apply a fold's saved adapter + head: nothing to train
-            with state.run_locks_guard:
-                lock = run_locks.setdefault(job.run_id, threading.Lock())
-            with lock:  # the fold heads are trained, checked and saved once per run, never concurrently
-                job.stage = "preparing the fold heads"
-                fold_ensemble(store, _run_row(store, job.run_id))
-        job.stage = "QC, embedding and scoring"
-        res = predict_file(
-            store, job.run_id, job.upload_path, out=job.output_path, calibration=calibration, abstain=abstain,
-            fold=fold, **qc,
-        )  # fmt: skip
-        job.stage = "collecting"
-        job.cells = _read_scored(job.output_path)
+        with progress("prediction job", 3, unit="steps") as bar:  # the job's progress (jobs.py records it)
+            if strategy == "frozen":  # LoRA runs apply a fold's saved adapter + head: nothing to train
+                with state.run_locks_guard:
+                    lock = run_locks.setdefault(job.run_id, threading.Lock())
+                with lock:  # the fold heads are trained, checked and saved once per run, never concurrently
+                    job.stage = "preparing the fold heads"
+                    bar.set_stage(job.stage)
+                    fold_ensemble(store, _run_row(store, job.run_id))
+            job.stage = "QC, embedding and scoring"
+            bar.update(stage=job.stage)
+            res = predict_file(
+                store, job.run_id, job.upload_path, out=job.output_path, calibration=calibration,
+                abstain=abstain, fold=fold, **qc,
+            )  # fmt: skip
+            job.stage = "collecting"
+            bar.update(stage=job.stage)
+            job.cells = _read_scored(job.output_path)
+            bar.update()
         s = res.summary
         job.summary = {
             "run_id": job.run_id,

@@ -89,7 +89,8 @@ export function initPredict({ onError, clearError = () => {} }) {
   async function poll(jobId) {
     for (;;) {
       const st = await getJSON(`/jobs/${jobId}`);
-      $("pred-status").textContent = `${st.status}: ${st.stage} (${st.elapsed_s.toFixed(1)} s)`;
+      $("pred-bar").value = st.progress;  // 0–1: the job's own progress once the upload is in
+      $("pred-status").textContent = `${st.status}: ${st.progress_detail || st.stage} — ${Math.round(st.progress * 100)} % (${st.elapsed_s.toFixed(1)} s)`;
       if (st.status === "done") return;
       if (st.status === "failed") throw Object.assign(new Error(st.error.detail), { detail: `${st.error.status}: ${st.error.detail}` });
       await new Promise((r) => setTimeout(r, 400));
