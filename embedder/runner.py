@@ -265,30 +265,48 @@ def _record_coverage(store: Store, emb: Embedder, revision: str, dataset_id: str
 
 
 def _run_serial(store: Store, emb: Embedder, arr, pending: pd.DataFrame, revision: str, bar) -> int:
-    """Embed in this process, dataset by dataset, one chunk at a time; returns cells embedded."""
-    n_now = 0
-    for dataset_id, part in pending.groupby("dataset_id", sort=True):
-        adata = _read_dataset(store, str(dataset_id))
-        _record_coverage(store, emb, revision, str(dataset_id), adata)
-        row_of = pd.Series(np.arange(adata.n_obs), index=adata.obs["cell_uid"].to_numpy())
-        whole = None
-        if getattr(emb, "attends_across_cells", False):
-            # cells attend to each other (CellPLM): embed the whole dataset in cell_uid order so the
-            # batches follow the model's recorded rule whatever was done before an interruption
-            whole = np.asarray(emb.embed(adata), dtype=np.float32)
-        for _, uids in iter_chunks(part["cell_uid"].to_numpy(), arr.chunks[0]):
-            rows = row_of.loc[uids].to_numpy()
-            values = (
-                whole[rows] if whole is not None else np.asarray(emb.embed(adata[rows]), dtype=np.float32)
-            )
-            if values.shape != (uids.size, arr.shape[1]):
-                msg = f"{emb.name} returned shape {values.shape}, expected {(uids.size, arr.shape[1])}"
-                raise StoreError(msg)
-            write_rows(arr, uids, values)
+    """Embed in this process, dataset by dataset, one chunk at a time; returns cells embedded.
+
+    Written chunks are recorded in the catalog in batches (every 16 chunks or 5 s, and at the end
+    of each dataset): a chunk's rows are in the array before they are marked done, so a rerun after
+    an interruption redoes at most the unrecorded chunks of the last batch.
+    """
+    n_now, done, last = 0, [], time.monotonic()
+
+    def flush() -> None:
+        if done:
             with store.transaction() as con:
-                mark_done(con, revision, uids)
-            n_now += uids.size
-            bar.update(uids.size)
+                mark_done(con, revision, np.concatenate(done))
+            done.clear()
+
+    try:
+        for dataset_id, part in pending.groupby("dataset_id", sort=True):
+            adata = _read_dataset(store, str(dataset_id))
+            _record_coverage(store, emb, revision, str(dataset_id), adata)
+            row_of = pd.Series(np.arange(adata.n_obs), index=adata.obs["cell_uid"].to_numpy())
+            whole = None
+            if getattr(emb, "attends_across_cells", False):
+                # cells attend to each other (CellPLM): embed the whole dataset in cell_uid order so the
+                # batches follow the model's recorded rule whatever was done before an interruption
+                whole = np.asarray(emb.embed(adata), dtype=np.float32)
+            for _, uids in iter_chunks(part["cell_uid"].to_numpy(), arr.chunks[0]):
+                rows = row_of.loc[uids].to_numpy()
+                values = (
+                    whole[rows] if whole is not None else np.asarray(emb.embed(adata[rows]), dtype=np.float32)
+                )
+                if values.shape != (uids.size, arr.shape[1]):
+                    msg = f"{emb.name} returned shape {values.shape}, expected {(uids.size, arr.shape[1])}"
+                    raise StoreError(msg)
+                write_rows(arr, uids, values)
+                done.append(uids)
+                n_now += uids.size
+                bar.update(uids.size)
+                if len(done) >= 16 or time.monotonic() - last > 5:
+                    flush()
+                    last = time.monotonic()
+            flush()  # before the next dataset is read: an interruption there loses no recorded chunk
+    finally:
+        flush()  # what was written is recorded, also when an error propagates
     return n_now
 
 

@@ -209,7 +209,8 @@ class Store:
     Notes
     -----
     Connections are opened per operation and closed afterwards so that other processes
-    (``scdrugmap sql``) can read between writes.
+    (``scdrugmap sql``) can read between writes; inside :meth:`session` one connection is kept
+    for the block (:mod:`store.connections`).
     """
 
     #: seconds to wait for a store busy in another process (None: the process policy, :mod:`store.locking`)
@@ -325,12 +326,60 @@ class Store:
 
     # ---- connections --------------------------------------------------------------------
     @contextlib.contextmanager
+    def session(self) -> Iterator[Store]:
+        """Keep one catalog connection for the block instead of one per query (re-entrant).
+
+        Reads inside the block share one read-only connection; writes take the store lock and a
+        read-write connection that lives while this thread holds the lock
+        (:mod:`store.connections`). Commands that run many queries (``evaluate``, ``embed``) run
+        inside a session; the web service does not (its requests are short).
+
+        Yields
+        ------
+        Store
+            This store.
+        """
+        from scdrugmap.store.connections import state_for
+
+        st = state_for(self.catalog_path)
+        st.depth += 1
+        try:
+            yield self
+        finally:
+            st.depth -= 1
+            if st.depth == 0:
+                st.close()
+
+    @contextlib.contextmanager
     def connect(self, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A DuckDB connection to the catalog, closed on exit.
+        """A DuckDB connection to the catalog, closed on exit (kept open inside :meth:`session`).
 
         ``read_only=True`` also disables access to external files, extensions and
         attachments, so a query cannot write, copy, install or read anything else.
         """
+        from scdrugmap.store.connections import state_for
+
+        st = state_for(self.catalog_path)
+        mode = "ro" if read_only else "rw"
+        if st.depth == 0 or (mode == "rw" and (st.writing == 0 or st.in_tx > 0)):
+            # no session, a write outside the store lock, or a transaction nested in another one:
+            # a connection of its own
+            if st.con is not None and st.mode != mode:
+                st.close()  # DuckDB allows one configuration of a file per process
+            con = self._new_connection(read_only=read_only)
+            st.opened += 1
+            try:
+                yield con
+            finally:
+                con.close()
+            return
+        if st.con is None or st.mode != mode:
+            st.close()
+            st.con, st.mode = self._new_connection(read_only=read_only), mode
+            st.opened += 1
+        yield st.con
+
+    def _new_connection(self, *, read_only: bool) -> duckdb.DuckDBPyConnection:
         if read_only:
             if not self.catalog_path.exists():
                 msg = f"no catalog at {str(self.catalog_path)!r}; ingest data first"
@@ -342,12 +391,8 @@ class Store:
             }
             con = self._open(read_only=True, config=config)
             con.execute("SET lock_configuration = true")
-        else:
-            con = self._open(read_only=False, config={})
-        try:
-            yield con
-        finally:
-            con.close()
+            return con
+        return self._open(read_only=False, config={})
 
     def _open(self, *, read_only: bool, config: dict[str, Any]) -> duckdb.DuckDBPyConnection:
         """Open the catalog file, waiting (bounded) while another process holds it."""
@@ -360,28 +405,48 @@ class Store:
             timeout_s=self.busy_timeout_s,
         )
 
-    def writing(self) -> contextlib.AbstractContextManager[None]:
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
         """Hold the store's writer lock (``<store>/.lock``) for a block of reads and writes.
 
         Re-entrant; other writers wait (bounded) or refuse with ``--no-wait``
         (:mod:`store.locking`). :meth:`transaction` takes it for one transaction. Taking it
         removes temporary files of writers that died (:func:`store.doctor.remove_debris`).
+        Inside a :meth:`session` the kept read-only connection is closed before waiting for the
+        lock, and the read-write connection is closed when the lock is released.
         """
+        from scdrugmap.store.connections import state_for
         from scdrugmap.store.doctor import remove_debris
         from scdrugmap.store.locking import store_lock
 
-        return store_lock(self.path, timeout_s=self.busy_timeout_s, on_acquire=lambda: remove_debris(self))
+        st = state_for(self.catalog_path)
+        if st.writing == 0 and st.con is not None:
+            st.close()  # never hold the file while waiting for the lock another writer holds
+        with store_lock(self.path, timeout_s=self.busy_timeout_s, on_acquire=lambda: remove_debris(self)):
+            st.writing += 1
+            try:
+                yield
+            finally:
+                st.writing -= 1
+                if st.writing == 0 and st.mode == "rw":
+                    st.close()
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """A write connection inside BEGIN/COMMIT (under the store lock); rolled back on any exception."""
+        from scdrugmap.store.connections import state_for
+
+        st = state_for(self.catalog_path)
         with self.writing(), self.connect() as con:
             con.execute("BEGIN TRANSACTION")
+            st.in_tx += 1
             try:
                 yield con
             except BaseException:
                 con.execute("ROLLBACK")
                 raise
+            finally:
+                st.in_tx -= 1
             con.execute("COMMIT")
 
     def query(self, sql: str, params: list[Any] | None = None) -> pd.DataFrame:
@@ -393,7 +458,11 @@ class Store:
         if not self.catalog_path.exists():
             msg = f"no catalog at {str(self.catalog_path)!r}; ingest data first"
             raise StoreError(msg)
-        with self.connect() as con:
+        from scdrugmap.store.connections import state_for
+
+        st = state_for(self.catalog_path)
+        # inside a session: the kept connection (read-only unless this thread is writing)
+        with self.connect(read_only=st.depth > 0 and st.writing == 0) as con:
             return con.execute(sql, params or []).df()
 
     def sql(self, sql: str, *, limit: int | None = 10_000, time_limit_s: float | None = None) -> pd.DataFrame:

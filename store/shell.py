@@ -20,10 +20,15 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
 
 def open_store(ctx: click.Context, *, create: bool = False, write: bool = False):
-    """Open the command's store; ``write=True`` holds the store lock until the command ends."""
+    """Open the command's store; ``write=True`` holds the store lock until the command ends.
+
+    The command runs in a :meth:`~scdrugmap.store.catalog.Store.session`: one catalog connection
+    for the process instead of one per query.
+    """
     from scdrugmap.store.catalog import Store
 
     st = Store.open(ctx.obj["store"], create=create)
+    ctx.with_resource(st.session())
     if write:
         ctx.with_resource(st.writing())
     return st
