@@ -28,6 +28,7 @@ import pandas as pd
 
 from scdrugmap.store.catalog import Store
 from scdrugmap.store.errors import InputError
+from scdrugmap.store.progress import track
 
 __all__ = ["GROUPINGS", "leakage", "leakage_command"]
 
@@ -82,7 +83,7 @@ def leakage(
 
     runs: dict[str, str] = {}
     notes: dict[str, str] = {}
-    for g in GROUPINGS:
+    for g in track(GROUPINGS, "leakage", unit="groupings", stage=str):
         protocol = "cross" if g == "study" else "pooled"
         grouping = None if g == "study" else g
         try:

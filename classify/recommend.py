@@ -33,7 +33,15 @@ import pandas as pd
 from scdrugmap.store.catalog import Store
 from scdrugmap.store.errors import InputError
 
-__all__ = ["NOT_ENOUGH", "SCENARIOS", "candidates", "format_recommendation", "recommend", "recommend_command"]
+__all__ = [
+    "NOT_ENOUGH",
+    "SCENARIOS",
+    "candidates",
+    "format_recommendation",
+    "recommend",
+    "recommend_command",
+    "report_table",
+]
 
 NOT_ENOUGH = "not enough evidence"
 #: scenario filters accepted by :func:`recommend`
@@ -232,6 +240,27 @@ def _ci(mean: float, lo: float, hi: float) -> str:
     if not np.isfinite(mean):
         return "—"
     return f"{mean:.3f} [{lo:.3f}, {hi:.3f}]" if np.isfinite(lo) else f"{mean:.3f} [—]"
+
+
+def report_table(store: Store, *, metric: str = "auroc") -> pd.DataFrame:
+    """The recommendation as the report shows it: one row per category value and scenario.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``category, value, scenario, recommendation, best, <METRIC> [95% CI], seeds, runs, vs baseline,
+        next, vs next, why not`` (empty without complete runs).
+    """
+    df = recommend(store, metric=metric)
+    if df.empty:
+        return df
+    return pd.DataFrame({
+        "category": df["category"], "value": df["value"], "scenario": df["scenario"],
+        "recommendation": df["recommendation"], "best": df["best"],
+        f"{metric.upper()} [95% CI]": [_ci(m, lo, hi) for m, lo, hi in zip(df["mean"], df["ci_low"], df["ci_high"], strict=True)],
+        "seeds": df["n_seeds"], "runs": df["n_runs"], "vs baseline": df["over_baseline"].round(3),
+        "next": df["next"], "vs next": df["over_next"].round(3), "why not": df["reason"],
+    })  # fmt: skip
 
 
 def format_recommendation(df: pd.DataFrame) -> str:

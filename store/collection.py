@@ -21,6 +21,7 @@ import pandas as pd
 from scdrugmap.store.collection_build import COLLECTION_COLUMNS, DEFAULT_COLLECTION
 from scdrugmap.store.errors import InputError
 from scdrugmap.store.fetch import DownloadResult, cache_root, download
+from scdrugmap.store.progress import track
 
 __all__ = [
     "FETCH_LOG",
@@ -171,7 +172,11 @@ def fetch_datasets(
         msg = f"no files are listed for {empty} in {col.source.name}; add their URLs (files column) first"
         raise InputError(msg)
     results = []
-    for row in rows:
+    for row in (
+        track(rows, "collection fetch", unit="datasets", stage=lambda r: r["dataset_id"])
+        if progress
+        else rows
+    ):
         folder = col.folder(row)
         if not row["files_confirmed"].strip().lower().startswith("y"):
             echo(

@@ -32,6 +32,7 @@ import scipy.sparse as sp
 
 from scdrugmap.store.collection import FETCH_LOG, Collection
 from scdrugmap.store.errors import InputError
+from scdrugmap.store.progress import track
 
 __all__ = ["prepare_datasets", "read_units"]
 
@@ -213,10 +214,13 @@ def prepare_datasets(col: Collection, dataset_ids: list[str], *, out: str | Path
         Unknown id, no files, unreadable files, missing or ambiguous sample labels, one class only.
     """
     out = Path(out) if out is not None else col.prepared()
-    done = [_prepare_one(col, col.row(d)) for d in dict.fromkeys(dataset_ids)]
+    ids = list(dict.fromkeys(dataset_ids))
+    done = [
+        _prepare_one(col, col.row(d)) for d in track(ids, "collection prepare", unit="datasets", stage=str)
+    ]
     out.mkdir(parents=True, exist_ok=True)
     entries = []
-    for adata, entry in done:
+    for adata, entry in track(done, "collection prepare: writing", unit="datasets"):
         path = out / f"{entry['dataset_id']}.h5ad"
         tmp = out / f".{path.name}.tmp-{os.getpid()}"
         adata.write_h5ad(tmp)

@@ -37,6 +37,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from scdrugmap.store.errors import InputError
+from scdrugmap.store.progress import track
 from scdrugmap.store.simulate_celltypes import CellTypeModel, planted_markers
 from scdrugmap.store.simulate_datasets import (
     CATALOGUE_COLUMNS,
@@ -351,7 +352,7 @@ def simulate_collection(
     out.mkdir(parents=True, exist_ok=True)
     var = pd.DataFrame({"ensembl_id": ensembl.astype(str)}, index=pd.Index(symbols.astype(str)))
     rows = []
-    for ds in datasets:
+    for ds in track(datasets, "simulate", unit="datasets", stage=lambda d: d.dataset_id):
         x, obs = _simulate_dataset(model, ds, seed, samples_per_patient)
         adata = ad.AnnData(X=x, obs=obs, var=var.copy())
         adata.uns["simulation"] = {"seed": int(seed), "dataset_id": ds.dataset_id, "study": ds.study}

@@ -185,3 +185,19 @@ def test_evidence_rules() -> None:
     assert "degenerate" in _verdict(_cand("a", 0.9, 0.85, 0.95, degenerate=True), None, 3)
     with pytest.raises(InputError, match="min_seeds=1"):
         recommend(None, min_seeds=1)  # type: ignore[arg-type]
+
+
+def test_report_has_the_recommendation_section(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    """The demo store (one seed per run): every group is reported, none is recommended on one seed."""
+    from test_service import demo_store
+
+    _ok(demo_store(tmp_path_factory), "report", "--out", str(tmp_path), "--no-umap")
+    index = (tmp_path / "index.html").read_text()
+    assert "Which model to pick" in index
+    table = pd.read_csv(tmp_path / "recommendation.csv")
+    assert set(table["scenario"]) == {"pooled", "cross-data"}
+    assert (table["recommendation"] == NOT_ENOUGH).all()
+    assert table["why not"].str.startswith("1 seed(s)").all()
+    assert "AUROC [95% CI]" in table.columns
