@@ -190,6 +190,7 @@ TABLES = (
     "eval_runs",
     "metrics",
     "predictions",
+    "releases",
 )
 
 
