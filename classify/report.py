@@ -243,6 +243,11 @@ def write_report(
                 save_figure(fig, out, stem)
                 sections["UMAP"].append((f"UMAP — {model} embeddings by label and by dataset", stem))
             bar.update()
+        from scdrugmap.classify.analyze.context_plots import report_figures as context_figures
+
+        for title, stem, fig in context_figures(store):  # cell types and cell–cell communication (issue 21)
+            save_figure(fig, out, stem)
+            sections.setdefault("Cell context", []).append((title, stem))
         bar.set_stage("tables and index.html")
         for figs in sections.values():
             rep.figures.extend(figs)

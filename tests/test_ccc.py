@@ -168,3 +168,15 @@ def test_real_pc9_and_scad_a375(tmp_path: Path) -> None:
         stored = stored_results(st, ccc_id)
         assert (stored["specificity"] <= 0.05).sum() > 10
         pd.testing.assert_frame_equal(recompute(st, ccc_id), stored, check_dtype=False)
+
+
+def test_report_has_the_ccc_figure(store: Path, tmp_path: Path) -> None:
+    """Acceptance 1: a figure in the report (dot/heat plot per stored run, proportions per cell type)."""
+    if Store.open(store).query("SELECT count(*) FROM ccc_runs").iloc[0, 0] == 0:
+        _ok(["--store", str(store), "analyze", "ccc", "--dataset", "SIM01", "--n-perms", "50"])
+    _ok(["--store", str(store), "report", "--out", str(tmp_path), "--no-umap"])
+    index = (tmp_path / "index.html").read_text()
+    assert "Cell context" in index
+    assert "Cell–cell communication — SIM01 by label" in index
+    assert (tmp_path / "ccc_SIM01_label.png").stat().st_size > 10_000
+    assert (tmp_path / "celltype_proportions.svg").exists()

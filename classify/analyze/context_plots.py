@@ -114,9 +114,13 @@ def proportions_figure(props: pd.DataFrame, *, title: str) -> Figure:
         :func:`classify.analyze.celltypes.cell_type_proportions` rows.
     """
     datasets = list(dict.fromkeys(props["dataset_id"]))
-    fig, axes = plt.subplots(1, len(datasets), figsize=(1.2 + 2.6 * len(datasets), 3.4), squeeze=False,
-                             sharey=True, layout="constrained")  # fmt: skip
-    for ax, d in zip(axes[0], datasets, strict=True):
+    ncols = min(4, len(datasets))
+    nrows = -(-len(datasets) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(1.2 + 2.8 * ncols, 3.4 * nrows), squeeze=False, sharey=True,
+                             layout="constrained")  # fmt: skip
+    for ax in axes.ravel()[len(datasets) :]:
+        ax.set_axis_off()
+    for ax, d in zip(axes.ravel(), datasets, strict=False):
         part = props[props["dataset_id"] == d]
         labelled = (part["n_resistant"] + part["n_sensitive"]).clip(lower=1).to_numpy(dtype=float)
         res, sen = part["n_resistant"].to_numpy() / labelled, part["n_sensitive"].to_numpy() / labelled
@@ -126,7 +130,8 @@ def proportions_figure(props: pd.DataFrame, *, title: str) -> Figure:
         ax.set_xticks(xs, [f"{t} ({n})" for t, n in zip(part["cell_type"], part["n_cells"], strict=True)],
                       rotation=60, ha="right", fontsize=7)  # fmt: skip
         ax.set_title(d, fontsize=8)
-    axes[0][0].set_ylabel("share of labelled cells")
+    for row in axes:
+        row[0].set_ylabel("share of labelled cells")
     axes[0][0].legend(fontsize=7, loc="lower left")
     fig.suptitle(title, fontsize=9)
     return fig
