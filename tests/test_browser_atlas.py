@@ -11,15 +11,16 @@ import pytest
 from test_browser import _free_port, _start, browser  # noqa: F401  (the browser fixture)
 from test_service import demo_store
 
+from scdrugmap.classify.analyze.releases import build_release
 from scdrugmap.classify.evaluate import evaluate
 from scdrugmap.store import Store
-from scdrugmap.store.releases import build_release
 
 
 @pytest.mark.slow
 def test_atlas_tab_recommends_and_downloads_a_release(
-    browser, tmp_path_factory: pytest.TempPathFactory
-) -> None:  # noqa: F811
+    browser,  # noqa: F811  (the fixture imported from test_browser)
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
     import uvicorn
 
     from scdrugmap.classify.service import create_app

@@ -169,8 +169,8 @@ def test_bad_value_is_refused_with_nothing_written(sim: tuple[Path, Path]) -> No
 def test_service_lists_and_serves_the_release_file(sim: tuple[Path, Path]) -> None:
     from fastapi.testclient import TestClient
 
+    from scdrugmap.classify.analyze.releases import build_release
     from scdrugmap.classify.service import create_app
-    from scdrugmap.store.releases import build_release
 
     store, _ = sim
     rel = build_release(Store.open(store), "drug_class", "chemotherapy", model="pca")  # built or found
@@ -190,7 +190,7 @@ def test_service_lists_and_serves_the_release_file(sim: tuple[Path, Path]) -> No
 def test_release_file_bytes_do_not_depend_on_when_they_are_written(tmp_path: Path) -> None:
     import time
 
-    from scdrugmap.store.releases import _anndata, _write
+    from scdrugmap.classify.analyze.releases import _anndata, _write
 
     rng = np.random.default_rng(0)
     obs = pd.DataFrame(
@@ -213,8 +213,8 @@ def test_release_file_bytes_do_not_depend_on_when_they_are_written(tmp_path: Pat
 
 
 def test_bad_scope_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    from scdrugmap.classify.analyze.releases import build_release, export_release
     from scdrugmap.store.errors import InputError, StoreError
-    from scdrugmap.store.releases import build_release, export_release
 
     st = Store.open(tmp_path / "store", create=True)
     with pytest.raises(InputError, match="unknown release category 'study'"):

@@ -1,4 +1,4 @@
-"""``scdrugmap release build | list | export`` (loaded lazily by ``cli``; logic in :mod:`store.releases`)."""
+"""``scdrugmap release build | list | export`` (loaded lazily by ``cli``; logic in :mod:`classify.analyze.releases`)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def build(ctx: click.Context, category: str, value: str, model: str, revision: s
           harmony_options: tuple[str, ...]) -> None:  # fmt: skip
     """Build the release of CATEGORY = VALUE (the same inputs return the existing release, unchanged)."""
     from scdrugmap.classify.analyze.harmony import HarmonySpec
-    from scdrugmap.store.releases import build_release
+    from scdrugmap.classify.analyze.releases import build_release
 
     spec = HarmonySpec.from_options(parse_kv(harmony_options, "--harmony"))
     st = open_store(ctx, write=True)
@@ -48,7 +48,7 @@ def build(ctx: click.Context, category: str, value: str, model: str, revision: s
 @click.pass_context
 def list_cmd(ctx: click.Context) -> None:
     """List the stored releases with scope, size, date of first build and content hash."""
-    from scdrugmap.store.releases import list_releases
+    from scdrugmap.classify.analyze.releases import list_releases
 
     df = list_releases(open_store(ctx))
     df["content_hash"] = df["content_hash"].str[:12]
@@ -62,8 +62,8 @@ def list_cmd(ctx: click.Context) -> None:
 @click.pass_context
 def export(ctx: click.Context, release_id: str, out: Path) -> None:
     """Copy release RELEASE_ID's h5ad to --out (checked against its SHA-256 in the catalog)."""
+    from scdrugmap.classify.analyze.releases import export_release
     from scdrugmap.store.failures import check_writable
-    from scdrugmap.store.releases import export_release
 
     check_writable(out)
     rel = export_release(open_store(ctx), release_id, out)

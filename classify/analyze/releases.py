@@ -32,16 +32,17 @@ import shutil
 from dataclasses import asdict, dataclass
 from importlib.metadata import version
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 
+from scdrugmap.classify.analyze.harmony import HarmonySpec, check_batch_key, correct_embedding
+from scdrugmap.classify.analyze.tables import now
 from scdrugmap.store.catalog import Store
+from scdrugmap.store.embeddings import open_array, read_rows, resolve_revision
 from scdrugmap.store.errors import InputError, StoreError
-
-if TYPE_CHECKING:
-    from scdrugmap.classify.analyze.harmony import HarmonySpec
+from scdrugmap.store.prepare import file_sha256
 
 __all__ = [
     "FORMAT_VERSION",
@@ -86,8 +87,6 @@ def _slug(text: str) -> str:
 
 
 def _sha256(path: Path) -> str:
-    from scdrugmap.store.prepare import file_sha256
-
     return file_sha256(path)
 
 
@@ -222,9 +221,6 @@ def build_release(
     -----
     Harmony (Korsunsky et al. 2019, ``harmonypy``) as scDrugAtlas integrates its per-drug datasets.
     """
-    from scdrugmap.classify.analyze.harmony import HarmonySpec, check_batch_key, correct_embedding
-    from scdrugmap.store.embeddings import open_array, read_rows, resolve_revision
-
     harmony = harmony or HarmonySpec()
     datasets = _scope(store, category, value)
     rev = resolve_revision(store, model, revision)
@@ -269,8 +265,6 @@ def build_release(
             _write(adata, tmp)
             content_hash = _sha256(tmp)
             os.replace(tmp, final)
-            from scdrugmap.classify.analyze.tables import now
-
             stamp = now()
             with store.transaction() as con:
                 con.execute(

@@ -1,5 +1,5 @@
 """``GET /releases``, ``GET /releases/{id}/download`` and ``GET /recommend``: the integrated releases
-(:mod:`store.releases`) and the model recommendation (:mod:`classify.recommend`) for the page's Atlas tab."""
+(:mod:`classify.analyze.releases`) and the model recommendation (:mod:`classify.recommend`) for the page's Atlas tab."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def _records(df) -> list[dict[str, Any]]:
 def releases(request: Request) -> dict[str, Any]:
     """The stored integrated releases, oldest first (``scdrugmap release build``): id, scope, model,
     revision, cells, datasets, date of the first build, SHA-256 of the file, and its download URL."""
-    from scdrugmap.store.releases import list_releases
+    from scdrugmap.classify.analyze.releases import list_releases
 
     store: LockedStore = request.app.state.store
     items = _records(list_releases(store).drop(columns=["path"]))
@@ -41,7 +41,7 @@ def releases(request: Request) -> dict[str, Any]:
 @router.get("/releases/{release_id}/download", tags=["releases"], response_class=FileResponse)
 def download_release(request: Request, release_id: str) -> FileResponse:
     """The release's h5ad (checked against the SHA-256 in the catalog first); 404 for an unknown id."""
-    from scdrugmap.store.releases import check_release_file, release_row
+    from scdrugmap.classify.analyze.releases import check_release_file, release_row
 
     store: LockedStore = request.app.state.store
     row = release_row(store, release_id)
