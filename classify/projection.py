@@ -1,10 +1,65 @@
-"""2-D UMAP projections (scanpy: PCA → kNN graph → UMAP) for the web page and the report."""
+"""Expression PCA and 2-D UMAP projections (scanpy) for the web page, the report and the biology views.
+
+:func:`pca_pipeline` is the one normalise → HVG → scale → PCA recipe on an AnnData, each step a
+scanpy function (the service projection and the pseudotime view use it). The ``pca``/``hvg``
+embedding baselines (:mod:`embedder.baselines`) share its normalisation only: they fit HVGs,
+z-scores and PCA once on a seeded subsample of backed data and apply the saved state to every shard
+bit-identically, which scanpy's in-place ``scale``/``pca`` do not offer.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["expression_pcs", "umap_2d"]
+__all__ = ["expression_pcs", "pca_pipeline", "umap_2d"]
+
+
+def pca_pipeline(
+    adata,
+    *,
+    n_comps: int,
+    seed: int = 0,
+    normalise: bool = False,
+    n_top_genes: int | None = None,
+    scale: bool = False,
+) -> int:
+    """In place: [CP10k + log1p] → [highly variable genes] → [z-score] → PCA, with scanpy.
+
+    Parameters
+    ----------
+    adata
+        ``(n_cells, n_genes)`` AnnData; X float32 (dense or sparse).
+    n_comps
+        Components wanted; at most ``min(n_cells, n_genes) - 1`` are computed.
+    seed
+        ``random_state`` of :func:`scanpy.pp.pca`.
+    normalise
+        X holds raw counts: :func:`scanpy.pp.normalize_total` to 10,000 and :func:`scanpy.pp.log1p`
+        first.
+    n_top_genes
+        Keep only this many highly variable genes (``seurat`` flavour on log data; ``subset=True``)
+        when the data has more; ``None``: all genes.
+    scale
+        :func:`scanpy.pp.scale` (unit variance, zero mean, clipped at 10) before the PCA.
+
+    Returns
+    -------
+    int
+        The number of components computed (``adata.obsm['X_pca']`` ``(n_cells, k)``).
+    """
+    import scanpy as sc
+
+    if normalise:  # as embedder.baselines.normalise_log, keeping X dense or sparse
+        sc.pp.normalize_total(adata, target_sum=1e4)
+        sc.pp.log1p(adata)
+    if n_top_genes is not None and adata.n_vars > n_top_genes:
+        adata.uns["log1p"] = {"base": None}  # natural-log data (seurat flavour reads it)
+        sc.pp.highly_variable_genes(adata, n_top_genes=n_top_genes, flavor="seurat", subset=True)
+    if scale:
+        sc.pp.scale(adata, max_value=10)
+    k = max(1, int(min(n_comps, adata.n_obs - 1, adata.n_vars - 1)))
+    sc.pp.pca(adata, n_comps=k, random_state=seed)
+    return k
 
 
 def expression_pcs(X, *, n_comps: int = 30) -> np.ndarray:
@@ -24,16 +79,12 @@ def expression_pcs(X, *, n_comps: int = 30) -> np.ndarray:
         float32 ``(n_cells, k)``.
     """
     import anndata as ad
-    import scanpy as sc
     import scipy.sparse as sp
 
     data = X.data if sp.issparse(X) else np.asarray(X)
     adata = ad.AnnData(X=X.astype(np.float32) if sp.issparse(X) else np.asarray(X, dtype=np.float32))
-    if data.size and np.nanmin(data) >= 0 and np.allclose(data, np.round(data)):
-        sc.pp.normalize_total(adata, target_sum=1e4)
-        sc.pp.log1p(adata)
-    k = max(1, min(n_comps, min(adata.shape) - 1))
-    sc.pp.pca(adata, n_comps=k, random_state=0)
+    counts = bool(data.size and np.nanmin(data) >= 0 and np.allclose(data, np.round(data)))
+    pca_pipeline(adata, n_comps=n_comps, seed=0, normalise=counts)
     return adata.obsm["X_pca"].astype(np.float32)
 
 

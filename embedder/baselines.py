@@ -10,6 +10,12 @@ components (scikit-learn ``PCA`` with its seeded randomized solver at every size
 bounded by ``max_fit_cells`` × ``n_top_genes``); ``hvg`` returns the standardised HVG expression.
 Fitted once per embedding run on (a seeded subsample of) the selection; the fitted state is
 saved in the store so a resumed run does not refit.
+
+Why the fit is not :func:`classify.projection.pca_pipeline` (scanpy's ``scale``/``pca``): those
+work in place on one in-memory AnnData, while here the HVGs, z-scores and components are fitted
+once on a bounded subsample of backed datasets, saved with the revision, and applied to every shard
+with a float64 projection so that shards embedded by any executor are bit-identical
+(tests/test_executor.py). Normalisation and HVG selection are scanpy's.
 """
 
 from __future__ import annotations

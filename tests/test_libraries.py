@@ -237,3 +237,90 @@ def test_openai_client_retries_429_and_5xx_and_fails_4xx_at_once() -> None:
     finally:
         srv.httpd.shutdown()
         srv.httpd.server_close()
+
+
+def _old_analysis_counts(X) -> sp.csr_matrix:
+    """``classify/analyze/data.py:_analysis_view``'s hand-written CP10k + log1p."""
+    counts = sp.csr_matrix(X, dtype=np.float32)
+    lib = np.asarray(counts.sum(axis=1)).ravel()
+    scale = np.divide(1e4, lib, out=np.zeros_like(lib), where=lib > 0)
+    norm = sp.diags(scale.astype(np.float32)) @ counts
+    norm.data = np.log1p(norm.data)
+    return sp.csr_matrix(norm, dtype=np.float32)
+
+
+def _counts(n: int = 200, g: int = 300, seed: int = 0) -> sp.csr_matrix:
+    rng = np.random.default_rng(seed)
+    X = sp.random(n, g, density=0.15, random_state=seed, format="csr", dtype=np.float32)
+    X.data = rng.poisson(3, X.nnz).astype(np.float32) + 1
+    return X
+
+
+def test_analysis_view_cp10k_log1p_is_scanpys() -> None:
+    from scdrugmap.classify.analyze.data import _analysis_view
+
+    X = _counts()
+    a = _analysis_view(ad.AnnData(X=X.copy()), "counts")
+    old = _old_analysis_counts(X)
+    assert a.X.dtype == np.float32
+    assert sp.issparse(a.X)
+    np.testing.assert_array_equal(a.layers["counts"].toarray(), X.toarray())
+    np.testing.assert_allclose(a.X.toarray(), old.toarray(), rtol=2e-7, atol=0)  # float32: ≤ 1 ulp apart
+    assert a.X.nnz == old.nnz
+
+
+def _old_expression_pcs(X, n_comps: int = 30) -> np.ndarray:
+    import scanpy as sc
+
+    data = X.data if sp.issparse(X) else np.asarray(X)
+    a = ad.AnnData(X=X.astype(np.float32) if sp.issparse(X) else np.asarray(X, dtype=np.float32))
+    if data.size and np.nanmin(data) >= 0 and np.allclose(data, np.round(data)):
+        sc.pp.normalize_total(a, target_sum=1e4)
+        sc.pp.log1p(a)
+    k = max(1, min(n_comps, min(a.shape) - 1))
+    sc.pp.pca(a, n_comps=k, random_state=0)
+    return a.obsm["X_pca"].astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", ["sparse counts", "dense counts", "lognorm"])
+def test_service_projection_unchanged(kind: str) -> None:
+    from scdrugmap.classify.projection import expression_pcs
+
+    X = _counts()
+    X = X.toarray() if kind == "dense counts" else X
+    X = X.log1p() if kind == "lognorm" else X
+    np.testing.assert_array_equal(expression_pcs(X), _old_expression_pcs(X))
+
+
+@pytest.mark.parametrize("x_kind", ["counts", "scaled"])
+def test_pseudotime_embedding_unchanged(x_kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import scanpy as sc
+
+    from scdrugmap.classify.analyze.data import _analysis_view
+    from scdrugmap.classify.analyze.pseudotime import PseudotimeSpec, _embed
+
+    spec = PseudotimeSpec(n_top_genes=100, n_pcs=10, n_dcs=5)
+    X = _counts(n=120, g=300, seed=2)
+    if x_kind == "scaled":
+        X = (X.toarray() - X.toarray().mean(axis=0)) / (X.toarray().std(axis=0) + 1)
+    new = _analysis_view(ad.AnnData(X=X.copy()), x_kind)
+    old = new.copy()
+    # the steps after the PCA are unchanged (and their numba compilation takes 15 s): recorded only
+    calls: list[tuple] = []
+    monkeypatch.setattr(sc.pp, "neighbors", lambda a, **kw: calls.append(("neighbors", kw)))
+    monkeypatch.setattr(sc.tl, "diffmap", lambda a, **kw: calls.append(("diffmap", kw)))
+    _embed(new, spec)
+    assert calls == [
+        ("neighbors", {"n_neighbors": spec.n_neighbors, "n_pcs": spec.n_pcs, "random_state": spec.seed}),
+        ("diffmap", {"n_comps": spec.n_dcs + 1}),
+    ]
+    # the pipeline as pseudotime.py wrote it before projection.pca_pipeline
+    if x_kind == "counts":
+        old.uns["log1p"] = {"base": None}
+        sc.pp.highly_variable_genes(old, n_top_genes=spec.n_top_genes, flavor="seurat", subset=True)
+    if x_kind != "scaled":
+        sc.pp.scale(old, max_value=10)
+    sc.pp.pca(old, n_comps=spec.n_pcs, random_state=spec.seed)
+    assert new.n_vars == (100 if x_kind == "counts" else 300)
+    np.testing.assert_array_equal(new.X, old.X)
+    np.testing.assert_array_equal(new.obsm["X_pca"], old.obsm["X_pca"])

@@ -4,7 +4,8 @@ The store's copy of a dataset (``Store.dataset_file``) has obs ``cell_uid``, ``l
 ``sample_id`` and var ``symbol``/``ensembl_id``; ``uns['scdrugmap']['x_kind']`` says what X holds.
 :func:`load_expression` returns it with gene symbols as var names and an ``analysis`` view of X:
 
-- ``counts``: library-size normalised to 10,000 per cell and ``log1p`` (natural log); raw counts
+- ``counts``: library-size normalised to 10,000 per cell and ``log1p`` (natural log; scanpy's
+  ``normalize_total`` + ``log1p`` through :func:`embedder.baselines.normalise_log`); raw counts
   are kept in ``layers['counts']`` for pseudobulk tests;
 - ``lognorm``: X as it is (assumed ``log1p`` of normalised counts);
 - ``scaled``: X as it is (z-scores) — never log-transformed or normalised again.
@@ -38,7 +39,6 @@ __all__ = [
 ]
 
 XKind = Literal["counts", "lognorm", "scaled"]
-TARGET_SUM = 1e4
 
 
 @dataclass(frozen=True)
@@ -196,13 +196,11 @@ def load_expression(
 def _analysis_view(adata: ad.AnnData, x_kind: str) -> ad.AnnData:
     X = adata.X
     if x_kind == "counts":
+        from scdrugmap.embedder.baselines import normalise_log  # scanpy normalize_total(1e4) + log1p
+
         counts = sp.csr_matrix(X, dtype=np.float32)
-        lib = np.asarray(counts.sum(axis=1)).ravel()
-        scale = np.divide(TARGET_SUM, lib, out=np.zeros_like(lib), where=lib > 0)
-        norm = sp.diags(scale.astype(np.float32)) @ counts
-        norm.data = np.log1p(norm.data)
         adata.layers["counts"] = counts
-        adata.X = sp.csr_matrix(norm, dtype=np.float32)
+        adata.X = normalise_log(counts, "counts")
     elif x_kind == "scaled":
         adata.X = np.asarray(X.toarray() if sp.issparse(X) else X, dtype=np.float32)
     else:

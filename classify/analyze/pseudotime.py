@@ -61,14 +61,13 @@ class PseudotimeOutcome:
 def _embed(adata, spec: PseudotimeSpec) -> None:
     import scanpy as sc
 
-    kind = adata.uns["x_kind"]
-    if kind in ("counts", "lognorm") and adata.n_vars > spec.n_top_genes:
-        adata.uns["log1p"] = {"base": None}
-        sc.pp.highly_variable_genes(adata, n_top_genes=spec.n_top_genes, flavor="seurat", subset=True)
-    if kind != "scaled":
-        sc.pp.scale(adata, max_value=10)
-    n_pcs = int(min(spec.n_pcs, adata.n_obs - 1, adata.n_vars - 1))
-    sc.pp.pca(adata, n_comps=n_pcs, random_state=spec.seed)
+    from scdrugmap.classify.projection import pca_pipeline
+
+    kind = adata.uns["x_kind"]  # X is already the analysis view (log1p CP10k for counts)
+    n_pcs = pca_pipeline(
+        adata, n_comps=spec.n_pcs, seed=spec.seed,
+        n_top_genes=spec.n_top_genes if kind in ("counts", "lognorm") else None, scale=kind != "scaled",
+    )  # fmt: skip
     sc.pp.neighbors(adata, n_neighbors=int(min(spec.n_neighbors, adata.n_obs - 1)), n_pcs=n_pcs,
                     random_state=spec.seed)  # fmt: skip
     sc.tl.diffmap(adata, n_comps=int(min(spec.n_dcs + 1, adata.n_obs - 2)))
