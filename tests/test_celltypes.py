@@ -18,7 +18,7 @@ from scdrugmap.classify.analyze.celltypes import UNASSIGNED, annotate, load_mark
 from scdrugmap.cli import main
 from scdrugmap.store import Store
 
-DATASETS = ("SIM01", "SIM02", "SIM03")
+DATASETS = ("SIM01", "SIM03")
 
 
 def _run(args: list[str]):
@@ -82,7 +82,7 @@ def test_proportions_table_counts_labels_per_type(typed: tuple[Path, Path]) -> N
     store, _ = typed
     out = _ok(["--store", str(store), "analyze", "celltypes", "proportions", "--dataset", "SIM01"])
     assert "share_of_resistant" in out
-    assert "SIM02" not in out
+    assert "SIM03" not in out
     st = Store.open(store)
     from scdrugmap.classify.analyze.celltypes import cell_type_proportions
 
@@ -175,20 +175,7 @@ def test_bundled_markers_are_unique_and_cited() -> None:
 def test_evaluate_by_cell_type(typed: tuple[Path, Path]) -> None:
     store, _ = typed
     base = ["--store", str(store)]
-    _ok(
-        [
-            *base,
-            "analyze",
-            "celltypes",
-            "annotate",
-            "--dataset",
-            "SIM01",
-            "--dataset",
-            "SIM02",
-            "--dataset",
-            "SIM03",
-        ]
-    )
+    _ok([*base, "analyze", "celltypes", "annotate", "--dataset", "SIM01", "--dataset", "SIM03"])
     _ok([*base, "embed", "--model", "pca", "--no-progress"])
     out = _ok([*base, "evaluate", "--model", "pca", "--head", "logreg", "--protocol", "pooled", "--category",
                "tissue", "--value", "Cell line", "--k", "3", "--by-cell-type", "markers"])  # fmt: skip
