@@ -22,7 +22,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("scdrugmap.classify.service.commands:serve", "Serve the store over HTTP: JSON API (/docs), per-cell predictions and the web page (/)."),
     "report": ("scdrugmap.classify.report:report", "Write the benchmark figures (PNG + SVG) and an offline index.html into --out."),
     "finetune": ("scdrugmap.classify.finetune_commands:finetune_command", "LoRA-fine-tune a foundation model with the MLP head on the persisted folds."),
-    "analyze": ("scdrugmap.classify.analyze.commands:analyze", "Biology views: DE, enrichment, biomarkers, embedding separation, pseudotime, genes, Harmony, confidence."),
+    "analyze": ("scdrugmap.classify.analyze.commands:analyze", "Biology views: DE, enrichment, biomarkers, separation, pseudotime, genes, Harmony, confidence, cell types, CCC."),
     "genesets": ("scdrugmap.classify.analyze.commands:genesets", "Gene-set files (GMT) for `analyze enrich`."),
     "prompt": ("scdrugmap.classify.prompting.commands:prompt", "Zero-shot sensitive/resistant calls from a chat model over an OpenAI-compatible API."),
     "evaluate": ("scdrugmap.classify.presets:evaluate", "Train a head on frozen embeddings and evaluate it (pooled CV, leave-one-study-out or external)."),

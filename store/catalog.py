@@ -191,6 +191,9 @@ TABLES = (
     "metrics",
     "predictions",
     "releases",
+    "cell_types",
+    "ccc_runs",
+    "ccc_results",
 )
 
 

@@ -62,7 +62,7 @@ def _apply(options):
 
 @click.group(context_settings=CONTEXT)
 def analyze() -> None:
-    """Biology views: DE, enrichment, biomarkers, embedding separation, pseudotime, genes, Harmony, confidence."""
+    """Biology views: DE, enrichment, biomarkers, separation, pseudotime, genes, Harmony, confidence, cell types, CCC."""
 
 
 analyze.add_command(ccc)
