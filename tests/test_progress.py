@@ -148,3 +148,78 @@ def test_ingest_manifest_counts_datasets(demo: Path, tmp_path: Path) -> None:
     assert "ingest: 1/3 steps (33%) – reading SIM02" in res.stderr
     assert "ingest: 3/3 steps (100%) in" in res.stderr
     assert "ingest:" not in res.stdout
+
+
+# ---- the web page's jobs -------------------------------------------------------------------------
+def test_job_status_reports_the_running_fraction() -> None:
+    from scdrugmap.classify.service.jobs import JobManager
+
+    jobs = JobManager(workers=1)
+    halfway, go_on = threading.Event(), threading.Event()
+
+    def work(job) -> None:
+        with prog.progress("prediction job", 4, unit="steps") as bar:
+            bar.update(stage="scoring")
+            for i in prog.track(range(2), "cells", unit="batches"):
+                if i == 1:
+                    halfway.set()
+                    assert go_on.wait(30)
+
+    try:
+        job = jobs.create("run-x", "cells.h5ad")
+        future = jobs.start(job, work)
+        assert halfway.wait(30)
+        running = job.to_dict()
+        assert running["status"] == "running"
+        assert running["progress"] == pytest.approx((1 + 1 / 2) / 4)  # step 1 done, 1 of 2 batches
+        assert running["progress_detail"] == "prediction job 1/4 steps: scoring › cells 1/2 batches"
+        go_on.set()
+        future.result(timeout=30)
+        done = job.to_dict()
+        assert (done["status"], done["progress"], done["progress_detail"]) == ("done", 1.0, "done")
+    finally:
+        go_on.set()
+        jobs.close()
+
+
+def test_prediction_job_records_its_steps(
+    demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fastapi.testclient import TestClient
+    from test_service import pooled_run, upload_file
+
+    from scdrugmap.classify.service import create_app
+    from scdrugmap.classify.service.jobs import Job
+
+    seen: list[tuple[float, str]] = []
+    record = Job.record
+
+    def spy(self: Job, fraction: float, detail: str) -> None:
+        seen.append((fraction, detail))
+        record(self, fraction, detail)
+
+    monkeypatch.setattr(Job, "record", spy)
+    cells = upload_file(demo, tmp_path / "cells.h5ad", n_cells=100, seed=3)
+    with TestClient(create_app(demo, max_upload_mb=4)) as client, open(cells, "rb") as fh:
+        r = client.post(
+            "/predict", files={"file": ("cells.h5ad", fh)}, data={"head": pooled_run(demo), "wait": "0"}
+        )
+        assert r.status_code in (200, 202), r.text
+        job = r.json()["job_id"]
+        for _ in range(600):
+            status = client.get(f"/jobs/{job}").json()
+            assert 0.0 <= status["progress"] <= 1.0
+            if status["status"] in ("done", "failed"):
+                break
+            time.sleep(0.1)
+    assert status["status"] == "done", status
+    assert status["progress"] == 1.0
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions)  # the page's bar never goes back
+    details = " | ".join(d for _, d in seen)
+    assert (
+        "prediction job 1/3 steps: QC, embedding and scoring › predict 2/5 steps: embedding and scoring"
+        in details
+    )
+    assert "› predict: cells 1/1 batches" in details
+    assert seen[-1] == (1.0, "prediction job: done")
