@@ -34,7 +34,7 @@ def build(ctx: click.Context, category: str, value: str, model: str, revision: s
     from scdrugmap.classify.analyze.releases import build_release
 
     spec = HarmonySpec.from_options(parse_kv(harmony_options, "--harmony"))
-    st = open_store(ctx, write=True)
+    st = open_store(ctx)  # build_release takes the writer lock only when it writes
     rel = build_release(
         st, category, value, model=model, revision=revision, batch_key=batch_key, harmony=spec
     )

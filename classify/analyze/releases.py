@@ -240,11 +240,12 @@ def build_release(
     h.update(obs.to_csv(lineterminator="\n").encode())
     inputs_hash = h.hexdigest()
     release_id = f"{_slug(category)}-{_slug(value)}-{inputs_hash[:12]}"
+    found = _existing(store, inputs_hash)  # read only: a reused release needs no writer lock
+    if found is not None:
+        return found
     with store.writing():
-        row = store.query("SELECT * FROM releases WHERE inputs_hash = ?", [inputs_hash])
-        if not row.empty:
-            found = _as_release(row.iloc[0], store, reused=True)
-            _check_file(found)
+        found = _existing(store, inputs_hash)  # another process may have built it meanwhile
+        if found is not None:
             return found
         out = correct_embedding(store, model, revision=rev, batch_key=batch_key, name=f"{model}_harmony_release",
                                 datasets=datasets, spec=harmony)  # fmt: skip
@@ -279,6 +280,15 @@ def build_release(
                     p.unlink()
             raise
     return _as_release(release_row(store, release_id), store, reused=False)
+
+
+def _existing(store: Store, inputs_hash: str) -> Release | None:
+    row = store.query("SELECT * FROM releases WHERE inputs_hash = ?", [inputs_hash])
+    if row.empty:
+        return None
+    found = _as_release(row.iloc[0], store, reused=True)
+    _check_file(found)
+    return found
 
 
 def _anndata(obs: pd.DataFrame, obsm: dict[str, np.ndarray], meta: dict):
