@@ -144,6 +144,13 @@ def test_bad_input_is_refused_and_nothing_is_written(typed: tuple[Path, Path], t
     assert int(st.query("SELECT count(*) FROM cell_types").iloc[0, 0]) == before
 
 
+def test_simulate_refuses_too_many_cell_types(tmp_path: Path) -> None:
+    res = _run(["simulate", "--out", str(tmp_path / "sim"), "--n-cells", "400", "--cell-types", "11"])
+    assert res.exit_code != 0
+    assert "cell_types=11" in res.output
+    assert not (tmp_path / "sim" / "manifest.csv").exists()
+
+
 def test_annotate_anndata_threshold_and_skipped_types() -> None:
     """The public function on an AnnData: marker-high cells get their type, flat cells 'unassigned'."""
     rng = np.random.default_rng(0)
