@@ -46,7 +46,7 @@ function proportionBars(container, rows, { width = 560, bar = 26 } = {}) {
 
 /** Heat map of counts per sender (rows) → receiver (columns). */
 function heatMap(container, groups, counts, { cell = 34 } = {}) {
-  const m = { l: 150, r: 10, t: 10, b: 130 };
+  const m = { l: 150, r: 90, t: 10, b: 130 };
   const n = groups.length;
   const width = m.l + m.r + cell * n;
   const height = m.t + m.b + cell * n;
