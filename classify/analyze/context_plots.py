@@ -75,7 +75,7 @@ def ccc_figure(table: pd.DataFrame, *, title: str, larger_is_stronger: bool = Tr
     )
     fig, (ax0, ax1) = plt.subplots(
         1, 2, figsize=(4.0 + 0.5 * len(groups) + 0.45 * max(len(pairs), 2), 2.2 + 0.28 * max(len(lrs), 4)),
-        gridspec_kw={"width_ratios": [max(len(groups), 2), max(len(pairs), 2)]}, layout="constrained",
+        gridspec_kw={"width_ratios": [max(len(groups), 4), max(len(pairs), 3)]}, layout="constrained",
     )  # fmt: skip
     im = ax0.imshow(counts.to_numpy(), cmap="Reds")
     ax0.set_xticks(range(len(groups)), groups, rotation=60, ha="right", fontsize=7)
@@ -83,9 +83,10 @@ def ccc_figure(table: pd.DataFrame, *, title: str, larger_is_stronger: bool = Tr
     ax0.set_xlabel("receiver (target)")
     ax0.set_ylabel("sender (source)")
     for (i, j), v in np.ndenumerate(counts.to_numpy()):
-        ax0.text(j, i, str(v), ha="center", va="center", fontsize=6)
-    ax0.set_title(f"specific interactions (p ≤ {alpha})", fontsize=8)
-    fig.colorbar(im, ax=ax0, shrink=0.6)
+        dark = v > 0.6 * max(counts.to_numpy().max(), 1)
+        ax0.text(j, i, str(v), ha="center", va="center", fontsize=6, color="white" if dark else "black")
+    ax0.set_title(f"specific interactions\n(specificity ≤ {alpha})", fontsize=8)
+    fig.colorbar(im, ax=ax0, shrink=0.4, location="bottom")
     if top.empty:
         ax1.set_axis_off()
         ax1.text(0.5, 0.5, f"no interaction with specificity ≤ {alpha}", ha="center", va="center", fontsize=8)
