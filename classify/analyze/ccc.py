@@ -224,7 +224,7 @@ def _grouped(store: Store, spec: CCCSpec) -> tuple[ad.AnnData, str, str]:
     if adata.uns["x_kind"] == "scaled" or (adata.X.min() < 0):
         X = adata.X.toarray() if sp.issparse(adata.X) else np.asarray(adata.X)
         adata.X = (X - X.min(axis=0, keepdims=True)).astype(np.float32)
-        notes.append("z-scored input shifted per gene to a minimum of 0: p-values unchanged, magnitudes relative, "
+        notes.append("z-scored input shifted per gene to a minimum of 0: CellPhoneDB p-values unchanged, magnitudes and ranks relative, "
                      "expressed fraction = above the gene's minimum")  # fmt: skip
     return adata, types_hash, "; ".join(notes)
 
