@@ -15,9 +15,10 @@ microenvironment interaction can be inferred, and the run's note says so (one ty
 
 Input: the dataset's analysis view (:func:`classify.analyze.data.load_expression`): log1p CP10k of
 counts, or log-normalised values as given. Z-scored input (e.g. SCAD) is shifted per gene to a
-minimum of 0 (``x - min``) because the methods need non-negative expression; permutation p-values
-are unchanged by a per-gene shift, but magnitudes become relative and the expressed-fraction filter
-no longer means "detected" (the run's note says so).
+minimum of 0 (``x - min``) because the methods need non-negative expression; CellPhoneDB's
+permutation p-values of single-gene ligands and receptors are unchanged by a per-gene shift (not
+those of complexes, scored by their lowest subunit), but magnitudes and ranks become relative and
+the expressed-fraction filter no longer means "detected" (the run's note says so).
 
 Each run (:class:`CCCSpec`, hashed with the data's content hash, the cell-type labels used and the
 liana version into ``ccc_id``) is stored in ``ccc_runs``; its interactions in ``ccc_results``
