@@ -333,9 +333,9 @@ class Store:
     def session(self) -> Iterator[Store]:
         """Keep one catalog connection for the block instead of one per query (re-entrant).
 
-        Reads inside the block share one read-only connection; writes take the store lock and a
-        read-write connection that lives while this thread holds the lock
-        (:mod:`store.connections`). Commands that run many queries (``evaluate``, ``embed``) run
+        Reads inside the block share one read-only connection, given up whenever another process
+        holds the store lock (a writer); writes open their own read-write connection for their
+        block, as outside a session (:mod:`store.connections`). Commands that run many queries (``evaluate``, ``embed``) run
         inside a session; the web service does not (its requests are short).
 
         Yields
@@ -356,19 +356,19 @@ class Store:
 
     @contextlib.contextmanager
     def connect(self, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A DuckDB connection to the catalog, closed on exit (kept open inside :meth:`session`).
+        """A DuckDB connection to the catalog, closed on exit.
 
         ``read_only=True`` also disables access to external files, extensions and
-        attachments, so a query cannot write, copy, install or read anything else.
+        attachments, so a query cannot write, copy, install or read anything else. Inside a
+        :meth:`session` read-only connections are kept for the block (and given up while another
+        process writes); read-write ones never outlive their block.
         """
         from scdrugmap.store.connections import state_for
+        from scdrugmap.store.locking import wait_for_writer, writer_active
 
         st = state_for(self.catalog_path)
-        mode = "ro" if read_only else "rw"
-        if st.depth == 0 or (mode == "rw" and (st.writing == 0 or st.in_tx > 0)):
-            # no session, a write outside the store lock, or a transaction nested in another one:
-            # a connection of its own
-            if st.con is not None and st.mode != mode:
+        if st.depth == 0 or not read_only:
+            if st.con is not None and st.uses == 0:
                 st.close()  # DuckDB allows one configuration of a file per process
             con = self._new_connection(read_only=read_only)
             st.opened += 1
@@ -377,11 +377,17 @@ class Store:
             finally:
                 con.close()
             return
-        if st.con is None or st.mode != mode:
-            st.close()
-            st.con, st.mode = self._new_connection(read_only=read_only), mode
+        if st.con is not None and st.uses == 0 and writer_active(self.path):
+            st.close()  # step aside: another process is writing
+        if st.con is None:
+            wait_for_writer(self.path, timeout_s=self.busy_timeout_s)
+            st.con, st.mode = self._new_connection(read_only=True), "ro"
             st.opened += 1
-        yield st.con
+        st.uses += 1
+        try:
+            yield st.con
+        finally:
+            st.uses -= 1
 
     def _new_connection(self, *, read_only: bool) -> duckdb.DuckDBPyConnection:
         if read_only:
@@ -424,7 +430,7 @@ class Store:
         from scdrugmap.store.locking import store_lock
 
         st = state_for(self.catalog_path)
-        if st.writing == 0 and st.con is not None:
+        if st.writing == 0 and st.con is not None and st.uses == 0:
             st.close()  # never hold the file while waiting for the lock another writer holds
         with store_lock(self.path, timeout_s=self.busy_timeout_s, on_acquire=lambda: remove_debris(self)):
             st.writing += 1
@@ -432,25 +438,17 @@ class Store:
                 yield
             finally:
                 st.writing -= 1
-                if st.writing == 0 and st.mode == "rw":
-                    st.close()
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """A write connection inside BEGIN/COMMIT (under the store lock); rolled back on any exception."""
-        from scdrugmap.store.connections import state_for
-
-        st = state_for(self.catalog_path)
         with self.writing(), self.connect() as con:
             con.execute("BEGIN TRANSACTION")
-            st.in_tx += 1
             try:
                 yield con
             except BaseException:
                 con.execute("ROLLBACK")
                 raise
-            finally:
-                st.in_tx -= 1
             con.execute("COMMIT")
 
     def query(self, sql: str, params: list[Any] | None = None) -> pd.DataFrame:

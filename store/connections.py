@@ -4,16 +4,16 @@ DuckDB lets several processes open a database file read-only at once, or one pro
 and refuses two connections of different configurations to one file inside a process. Opening the
 file costs tens of milliseconds (more on a large catalog), which a command running hundreds of
 queries paid for each one (22.5 % of a logreg ``evaluate``). Inside a session the thread keeps one
-connection open and every query and transaction of the block uses it:
+read-only connection open and every read of the block uses it:
 
 - reads use the locked-down read-only connection (:meth:`store.Store.connect` with
   ``read_only=True``), which other processes' readers share;
-- a write takes the store lock first and only then opens the read-write connection. Before waiting
-  for the lock the thread closes its read-only connection, so two sessions that both want to write
-  cannot wait on each other (each would otherwise hold the file while waiting for the lock the
-  other holds). The read-write connection lives as long as this thread holds the store lock (a
-  whole ``embed`` command, or one transaction) and is closed when the lock is released, so readers
-  of other processes get in between writes as before.
+- before each read the thread checks whether another process holds the store lock (a writer,
+  :func:`store.locking.writer_active`); if so it closes its connection and waits for the writer to
+  finish, so a writer never waits for a whole read-only command (``evaluate`` of a long grid);
+- a write takes the store lock, closes the kept connection (DuckDB: one configuration of a file per
+  process) and opens a read-write connection for its block only. ``embed`` records written chunks
+  in batches (one transaction per 16 chunks or 5 s), so other processes read between batches.
 
 Outside a session every operation opens and closes its own connection (the web service's model:
 requests are short and many processes share the store).
@@ -43,9 +43,9 @@ class SessionState:
         Nesting of :meth:`store.Store.session` blocks (0: no session, connections are not kept).
     writing
         Nesting of :meth:`store.Store.writing` blocks (the store lock held by this thread).
-    in_tx
-        Open :meth:`store.Store.transaction` blocks on the kept connection (a nested one gets a
-        connection of its own).
+    uses
+        Open ``with store.connect(read_only=True)`` blocks on the kept connection (it is not
+        closed under them).
     con, mode
         The kept connection and whether it is read-only (``"ro"``) or read-write (``"rw"``).
     opened
@@ -54,7 +54,7 @@ class SessionState:
 
     depth: int = 0
     writing: int = 0
-    in_tx: int = 0
+    uses: int = 0
     con: duckdb.DuckDBPyConnection | None = None
     mode: Mode | None = None
     opened: int = field(default=0)

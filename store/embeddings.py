@@ -284,8 +284,6 @@ def _read_chunk_file(path: str, buf: np.ndarray, *, crc: bool) -> bool:
     checksum does not match, so the caller reads that chunk through zarr instead (which then
     reports a damaged chunk as an error).
     """
-    import google_crc32c
-
     try:
         with open(path, "rb") as fh:
             n = fh.readinto(memoryview(buf).cast("B"))
@@ -295,7 +293,26 @@ def _read_chunk_file(path: str, buf: np.ndarray, *, crc: bool) -> bool:
         return True
     if n != buf.nbytes or len(tail) != (4 if crc else 0):
         return False
-    return not crc or np.uint32(google_crc32c.value(buf.reshape(-1).view(np.uint8))).tobytes() == tail
+    return not crc or np.uint32(_crc32c(memoryview(buf.reshape(-1)).cast("B"))).tobytes() == tail
+
+
+def _crc32c(data: memoryview) -> int:
+    """CRC32C of ``data``: ``fastcrc`` (hardware CRC instructions, ≈ 11 GB/s here) when installed,
+    else ``google_crc32c`` (zarr's own dependency; ≈ 1.5 GB/s here, 70 % of a read's time)."""
+    global _CRC32C
+    if _CRC32C is None:
+        try:
+            from fastcrc import crc32
+
+            _CRC32C = crc32.iscsi
+        except ImportError:  # pragma: no cover - fastcrc is a dependency; kept for other installs
+            import google_crc32c
+
+            _CRC32C = google_crc32c.value
+    return int(_CRC32C(data))
+
+
+_CRC32C = None
 
 
 def resolve_revision(store: Store, model: str, revision: str | None = None) -> str:

@@ -42,6 +42,8 @@ __all__ = [
     "retry_busy",
     "settings",
     "store_lock",
+    "wait_for_writer",
+    "writer_active",
 ]
 
 T = TypeVar("T")
@@ -265,3 +267,51 @@ def _acquire(store_path: Path, timeout_s: float | None, no_wait: bool | None) ->
         os.close(fd)
         raise
     return fd
+
+
+def writer_active(store_path: str | Path) -> bool:
+    """Whether another process holds the store lock (a writer is writing or waiting for the file).
+
+    Readers that keep a connection (:meth:`store.Store.session`) check this before each query and
+    step aside, so a writer never waits for a whole read-only command.
+    """
+    key = str(Path(store_path).resolve())
+    with _guard:
+        if key in _held:  # this process is the writer
+            return False
+    try:
+        fd = os.open(Path(store_path) / LOCK_NAME, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+def wait_for_writer(store_path: str | Path, *, timeout_s: float | None = None) -> None:
+    """Wait (bounded, saying once who) while another process holds the store lock.
+
+    Raises
+    ------
+    StoreBusyError
+        The writer held it for longer than the timeout (or at all, with ``--no-wait``).
+    """
+    default_timeout, no_wait = settings()
+    timeout_s = default_timeout if timeout_s is None else timeout_s
+    deadline = time.monotonic() + timeout_s
+    told = False
+    while writer_active(store_path):
+        if no_wait or time.monotonic() >= deadline:
+            raise _busy(Path(store_path), holder(store_path), timeout_s, no_wait)
+        if not told:
+            _say_waiting(holder(store_path))
+            told = True
+        time.sleep(0.05)

@@ -111,9 +111,19 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _chunk_files(store: Path) -> int:
-    root = store / "embeddings.zarr" / "pca_slow"
-    return sum(1 for p in root.rglob("c/*/*") if p.is_file()) if root.exists() else 0
+def _rows_done(st: Store) -> int:
+    """rows_done of the one revision, read without waiting (0 while the writer holds the file)."""
+    import duckdb
+
+    try:
+        con = duckdb.connect(str(st.catalog_path), read_only=True)
+    except duckdb.IOException:
+        return 0
+    try:
+        row = con.execute("SELECT rows_done FROM embeddings").fetchone()
+    finally:
+        con.close()
+    return int(row[0] or 0) if row else 0
 
 
 def test_kill_9_then_resume_matches_uninterrupted_run(two_datasets: Store, tmp_path: Path) -> None:
@@ -125,8 +135,10 @@ def test_kill_9_then_resume_matches_uninterrupted_run(two_datasets: Store, tmp_p
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.Popen([sys.executable, str(script), str(st.path), "0.4"], env=env)
     deadline = time.time() + 120
-    while _chunk_files(st.path) < 3 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
+    # written chunks are recorded in batches (at the latest at the end of each dataset): wait until
+    # the catalog shows some, then kill
+    while _rows_done(st) == 0 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
     assert proc.poll() is None, "the embedding finished before it could be interrupted"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
