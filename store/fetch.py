@@ -101,6 +101,9 @@ class _Progress:
     """tqdm on a terminal, otherwise a plain line at every quarter and at the end."""
 
     def __init__(self, name: str, total: int | None, done: int, enabled: bool) -> None:
+        from scdrugmap.store import progress
+
+        enabled = enabled and progress.enabled()  # `scdrugmap --quiet` hides it too
         self.name, self.total, self.done, self.enabled = name, total, done, enabled
         self.bar = None
         self.next_mark = 0.25

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
-__all__ = ["Progress", "Sink", "configure", "progress", "report_to", "track"]
+__all__ = ["Progress", "Sink", "configure", "enabled", "progress", "report_to", "track"]
 
 T = TypeVar("T")
 
@@ -55,6 +55,11 @@ def configure(*, enabled: bool) -> None:
     """
     global _ENABLED
     _ENABLED = bool(enabled)
+
+
+def enabled() -> bool:
+    """Whether progress is shown on stderr in this process (``False`` after ``scdrugmap --quiet``)."""
+    return _ENABLED
 
 
 @contextlib.contextmanager

@@ -57,6 +57,17 @@ def test_stage_unknown_total_and_quiet(capsys: pytest.CaptureFixture[str]) -> No
     assert capsys.readouterr().err == ""
 
 
+def test_quiet_also_hides_download_lines(capsys: pytest.CaptureFixture[str]) -> None:
+    from scdrugmap.store.fetch import _Progress
+
+    prog.configure(enabled=False)
+    _Progress("f.tar", 100, 0, True).update(100)
+    assert capsys.readouterr().err == ""
+    prog.configure(enabled=True)
+    _Progress("f.tar", 100, 0, True).update(100)
+    assert "f.tar: 100% of 100 bytes" in capsys.readouterr().err
+
+
 def test_callback_gets_the_nested_fraction(capsys: pytest.CaptureFixture[str]) -> None:
     seen: list[tuple[float, str]] = []
     with prog.report_to(lambda f, t: seen.append((f, t))):
