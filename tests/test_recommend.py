@@ -125,23 +125,28 @@ def test_thin_evidence_options_and_bad_input(store: Store) -> None:
 
 @pytest.mark.slow
 def test_demo_recommendation_through_the_cli(tmp_path: Path) -> None:
-    """simulate → ingest → embed pca and hvg → evaluate (logreg, mlp; pooled, cross; 3 seeds) → recommend."""
+    """simulate → ingest → embed pca and hvg → evaluate (logreg pooled + cross-data, a short mlp pooled;
+    3 seeds) → recommend, all through the CLI."""
     sim, st = tmp_path / "sim", tmp_path / "store"
-    _ok(tmp_path / "unused", "simulate", "--out", str(sim), "--n-cells", "900", "--n-genes", "1000")
-    _ok(st, "ingest", "--manifest", str(sim / "manifest.csv"))
+    _ok(tmp_path / "unused", "simulate", "--out", str(sim), "--n-cells", "600", "--n-genes", "1000")
+    _ok(st, "-q", "ingest", "--manifest", str(sim / "manifest.csv"))
     for model in ("pca", "hvg"):
-        _ok(st, "embed", "--model", model)
-    _ok(st, "evaluate", "--model", "pca,hvg", "--head", "logreg,mlp", "--protocol", "pooled,cross",
-        "--category", "tissue", "--k", "3", "--seeds", "0,1,2")  # fmt: skip
+        _ok(st, "-q", "embed", "--model", model)
+    common = ("--model", "pca,hvg", "--category", "tissue", "--k", "3", "--seeds", "0,1,2")
+    _ok(st, "-q", "evaluate", *common, "--head", "logreg", "--protocol", "pooled,cross")
+    _ok(st, "-q", "evaluate", *common, "--head", "mlp", "--protocol", "pooled",
+        "--param", "min_steps=60", "--param", "max_epochs=20")  # fmt: skip
     out = _ok(st, "recommend", "--category", "tissue", "--candidates")
     rec = recommend(Store.open(st), category="tissue")
     tissues = set(Store.open(st).datasets()["tissue"])
     assert set(rec["value"]) == tissues
     assert set(rec["scenario"]) == {"pooled", "cross-data"}
-    assert (rec["n_candidates"] == 4).all()
+    assert (rec.loc[rec["scenario"] == "pooled", "n_candidates"] == 4).all()
+    assert (rec.loc[rec["scenario"] == "cross-data", "n_candidates"] == 2).all()
     for _, r in rec.iterrows():
         assert r["value"] in out
         assert r["best"].split("/")[0] in ("pca", "hvg")
+        assert r["n_seeds"] == 3
         assert (r["recommendation"] == NOT_ENOUGH) == bool(r["reason"])
         if r["recommendation"] != NOT_ENOUGH:
             assert r["ci_low"] > max(r["baseline"], r["next_ci_high"])
