@@ -256,6 +256,10 @@ def build_release(
         spec["corrected_revision"] = out.revision
         adata = _anndata(obs, {f"X_{model}": X, f"X_{model}_harmony": Z.astype(np.float32)},
                          {"release_id": release_id, "inputs_hash": inputs_hash, "spec": spec, "versions": vers})  # fmt: skip
+        taken = store.query("SELECT inputs_hash FROM releases WHERE release_id = ?", [release_id])
+        if not taken.empty:  # a 48-bit prefix collision: never touch the other release
+            msg = f"release id {release_id} is taken by other inputs ({taken['inputs_hash'].iloc[0][:16]}…)"
+            raise StoreError(msg)
         rel_path = Path("releases") / f"{release_id}.h5ad"
         final = store.path / rel_path
         final.parent.mkdir(exist_ok=True)
