@@ -29,7 +29,8 @@ def _load(model: str, tmp_path: Path):
         adata.uns["scdrugmap"] = {"x_kind": "counts"}
         ckpt = write_tiny_checkpoint(tmp_path / "llm", list(adata.var_names))
         return load_embedder("llm", ckpt, device="cpu", top_k=32), adata
-    adata = fixture_adata(model)[:6].copy()
+    # scBERT's sequence is every one of its 16,907 genes: 2 cells keep its backward pass near 1 GB (6 took 3.6 GB)
+    adata = fixture_adata(model)[: 2 if model == "scbert" else 6].copy()
     tiny = model_fixture(model) / "tiny"
     if model == "scfoundation":
         from scdrugmap.embedder.scfoundation import PANEL
@@ -46,7 +47,12 @@ def _load(model: str, tmp_path: Path):
     return load_embedder(model, tiny, device="cpu"), adata
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize(
+    # scBERT's backward pass over all 16,907 genes peaks at ~1.6 GB above the test process (2 cells): slow, run by
+    # .ci/run, so that the default run stays under 2 GiB
+    "model",
+    [pytest.param(m, marks=pytest.mark.slow) if m == "scbert" else m for m in MODELS],
+)
 def test_every_lora_matrix_gets_a_gradient_and_moves(model: str, tmp_path: Path) -> None:
     emb, adata = _load(model, tmp_path)
     spec = LoraSpec().resolved(emb)
