@@ -33,7 +33,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("scdrugmap.store.commands:doctor", "Check catalog ↔ dataset files ↔ Zarr arrays; report (exit 1 if anything is left unrepaired)."),
     "coverage": ("scdrugmap.store.coverage:coverage_command", "Gene coverage per dataset and model revision, by how genes matched the vocabulary."),
     "collection": ("scdrugmap.store.collection_commands:collection", "scDrugMap's 60 datasets: list them, fetch open files, prepare labelled h5ad + an ingest manifest."),
-    "recommend": ("scdrugmap.classify.recommend:recommend_command", "Recommend a model/head per category value and scenario from the stored runs, with the evidence."),
+    "recommend": ("scdrugmap.classify.recommend_commands:recommend_command", "Recommend a model/head per category value and scenario from the stored runs, with the evidence."),
     "release": ("scdrugmap.classify.analyze.release_commands:release", "Integrated releases: a category value's datasets merged, Harmony-corrected, one immutable h5ad."),
     "weights": ("scdrugmap.embedder.weights_commands:weights", "Released checkpoints of the foundation models: where they live, fetched into the adapters' layout."),
 }  # fmt: skip
