@@ -29,8 +29,9 @@ def _load(model: str, tmp_path: Path):
         adata.uns["scdrugmap"] = {"x_kind": "counts"}
         ckpt = write_tiny_checkpoint(tmp_path / "llm", list(adata.var_names))
         return load_embedder("llm", ckpt, device="cpu", top_k=32), adata
-    # scBERT's sequence is every one of its 16,907 genes: 2 cells keep its backward pass near 1 GB (6 took 3.6 GB)
-    adata = fixture_adata(model)[: 2 if model == "scbert" else 6].copy()
+    # scBERT's sequence is every one of its 16,907 genes and UCE's 1,536 tokens per cell: 2 cells keep their
+    # backward passes small (scBERT alone 4.4 → 2.4 GB RSS, UCE + tGPT 1.5 → 1.0 GB); the check needs no more
+    adata = fixture_adata(model)[: 2 if model in ("scbert", "uce") else 6].copy()
     tiny = model_fixture(model) / "tiny"
     if model == "scfoundation":
         from scdrugmap.embedder.scfoundation import PANEL
