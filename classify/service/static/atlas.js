@@ -37,17 +37,24 @@ export function initAtlas({ onError }) {
     renderTable($("rec-table"), [
       { key: "category" }, { key: "value" }, { key: "scenario" },
       { key: "recommendation", render: (r) => {
+        const span = document.createElement("span");
         const b = document.createElement("b");
         b.textContent = r.recommendation;
         b.className = r.reason ? "muted" : "";
-        return b;
+        span.appendChild(b);
+        if (r.reason) { // why not, under the verdict
+          const why = document.createElement("div");
+          why.className = "muted rec-reason";
+          why.textContent = r.reason;
+          span.appendChild(why);
+        }
+        return span;
       } },
       { key: "best", label: `best: ${name} [95% CI]`, render: (r) => `${r.best} ${ci(r.mean, r.ci_low, r.ci_high)}` },
       { key: "n_seeds", label: "seeds" }, { key: "n_runs", label: "runs" },
       { key: "over_baseline", label: "vs baseline", render: (r) => signed(r.over_baseline) },
       { key: "next", render: (r) => (r.next ? `${r.next} ${ci(r.next_mean, r.next_ci_low, r.next_ci_high)}` : "—") },
       { key: "over_next", label: "vs next", render: (r) => signed(r.over_next) },
-      { key: "reason", label: "why not" },
     ], res.items);
     $("rec-info").textContent = res.items.length ? `${res.items.length} category value × scenario groups; `
       + `recommended only with ≥ ${res.min_seeds} seeds, an interval above the baseline and apart from the next model's`
