@@ -170,11 +170,11 @@ def embed_pc9(store, model: str, checkpoint: Path, *, options: dict | None = Non
     return res, cov
 
 
-def check_pc9_two_samples(store, model: str):
+def check_pc9_two_samples(store, model: str, *, options: dict | None = None):
     """The tiny checkpoint embeds every ingested cell finitely; coverage fractions in (0, 1]."""
     from scdrugmap.store.embeddings import open_embeddings
 
-    res, cov = embed_pc9(store, model, model_fixture(model) / "tiny")
+    res, cov = embed_pc9(store, model, model_fixture(model) / "tiny", options=options)
     assert 0 < cov["frac_genes"].iloc[0] <= 1
     assert 0 < cov["frac_counts"].iloc[0] <= 1
     uids = store.query("SELECT cell_uid FROM cells WHERE dataset_id = 'pc9'")["cell_uid"].to_numpy()

@@ -21,7 +21,7 @@ MODELS = {
     "scgpt": [],
     "uce": ["--option", "nhead=4"],
     "cellplm": [],
-    "scbert": [],
+    "scbert": ["--option", "batch_size=4"],  # every cell is 16,907 tokens: batches of 32 took 3.6 GB
     "celllm": [],
 }
 
