@@ -244,7 +244,9 @@ class Embedder(ABC):
             return {"gene_matching": self.gene_matching, **match.summary(adata.X)}
         mask = np.asarray(self.in_vocabulary(adata.var), dtype=bool)
         frac_genes = float(mask.mean()) if mask.size else 0.0
-        col = np.asarray(abs(adata.X).sum(axis=0)).ravel()
+        from scdrugmap.embedder.reading import abs_column_sums
+
+        col = abs_column_sums(adata.X)
         total = float(col.sum())
         frac_counts = float(col[mask].sum() / total) if total > 0 else 0.0
         return {"genes": frac_genes, "counts": frac_counts}

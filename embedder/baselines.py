@@ -63,6 +63,39 @@ def normalise_log(X, x_kind: str) -> sp.csr_matrix | np.ndarray:
     return sp.csr_matrix(tmp.X, dtype=np.float32)
 
 
+def _stack_csr(blocks: list[sp.csr_matrix], *, n_cols: int) -> sp.csr_matrix:
+    """Stack CSR blocks row-wise like ``scipy.sparse.vstack``, emptying ``blocks`` as it goes, so the
+    stacked matrix and the blocks are never both whole in memory.
+
+    Parameters
+    ----------
+    blocks
+        float32 CSR matrices with ``n_cols`` columns each (the list is emptied).
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix
+        float32 ``(sum of rows, n_cols)``, equal to ``sp.vstack(blocks, format="csr")``.
+    """
+    n_rows = sum(b.shape[0] for b in blocks)
+    nnz = sum(b.nnz for b in blocks)
+    idx_dtype = np.int64 if max(nnz, n_cols) > np.iinfo(np.int32).max else np.int32
+    data = np.empty(nnz, dtype=np.float32)
+    indices = np.empty(nnz, dtype=idx_dtype)
+    indptr = np.zeros(n_rows + 1, dtype=np.int64 if idx_dtype is np.int64 else np.int32)
+    row = pos = 0
+    blocks.reverse()
+    while blocks:
+        b = blocks.pop()
+        b.sort_indices()
+        data[pos : pos + b.nnz] = b.data
+        indices[pos : pos + b.nnz] = b.indices
+        indptr[row + 1 : row + b.shape[0] + 1] = b.indptr[1:] + pos
+        row, pos = row + b.shape[0], pos + b.nnz
+        del b
+    return sp.csr_matrix((data, indices, indptr), shape=(n_rows, n_cols))
+
+
 def _x_kind(adata: AnnData) -> str:
     return str(adata.uns.get("scdrugmap", {}).get("x_kind", "counts"))
 
@@ -120,7 +153,9 @@ class _HVGBase(Embedder):
             return super().coverage(adata)
         ens = pd.Index(adata.var["ensembl_id"].astype(str))
         on = ens.isin(self.genes)
-        col = np.asarray(abs(adata.X).sum(axis=0)).ravel()
+        from scdrugmap.embedder.reading import abs_column_sums
+
+        col = abs_column_sums(adata.X)
         total = float(col.sum())
         return {
             "genes": float(pd.Index(self.genes).isin(ens).mean()),
@@ -189,7 +224,7 @@ class _HVGBase(Embedder):
             sub = a[rows].to_memory() if a.isbacked else a[rows]  # one dataset's rows in memory at a time
             blocks.append(self._on_genes(sub, genes)[0])
             del sub
-        X = sp.vstack(blocks, format="csr", dtype=np.float32)
+        X = _stack_csr(blocks, n_cols=genes.size)  # frees each block as it is copied: peak 1× not 2×
         n_top = min(self.n_top_genes, genes.size)
         if n_top < genes.size:
             hv = sc.pp.highly_variable_genes(AnnData(X=X), n_top_genes=n_top, flavor="seurat", inplace=False)

@@ -143,18 +143,16 @@ def _worker_embedder(job: EmbedJob):
 
 
 def _worker_dataset(job: EmbedJob, dataset_id: str):
-    import anndata as ad
-
+    from scdrugmap.embedder.reading import read_dataset
     from scdrugmap.store.catalog import Store
 
     cache: dict[str, Any] = _WORKER["datasets"]
     if dataset_id not in cache:
-        path = Store(job.store_path).dataset_file(dataset_id)
-        if not path.exists():
-            msg = f"the store's copy of dataset {dataset_id!r} is missing ({path}); re-ingest it into a new store"
-            raise StoreError(msg)
+        for old, _ in cache.values():
+            old.file.close()
         cache.clear()  # one dataset at a time: shards come in chunk (≈ dataset) order
-        adata = ad.read_h5ad(path)
+        # backed: a worker holds only the rows of the shard it embeds (embedder.reading)
+        adata = read_dataset(Store(job.store_path).dataset_file(dataset_id), dataset_id, backed=True)
         cache[dataset_id] = (adata, pd.Series(np.arange(adata.n_obs), index=adata.obs["cell_uid"].to_numpy()))
     return cache[dataset_id]
 
@@ -172,6 +170,7 @@ def embed_shard(job: EmbedJob, shard: Shard) -> np.ndarray:
     StoreError
         A missing dataset copy or array, or an embedder returning the wrong shape.
     """
+    from scdrugmap.embedder.reading import rows_in_memory
     from scdrugmap.store.catalog import Store
     from scdrugmap.store.embeddings import open_array, write_rows
 
@@ -179,7 +178,7 @@ def embed_shard(job: EmbedJob, shard: Shard) -> np.ndarray:
     uids, values = [], []
     for dataset_id, part in shard.parts:
         adata, row_of = _worker_dataset(job, dataset_id)
-        out = np.asarray(emb.embed(adata[row_of.loc[part].to_numpy()]), dtype=np.float32)
+        out = np.asarray(emb.embed(rows_in_memory(adata, row_of.loc[part].to_numpy())), dtype=np.float32)
         if out.shape != (part.size, emb.dim):
             msg = f"{emb.name} returned shape {out.shape}, expected {(part.size, emb.dim)}"
             raise StoreError(msg)

@@ -26,6 +26,7 @@ import pandas as pd
 
 from scdrugmap.embedder.base import Embedder, load_embedder
 from scdrugmap.embedder.executor import EmbedJob, Executor, plan_shards
+from scdrugmap.embedder.reading import read_dataset, rows_in_memory
 from scdrugmap.store.catalog import Store
 from scdrugmap.store.embed_records import mark_done, record_coverage, refresh_counts
 from scdrugmap.store.embeddings import ensure_array, iter_chunks, write_rows
@@ -74,11 +75,7 @@ def select_datasets(
 
 
 def _read_dataset(store: Store, dataset_id: str, *, backed: bool = False) -> ad.AnnData:
-    path = store.dataset_file(dataset_id)
-    if not path.exists():
-        msg = f"the store's copy of dataset {dataset_id!r} is missing ({path}); re-ingest it into a new store"
-        raise StoreError(msg)
-    return ad.read_h5ad(path, backed="r") if backed else ad.read_h5ad(path)
+    return read_dataset(store.dataset_file(dataset_id), dataset_id, backed=backed)
 
 
 def _fit_state(store: Store, emb: Embedder, revision: str, selection: pd.DataFrame) -> None:
@@ -223,7 +220,11 @@ def embed_datasets(
     )
     if scatter:
         for dataset_id in pending_all["dataset_id"].unique():
-            _record_coverage(store, emb, revision, str(dataset_id), _read_dataset(store, str(dataset_id)))
+            adata = _read_dataset(store, str(dataset_id), backed=True)
+            try:
+                _record_coverage(store, emb, revision, str(dataset_id), adata)
+            finally:
+                adata.file.close()
         job = EmbedJob(str(store.path.resolve()), model, str(checkpoint) if checkpoint else None,
                        dict(options or {}), revision, threads=int(threads))  # fmt: skip
         n_now = _run_scattered(store, executor, job, plan_shards(pending_all, arr.chunks[0]), revision, bar)
@@ -281,18 +282,22 @@ def _run_serial(store: Store, emb: Embedder, arr, pending: pd.DataFrame, revisio
 
     try:
         for dataset_id, part in pending.groupby("dataset_id", sort=True):
-            adata = _read_dataset(store, str(dataset_id))
+            across = getattr(emb, "attends_across_cells", False)
+            # backed unless the model embeds the whole dataset at once: only a chunk's rows in memory
+            adata = _read_dataset(store, str(dataset_id), backed=not across)
             _record_coverage(store, emb, revision, str(dataset_id), adata)
             row_of = pd.Series(np.arange(adata.n_obs), index=adata.obs["cell_uid"].to_numpy())
             whole = None
-            if getattr(emb, "attends_across_cells", False):
+            if across:
                 # cells attend to each other (CellPLM): embed the whole dataset in cell_uid order so the
                 # batches follow the model's recorded rule whatever was done before an interruption
                 whole = np.asarray(emb.embed(adata), dtype=np.float32)
             for _, uids in iter_chunks(part["cell_uid"].to_numpy(), arr.chunks[0]):
                 rows = row_of.loc[uids].to_numpy()
                 values = (
-                    whole[rows] if whole is not None else np.asarray(emb.embed(adata[rows]), dtype=np.float32)
+                    whole[rows]
+                    if whole is not None
+                    else np.asarray(emb.embed(rows_in_memory(adata, rows)), dtype=np.float32)
                 )
                 if values.shape != (uids.size, arr.shape[1]):
                     msg = f"{emb.name} returned shape {values.shape}, expected {(uids.size, arr.shape[1])}"
@@ -304,6 +309,8 @@ def _run_serial(store: Store, emb: Embedder, arr, pending: pd.DataFrame, revisio
                 if len(done) >= 16 or time.monotonic() - last > 5:
                     flush()
                     last = time.monotonic()
+            if adata.isbacked:
+                adata.file.close()
             flush()  # before the next dataset is read: an interruption there loses no recorded chunk
     finally:
         flush()  # what was written is recorded, also when an error propagates

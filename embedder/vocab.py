@@ -93,7 +93,8 @@ class GeneMatch:
         Parameters
         ----------
         X
-            ``(n_cells, n_genes)`` expression (dense or sparse); absolute values are summed.
+            ``(n_cells, n_genes)`` expression (dense, sparse or a backed AnnData's ``X``); absolute
+            values are summed block by block.
 
         Returns
         -------
@@ -101,7 +102,9 @@ class GeneMatch:
             ``n_genes``; ``genes_<route>`` (int) and ``counts_<route>`` (fraction of the summed
             ``|X|``, in [0, 1]) for every route; ``genes``/``counts``: the matched fractions.
         """
-        col = np.asarray(abs(X).sum(axis=0), dtype=np.float64).ravel() if X is not None else None
+        from scdrugmap.embedder.reading import abs_column_sums
+
+        col = abs_column_sums(X) if X is not None else None
         total = float(col.sum()) if col is not None else 0.0
         out: dict[str, Any] = {"n_genes": int(self.index.size)}
         for route in ROUTES:

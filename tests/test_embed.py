@@ -175,3 +175,35 @@ def test_cli_embed_takes_comma_separated_datasets(two_datasets: Store) -> None:
     )
     assert res.exit_code == 1
     assert "unknown dataset id(s) ['nope']" in res.output
+
+
+def test_stacking_the_fit_blocks_equals_vstack() -> None:
+    import scipy.sparse as sp
+
+    from scdrugmap.embedder.baselines import _stack_csr
+
+    rng = np.random.default_rng(0)
+    blocks = [
+        sp.random(n, 7, density=0.3, format="csr", dtype=np.float32, random_state=rng) for n in (5, 0, 9, 1)
+    ]
+    expected = sp.vstack(blocks, format="csr", dtype=np.float32)
+    got = _stack_csr(list(blocks), n_cols=7)
+    assert got.dtype == np.float32
+    assert got.shape == expected.shape
+    np.testing.assert_array_equal(got.toarray(), expected.toarray())
+
+
+def test_column_sums_of_a_backed_dataset_equal_in_memory(two_datasets: Store) -> None:
+    import anndata as ad
+
+    from scdrugmap.embedder.reading import abs_column_sums
+
+    path = sorted(two_datasets.datasets_dir.glob("*.h5ad"))[0]
+    mem = ad.read_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    try:
+        got = abs_column_sums(backed.X, block_rows=17)
+    finally:
+        backed.file.close()
+    np.testing.assert_allclose(got, np.asarray(abs(mem.X).sum(axis=0), dtype=np.float64).ravel(), rtol=1e-6)
+    np.testing.assert_allclose(abs_column_sums(mem.X), got, rtol=1e-12)
