@@ -197,8 +197,9 @@ def read_rows(arr: zarr.Array, uids: np.ndarray) -> np.ndarray:
     if raw is not None:  # uncompressed full-width chunks on a local disk: read the files directly
         bounds = np.flatnonzero(np.r_[True, np.diff(chunk) > 0])
         groups = list(zip(bounds.tolist(), np.r_[bounds[1:], sel.size].tolist(), strict=True))
+        scratch = np.empty((rows, arr.shape[1]), dtype="<f4")  # one buffer for every partial chunk
         for group in groups:  # (threads measured slower: the reads are memory-bound)
-            _read_chunk_rows(arr, str(raw), crc, out, pos, sel, chunk, group)
+            _read_chunk_rows(arr, str(raw), crc, out, pos, sel, chunk, group, rows, scratch)
         return out
     starts = np.flatnonzero(np.r_[True, np.diff(chunk) > 1])  # runs of adjacent needed chunks
     ends = np.r_[starts[1:], sel.size]
@@ -225,15 +226,18 @@ def _read_chunk_rows(
     sel: np.ndarray,
     chunk: np.ndarray,
     group: tuple[int, int],
+    rows: int,
+    scratch: np.ndarray,
 ) -> None:
-    """Rows ``sel[a:b]`` (all in one chunk) into ``out[pos[a:b]]`` from the chunk's raw file."""
+    """Rows ``sel[a:b]`` (all in one chunk of ``rows`` rows) into ``out[pos[a:b]]`` from the chunk's
+    raw file; a chunk only partly needed is read into ``scratch`` (reused: fresh pages cost more
+    than the copy)."""
     a, b = group
-    rows = int(arr.chunks[0])
     c = int(chunk[a])
     n, first, p0 = b - a, int(sel[a]) - c * rows, int(pos[a])
     contiguous = sel[b - 1] - sel[a] == n - 1 and pos[b - 1] - p0 == n - 1
     whole = contiguous and n == rows and first == 0  # the usual case: datasets are contiguous uids
-    target = out[p0 : p0 + n] if whole else np.empty((rows, arr.shape[1]), dtype="<f4")
+    target = out[p0 : p0 + n] if whole else scratch
     if not _read_chunk_file(f"{base}/{c}/0", target, crc=crc):
         block = np.asarray(arr[c * rows : min((c + 1) * rows, arr.shape[0])], dtype=np.float32)
         target[: len(block)] = block
