@@ -11,6 +11,7 @@ recorded; the next run recomputes exactly those rows, so nothing is duplicated o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ from scdrugmap.store.catalog import Store
 from scdrugmap.store.embed_records import mark_done, record_coverage, refresh_counts
 from scdrugmap.store.embeddings import ensure_array, iter_chunks, write_rows
 from scdrugmap.store.errors import InputError, StoreError
+from scdrugmap.store.progress import progress as progress_of
 
 __all__ = ["EmbedResult", "embed_datasets", "restore_embedder", "select_datasets"]
 
@@ -72,6 +74,16 @@ def select_datasets(
         msg = "no datasets with an expression matrix match the selection; see `scdrugmap datasets`"
         raise InputError(msg)
     return df.reset_index(drop=True)
+
+
+class _Silent(contextlib.nullcontext):
+    """No progress (``progress=False``): the runner's loops still call ``update``."""
+
+    def __enter__(self) -> _Silent:
+        return self
+
+    def update(self, n: int = 1) -> None:
+        """Count nothing."""
 
 
 def _read_dataset(store: Store, dataset_id: str, *, backed: bool = False) -> ad.AnnData:
@@ -190,8 +202,6 @@ def embed_datasets(
     CheckpointError
         Bad checkpoint directory.
     """
-    from tqdm.auto import tqdm
-
     selection = select_datasets(store, datasets, where)
     emb = embedder or load_embedder(model, checkpoint, **(options or {}))
     if emb.input_kind == "counts":
@@ -211,26 +221,29 @@ def embed_datasets(
         "AND c.cell_uid NOT IN (SELECT cell_uid FROM embedded_cells WHERE revision = ?) ORDER BY c.cell_uid",
         [selection["dataset_id"].tolist(), revision],
     )
-    bar = tqdm(total=len(pending_all), desc=f"embed {emb.name}", unit="cell", disable=not progress)
     scatter = (
         executor is not None
         and embedder is None
         and not getattr(emb, "attends_across_cells", False)
         and (executor.kind != "local" or executor.workers > 1)
     )
-    if scatter:
-        for dataset_id in pending_all["dataset_id"].unique():
-            adata = _read_dataset(store, str(dataset_id), backed=True)
-            try:
-                _record_coverage(store, emb, revision, str(dataset_id), adata)
-            finally:
-                adata.file.close()
-        job = EmbedJob(str(store.path.resolve()), model, str(checkpoint) if checkpoint else None,
-                       dict(options or {}), revision, threads=int(threads))  # fmt: skip
-        n_now = _run_scattered(store, executor, job, plan_shards(pending_all, arr.chunks[0]), revision, bar)
-    else:
-        n_now = _run_serial(store, emb, arr, pending_all, revision, bar)
-    bar.close()
+    # store.progress: a bar on a terminal, plain lines otherwise, silent with --quiet / progress=False
+    bar_cm = progress_of(f"embed {emb.name}", len(pending_all), unit="cells") if progress else _Silent()
+    with bar_cm as bar:
+        if scatter:
+            for dataset_id in pending_all["dataset_id"].unique():
+                adata = _read_dataset(store, str(dataset_id), backed=True)
+                try:
+                    _record_coverage(store, emb, revision, str(dataset_id), adata)
+                finally:
+                    adata.file.close()
+            job = EmbedJob(str(store.path.resolve()), model, str(checkpoint) if checkpoint else None,
+                           dict(options or {}), revision, threads=int(threads))  # fmt: skip
+            n_now = _run_scattered(
+                store, executor, job, plan_shards(pending_all, arr.chunks[0]), revision, bar
+            )
+        else:
+            n_now = _run_serial(store, emb, arr, pending_all, revision, bar)
     with store.transaction() as con:
         n_sel, n_done = refresh_counts(con, revision)
     report = getattr(emb, "padding_report", None)
