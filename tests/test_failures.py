@@ -256,7 +256,8 @@ def test_sql_ctrl_c_is_one_line(store: Path) -> None:
 
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "scdrugmap.cli", "--store", str(store), "sql", SLOW_QUERY],
+        # a time limit the query cannot reach before the Ctrl-C (the default 60 s was, on a busy machine)
+        [sys.executable, "-m", "scdrugmap.cli", "--store", str(store), "sql", SLOW_QUERY, "--time-limit", "600"],
         cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     catalog = os.path.realpath(store / "catalog.duckdb")

@@ -48,6 +48,7 @@ def collection(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return store, tiny
 
 
+@pytest.mark.slow  # LoRA training of every fold (~1 min on a free machine); .ci/run runs it
 def test_frozen_and_lora_share_folds_and_land_in_the_catalog(collection: tuple[Path, Path]) -> None:
     store, _ = collection
     st = Store.open(store)

@@ -78,6 +78,7 @@ def test_real_ingest_qc_and_gene_mapping(real_store: Path) -> None:
     assert emb["rows_done"] == 120
 
 
+@pytest.mark.slow  # every head on the real cell lines (~1 min on a free machine); .ci/run runs it
 def test_real_evaluate_pooled_and_cross(real_store: Path) -> None:
     base = ["--store", str(real_store)]
     for head in ("logreg", "mlp"):
