@@ -256,9 +256,12 @@ def test_sql_ctrl_c_is_one_line(store: Path) -> None:
 
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.Popen(
-        # a time limit the query cannot reach before the Ctrl-C (the default 60 s was, on a busy machine)
+        # a time limit the query cannot reach before the Ctrl-C
         [sys.executable, "-m", "scdrugmap.cli", "--store", str(store), "sql", SLOW_QUERY, "--time-limit", "600"],
         cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # Ctrl-C as a terminal delivers it: the pytest process may run with SIGINT ignored by then
+        # (inherited across exec, so the CLI would never see it), so the child gets the default back
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     catalog = os.path.realpath(store / "catalog.duckdb")
     deadline = time.monotonic() + 60
@@ -274,6 +277,9 @@ def test_sql_ctrl_c_is_one_line(store: Path) -> None:
                 break
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()  # never leave a 10-minute query behind on failure
     assert proc.returncode == 130, err
     assert err.strip().startswith("Error: interrupted (Ctrl-C); nothing was half-written")
