@@ -60,6 +60,7 @@ def de_all(demo: Store) -> dict:
     return {o.spec.method: o for o in run_de(demo, ids)}
 
 
+@pytest.mark.slow  # cell-level + pseudobulk DE of the demo (~30 s busy); .ci/run runs it
 def test_de_recovers_planted_genes(demo: Store, de_all: dict) -> None:
     up, down = planted_programme()
     planted = up | down

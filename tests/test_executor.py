@@ -55,6 +55,7 @@ def _embed(store: Path, *args: str) -> np.ndarray:
     return np.asarray(open_embeddings(st, "pca").values)
 
 
+@pytest.mark.slow  # 2 spawned workers (~20 s); .ci/run runs test_executor.py -m slow; .ci/run runs it
 def test_local_workers_write_the_serial_array_bit_for_bit(ingested, tmp_path):
     serial = _embed(_copy(ingested, tmp_path / "serial"))
     scattered = _embed(_copy(ingested, tmp_path / "local"), "--workers", "2")

@@ -55,6 +55,7 @@ def test_rf_heads_are_refused_for_saving(tmp_path: Path) -> None:
         save_head(fitted, spec, tmp_path / "rf", extra={})
 
 
+@pytest.mark.slow  # every calibration on the demo (~45 s busy); .ci/run runs it
 def test_calibration_does_not_worsen_reliability(demo: Store) -> None:
     oof = demo.query(
         "SELECT p.probability, c.label FROM predictions p JOIN cells c USING (cell_uid) WHERE p.run_id = ?",
