@@ -28,7 +28,29 @@ __all__ = ["DEFAULT_STORE", "SCHEMA", "Store", "default_store_path"]
 DEFAULT_STORE = "./scdrugmap-store"
 SCHEMA_VERSION = "4"
 
-SCHEMA = """
+#: tables added by schema version 4 (in SCHEMA and in the 3 → 4 migration)
+V4_TABLES = """
+CREATE TABLE IF NOT EXISTS cell_types (
+    cell_uid BIGINT, method VARCHAR, cell_type VARCHAR, score DOUBLE, PRIMARY KEY (cell_uid, method)
+);
+CREATE TABLE IF NOT EXISTS ccc_runs (
+    ccc_id VARCHAR PRIMARY KEY, dataset_ids JSON, groupby VARCHAR, method VARCHAR, resource VARCHAR,
+    spec JSON, versions JSON, n_cells INTEGER, status VARCHAR, note VARCHAR, created_at TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS ccc_results (
+    ccc_id VARCHAR, source VARCHAR, target VARCHAR, ligand VARCHAR, receptor VARCHAR,
+    magnitude DOUBLE, specificity DOUBLE, PRIMARY KEY (ccc_id, source, target, ligand, receptor)
+);
+CREATE TABLE IF NOT EXISTS releases (
+    release_id VARCHAR PRIMARY KEY, name VARCHAR, scope_category VARCHAR, scope_value VARCHAR,
+    model VARCHAR, revision VARCHAR, inputs_hash VARCHAR, content_hash VARCHAR, spec JSON,
+    versions JSON, n_cells INTEGER, n_datasets INTEGER, path VARCHAR, created_date DATE,
+    created_at TIMESTAMP
+);
+"""
+
+SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
 CREATE TABLE IF NOT EXISTS datasets (
     dataset_id VARCHAR PRIMARY KEY,
@@ -98,24 +120,10 @@ CREATE TABLE IF NOT EXISTS leakage (
     seed INTEGER, grouping VARCHAR, run_id VARCHAR, metric VARCHAR, mean DOUBLE, n_folds INTEGER,
     reference VARCHAR, inflation DOUBLE, created_at TIMESTAMP, PRIMARY KEY (report_id, grouping, metric)
 );
-CREATE TABLE IF NOT EXISTS cell_types (
-    cell_uid BIGINT, method VARCHAR, cell_type VARCHAR, score DOUBLE, PRIMARY KEY (cell_uid, method)
-);
-CREATE TABLE IF NOT EXISTS ccc_runs (
-    ccc_id VARCHAR PRIMARY KEY, dataset_ids JSON, groupby VARCHAR, method VARCHAR, resource VARCHAR,
-    spec JSON, versions JSON, n_cells INTEGER, status VARCHAR, note VARCHAR, created_at TIMESTAMP
-);
-CREATE TABLE IF NOT EXISTS ccc_results (
-    ccc_id VARCHAR, source VARCHAR, target VARCHAR, ligand VARCHAR, receptor VARCHAR,
-    magnitude DOUBLE, specificity DOUBLE, PRIMARY KEY (ccc_id, source, target, ligand, receptor)
-);
-CREATE TABLE IF NOT EXISTS releases (
-    release_id VARCHAR PRIMARY KEY, name VARCHAR, scope_category VARCHAR, scope_value VARCHAR,
-    model VARCHAR, revision VARCHAR, inputs_hash VARCHAR, content_hash VARCHAR, spec JSON,
-    versions JSON, n_cells INTEGER, n_datasets INTEGER, path VARCHAR, created_date DATE,
-    created_at TIMESTAMP
-);
 """
+    + V4_TABLES
+    + """"""
+)
 
 #: schema_version → statements bringing a catalog of that version to the next one (idempotent)
 MIGRATIONS: dict[str, str] = {
@@ -157,24 +165,9 @@ CREATE TABLE IF NOT EXISTS leakage (
     # 3 → 4 (scDrugAtlas views II): per-cell cell-type labels by annotation method; cell–cell
     # communication runs and their ligand–receptor results; immutable integrated releases.
     "3": """
-CREATE TABLE IF NOT EXISTS cell_types (
-    cell_uid BIGINT, method VARCHAR, cell_type VARCHAR, score DOUBLE, PRIMARY KEY (cell_uid, method)
-);
-CREATE TABLE IF NOT EXISTS ccc_runs (
-    ccc_id VARCHAR PRIMARY KEY, dataset_ids JSON, groupby VARCHAR, method VARCHAR, resource VARCHAR,
-    spec JSON, versions JSON, n_cells INTEGER, status VARCHAR, note VARCHAR, created_at TIMESTAMP
-);
-CREATE TABLE IF NOT EXISTS ccc_results (
-    ccc_id VARCHAR, source VARCHAR, target VARCHAR, ligand VARCHAR, receptor VARCHAR,
-    magnitude DOUBLE, specificity DOUBLE, PRIMARY KEY (ccc_id, source, target, ligand, receptor)
-);
-CREATE TABLE IF NOT EXISTS releases (
-    release_id VARCHAR PRIMARY KEY, name VARCHAR, scope_category VARCHAR, scope_value VARCHAR,
-    model VARCHAR, revision VARCHAR, inputs_hash VARCHAR, content_hash VARCHAR, spec JSON,
-    versions JSON, n_cells INTEGER, n_datasets INTEGER, path VARCHAR, created_date DATE,
-    created_at TIMESTAMP
-);
-""",
+"""
+    + V4_TABLES
+    + """""",
 }
 
 TABLES = (
