@@ -122,7 +122,6 @@ CREATE TABLE IF NOT EXISTS leakage (
 );
 """
     + V4_TABLES
-    + """"""
 )
 
 #: schema_version → statements bringing a catalog of that version to the next one (idempotent)
