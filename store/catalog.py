@@ -163,10 +163,7 @@ CREATE TABLE IF NOT EXISTS leakage (
 """,
     # 3 → 4 (scDrugAtlas views II): per-cell cell-type labels by annotation method; cell–cell
     # communication runs and their ligand–receptor results; immutable integrated releases.
-    "3": """
-"""
-    + V4_TABLES
-    + """""",
+    "3": V4_TABLES,
 }
 
 TABLES = (
