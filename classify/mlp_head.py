@@ -76,6 +76,25 @@ def _adamw(params, *, lr: float, weight_decay: float):
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
+#: rows gathered at once by :func:`_batches` (bounds the copy to ≈ 8 k cells × d)
+GATHER_ROWS = 8192
+
+
+def _batches(Xt, yt, perm, batch: int):
+    """Yield ``(X[perm[i:i + batch]], y[perm[i:i + batch]])`` for consecutive batches of ``perm``.
+
+    Rows are gathered :data:`GATHER_ROWS` at a time and the batches are contiguous slices of that
+    block: one index operation per block instead of two per step (an index was ≈ 6 % of a step of the
+    ``mlp`` head). The batches hold exactly the same values as per-step indexing.
+    """
+    block = max(batch, GATHER_ROWS // batch * batch)
+    for lo in range(0, len(perm), block):
+        rows = perm[lo : lo + block]
+        Xb, yb = Xt[rows], yt[rows]
+        for start in range(0, len(rows), batch):
+            yield Xb[start : start + batch], yb[start : start + batch]
+
+
 class MLPHead:
     """scDrugMap's MLP head in torch with its fixed schedule (head ``mlp_paper``; :mod:`classify.heads`)."""
 
@@ -128,10 +147,9 @@ class MLPHead:
         self.net.train()
         for _ in range(self.epochs):
             perm = torch.randperm(len(Xt), generator=gen)
-            for start in range(0, len(Xt), self.batch_size):
-                idx = perm[start : start + self.batch_size]
+            for xb, yb in _batches(Xt, yt, perm, self.batch_size):
                 opt.zero_grad()
-                loss = loss_fn(self.net(Xt[idx]), yt[idx])
+                loss = loss_fn(self.net(xb), yb)
                 loss.backward()
                 opt.step()
         self.net.eval()
@@ -214,10 +232,9 @@ class TunedMLPHead(MLPHead):
         for epoch in range(epochs):
             self.net.train()
             perm = tr[torch.randperm(len(tr), generator=gen)]
-            for start in range(0, len(perm), batch):
-                idx = perm[start : start + batch]
+            for xb, yb in _batches(Xt, yt, perm, batch):
                 opt.zero_grad()
-                loss_fn(self.net(Xt[idx]), yt[idx]).backward()
+                loss_fn(self.net(xb), yb).backward()
                 opt.step()
                 self.steps += 1
             if val is None:

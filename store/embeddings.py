@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
 
+from scdrugmap.store.chunk_files import raw_chunk_dir, read_raw_rows
 from scdrugmap.store.errors import StoreError
 
 if TYPE_CHECKING:
@@ -191,16 +191,12 @@ def read_rows(arr: zarr.Array, uids: np.ndarray) -> np.ndarray:
         return out
     order = np.argsort(uids[pos], kind="stable")
     pos, sel = pos[order], uids[pos][order]
+    raw, crc = raw_chunk_dir(arr)
+    if raw is not None:  # uncompressed full-width chunks on a local disk: read the files directly
+        read_raw_rows(arr, raw, crc=crc, out=out, pos=pos, sel=sel)
+        return out
     rows = int(arr.chunks[0])
     chunk = sel // rows
-    raw, crc = _raw_chunk_path(arr)
-    if raw is not None:  # uncompressed full-width chunks on a local disk: read the files directly
-        bounds = np.flatnonzero(np.r_[True, np.diff(chunk) > 0])
-        groups = list(zip(bounds.tolist(), np.r_[bounds[1:], sel.size].tolist(), strict=True))
-        scratch = np.empty((rows, arr.shape[1]), dtype="<f4")  # one buffer for every partial chunk
-        for group in groups:  # (threads measured slower: the reads are memory-bound)
-            _read_chunk_rows(arr, str(raw), crc, out, pos, sel, chunk, group, rows, scratch)
-        return out
     starts = np.flatnonzero(np.r_[True, np.diff(chunk) > 1])  # runs of adjacent needed chunks
     ends = np.r_[starts[1:], sel.size]
     for a, b in zip(starts, ends, strict=True):
@@ -215,108 +211,6 @@ def read_rows(arr: zarr.Array, uids: np.ndarray) -> np.ndarray:
             if a < b:
                 first = int(chunk[a])
     return out
-
-
-def _read_chunk_rows(
-    arr: zarr.Array,
-    base: str,
-    crc: bool,
-    out: np.ndarray,
-    pos: np.ndarray,
-    sel: np.ndarray,
-    chunk: np.ndarray,
-    group: tuple[int, int],
-    rows: int,
-    scratch: np.ndarray,
-) -> None:
-    """Rows ``sel[a:b]`` (all in one chunk of ``rows`` rows) into ``out[pos[a:b]]`` from the chunk's
-    raw file; a chunk only partly needed is read into ``scratch`` (reused: fresh pages cost more
-    than the copy)."""
-    a, b = group
-    c = int(chunk[a])
-    n, first, p0 = b - a, int(sel[a]) - c * rows, int(pos[a])
-    contiguous = sel[b - 1] - sel[a] == n - 1 and pos[b - 1] - p0 == n - 1
-    whole = contiguous and n == rows and first == 0  # the usual case: datasets are contiguous uids
-    target = out[p0 : p0 + n] if whole else scratch
-    if not _read_chunk_file(f"{base}/{c}/0", target, crc=crc):
-        block = np.asarray(arr[c * rows : min((c + 1) * rows, arr.shape[0])], dtype=np.float32)
-        target[: len(block)] = block
-    if whole:
-        return
-    if contiguous:
-        out[p0 : p0 + n] = target[first : first + n]
-    else:
-        out[pos[a:b]] = target[sel[a:b] - c * rows]
-
-
-def _raw_chunk_path(arr: zarr.Array) -> tuple[Path | None, bool]:
-    """``(directory of the chunk files, chunks carry a CRC32C)`` when the chunks can be read as raw
-    float32 bytes, else ``(None, False)``.
-
-    True for the arrays :func:`ensure_array` writes on a local disk: one chunk spans the full
-    width, the ``bytes`` codec little-endian, no compressor (optionally ``crc32c``), default
-    ``c/<row>/<col>`` keys (Zarr v3 spec), so chunk ``i`` is the file ``c/i/0`` holding
-    ``rows × dim`` float32 values (and 4 checksum bytes).
-    """
-    from zarr.codecs import BytesCodec, Crc32cCodec
-    from zarr.storage import LocalStore
-
-    meta = arr.metadata
-    try:
-        codecs = tuple(meta.codecs)
-        simple = (
-            isinstance(arr.store, LocalStore)
-            and arr.dtype == np.dtype("float32")
-            and arr.chunks[1] == arr.shape[1]
-            and isinstance(codecs[0], BytesCodec)
-            and str(getattr(codecs[0].endian, "value", codecs[0].endian)) == "little"
-            and (len(codecs) == 1 or (len(codecs) == 2 and isinstance(codecs[1], Crc32cCodec)))
-            and getattr(meta.chunk_key_encoding, "name", "") == "default"
-            and getattr(meta.chunk_key_encoding, "separator", "") == "/"
-        )
-    except (AttributeError, IndexError):  # zarr v2 metadata or another layout: read through zarr
-        return None, False
-    if not simple:
-        return None, False
-    return Path(str(arr.store.root)) / arr.path / "c", len(codecs) == 2
-
-
-def _read_chunk_file(path: str, buf: np.ndarray, *, crc: bool) -> bool:
-    """Fill ``buf`` from one raw chunk file; a missing chunk (never written) is NaN.
-
-    Returns False when the file is not exactly one chunk (e.g. a writer is replacing it) or its
-    checksum does not match, so the caller reads that chunk through zarr instead (which then
-    reports a damaged chunk as an error).
-    """
-    try:
-        with open(path, "rb") as fh:
-            n = fh.readinto(memoryview(buf).cast("B"))
-            tail = fh.read(5)
-    except FileNotFoundError:
-        buf.fill(np.nan)
-        return True
-    if n != buf.nbytes or len(tail) != (4 if crc else 0):
-        return False
-    return not crc or np.uint32(_crc32c(memoryview(buf.reshape(-1)).cast("B"))).tobytes() == tail
-
-
-def _crc32c(data: memoryview) -> int:
-    """CRC32C of ``data``: ``fastcrc`` (hardware CRC instructions, ≈ 11 GB/s here) when installed,
-    else ``google_crc32c`` (zarr's own dependency; ≈ 1.5 GB/s here, 70 % of a read's time)."""
-    global _CRC32C
-    if _CRC32C is None:
-        try:
-            from fastcrc import crc32
-
-            _CRC32C = crc32.iscsi
-        except ImportError:  # pragma: no cover - fastcrc is a dependency; kept for other installs
-            import google_crc32c
-
-            _CRC32C = google_crc32c.value
-    return int(_CRC32C(data))
-
-
-_CRC32C = None
 
 
 def resolve_revision(store: Store, model: str, revision: str | None = None) -> str:

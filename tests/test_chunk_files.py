@@ -1,0 +1,79 @@
+"""read_rows straight from chunk files equals zarr's own read for every kind of selection."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from scdrugmap.store.catalog import Store
+from scdrugmap.store.chunk_files import raw_chunk_dir
+from scdrugmap.store.embeddings import ensure_array, open_array, read_rows
+
+
+@pytest.fixture
+def arr(tmp_path: Path):
+    st = Store.open(tmp_path / "store", create=True)
+    a = ensure_array(st, "m", "r0", dim=256, n_rows=5000)
+    rows = int(a.chunks[0])
+    X = np.random.default_rng(0).normal(size=(5000, 256)).astype(np.float32)
+    # leave the second chunk unwritten ("not embedded yet"): it reads as NaN
+    a[:rows] = X[:rows]
+    a[2 * rows :] = X[2 * rows :]
+    X[rows : 2 * rows] = np.nan
+    return st, X, rows
+
+
+def _zarr_rows(X: np.ndarray, uids: np.ndarray) -> np.ndarray:
+    out = np.full((uids.size, X.shape[1]), np.nan, dtype=np.float32)
+    ok = (uids >= 0) & (uids < len(X))
+    out[ok] = X[uids[ok]]
+    return out
+
+
+@pytest.mark.parametrize(
+    "pick",
+    ["contiguous", "edges", "scattered", "shuffled_duplicates", "out_of_range"],
+)
+def test_raw_reads_equal_the_array(arr, pick: str) -> None:
+    st, X, rows = arr
+    a = open_array(st, "m", "r0")
+    assert raw_chunk_dir(a)[0] is not None  # the direct path is the one under test
+    rng = np.random.default_rng(1)
+    uids = {
+        "contiguous": np.arange(2 * rows, 4 * rows),  # whole chunks straight into the output
+        "edges": np.arange(rows // 2, 3 * rows + 7),  # partial chunks at both ends, one NaN chunk
+        "scattered": np.sort(rng.choice(5000, 700, replace=False)),
+        "shuffled_duplicates": rng.integers(0, 5000, 900),
+        "out_of_range": np.array([-1, 0, 4999, 5000, 123456, 3]),
+    }[pick]
+    got = read_rows(a, uids)
+    np.testing.assert_array_equal(got, _zarr_rows(X, uids))
+    assert got.dtype == np.float32
+
+
+def test_a_file_that_is_not_one_chunk_is_read_through_zarr(arr) -> None:
+    st, X, rows = arr
+    a = open_array(st, "m", "r0")
+    base, crc = raw_chunk_dir(a)
+    assert crc
+    path = base / "2" / "0"
+    good = path.read_bytes()
+    path.write_bytes(good + b"xx")  # not exactly one chunk: zarr decides (and reports it damaged)
+    with pytest.raises(Exception, match="(?i)checksum|crc|size|shape|length"):
+        read_rows(a, np.arange(2 * rows, 2 * rows + 5))
+    path.write_bytes(good)
+    np.testing.assert_array_equal(read_rows(a, np.arange(2 * rows, 2 * rows + 5)), X[2 * rows : 2 * rows + 5])
+
+
+def test_a_damaged_chunk_is_never_returned(arr) -> None:
+    st, _, rows = arr
+    a = open_array(st, "m", "r0")
+    base, _ = raw_chunk_dir(a)
+    path = base / "3" / "0"
+    data = bytearray(path.read_bytes())
+    data[100] ^= 0xFF  # one flipped byte: the CRC32C no longer matches
+    path.write_bytes(bytes(data))
+    with pytest.raises(Exception, match="(?i)checksum|crc"):
+        read_rows(a, np.arange(3 * rows, 3 * rows + 3))
