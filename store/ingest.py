@@ -5,9 +5,9 @@ labels (metadata checked first; label-confidence stars derived from the evidence
 given, :mod:`store.confidence`) → harmonise genes (:mod:`store.genes`) → QC (:mod:`store.qc`) — all in
 :mod:`store.prepare`, whose names are re-exported here — then, in this module, assign ``cell_uid``
 → write the QC-filtered copy to ``datasets/<id>.h5ad`` and the ``datasets``/``cells``/``genes``
-rows. A batch of files (a manifest) is validated completely before anything is written and
-then written in one DuckDB transaction; on any error the catalog and the store stay as they
-were.
+rows. A batch of files (a manifest) is staged dataset by dataset to temporary files (one dataset's
+expression in memory at a time) and committed in one DuckDB transaction (:class:`IngestBatch`); on
+any error the temporary files are removed and the catalog and the store stay as they were.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from scdrugmap.store.prepare import IngestSpec, InputType, Prepared, file_sha256
 
 __all__ = [
     "META_FIELDS",
+    "IngestBatch",
     "IngestReport",
     "IngestSpec",
     "InputType",
@@ -108,31 +109,94 @@ def _report(p: Prepared) -> IngestReport:
     )
 
 
-def write_prepared(store: Store, items: Sequence[Prepared]) -> list[IngestReport]:
-    """Write validated datasets: h5ad copies + catalog rows, all or nothing.
+_CELL_COLUMNS = ["cell_uid", "dataset_id", "obs_name", "sample_id", "label", "n_counts", "n_genes",
+                 "pct_mito", "patient_id"]  # fmt: skip
 
-    Raises
-    ------
-    InputError
-        When a dataset id is already ingested with different content or options.
+
+@dataclass
+class _Staged:
+    """One dataset written to a temporary file; what the catalog needs, without its expression."""
+
+    prepared: Prepared  # its AnnData replaced by an obs-only one once the file is written
+    tmp: Path | None  # None when the dataset is already stored unchanged
+
+
+class IngestBatch:
+    """Datasets written one at a time to temporary files, then committed together: all or nothing.
+
+    Memory holds one dataset's expression at a time (a manifest of a million cells is staged
+    dataset by dataset). Each staged file carries placeholder ``cell_uid`` values, overwritten in
+    place (HDF5, same shape and type) once the commit's transaction has assigned them; on any error
+    the temporary files are removed and the catalog is unchanged.
+
+    Use as a context manager::
+
+        with IngestBatch(store) as batch:
+            for p in prepared_datasets:
+                batch.add(p)
+            reports = batch.commit()
     """
-    _check_existing(store, items)
-    todo = [p for p in items if not p.skip]
-    store.datasets_dir.mkdir(parents=True, exist_ok=True)
-    tmp_files: list[Path] = []
-    placed: list[Path] = []
-    try:
-        for p in todo:
-            tmp = store.datasets_dir / f".{p.spec.dataset_id}.h5ad.tmp-{os.getpid()}"
-            tmp_files.append(tmp)
-        with store.transaction() as con:
-            uid = store.next_cell_uid(con)
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._staged: list[_Staged] = []
+        self._ids: set[str] = set()
+        self._placed: list[Path] = []
+
+    def __enter__(self) -> IngestBatch:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.discard()
+
+    def add(self, p: Prepared) -> None:
+        """Check ``p`` against the batch and the catalog and write its dataset file to a temporary
+        name; its expression is released.
+
+        Raises
+        ------
+        InputError
+            A dataset id repeated in the batch, or already stored with other content or options.
+        """
+        if p.spec.dataset_id in self._ids:
+            msg = f"dataset id(s) {[p.spec.dataset_id]} appear more than once; give each dataset its own id"
+            raise InputError(msg)
+        self._ids.add(p.spec.dataset_id)
+        _check_existing(self.store, [p])
+        if p.skip:
+            self._staged.append(_Staged(p, None))
+            return
+        import anndata as ad
+
+        self.store.datasets_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.store.datasets_dir / f".{p.spec.dataset_id}.h5ad.tmp-{os.getpid()}"
+        self._staged.append(_Staged(p, tmp))  # registered first: removed on any error below
+        p.adata.obs.insert(0, "cell_uid", np.arange(p.adata.n_obs, dtype=np.int64))  # placeholders
+        p.adata.write_h5ad(tmp)
+        p.adata = ad.AnnData(obs=p.adata.obs)
+
+    def commit(self) -> list[IngestReport]:
+        """Assign ``cell_uid``, write the catalog rows in one transaction and move the files into place.
+
+        Returns
+        -------
+        list of IngestReport
+            One per added dataset, in order.
+        """
+        import h5py
+
+        todo = [s for s in self._staged if s.tmp is not None]
+        with self.store.transaction() as con:
+            uid = self.store.next_cell_uid(con)
             now = datetime.now(UTC).replace(tzinfo=None)
-            for p, tmp in zip(todo, tmp_files, strict=True):
-                n = p.adata.n_obs
-                p.adata.obs.insert(0, "cell_uid", np.arange(uid, uid + n, dtype=np.int64))
-                uid += n
-                p.adata.write_h5ad(tmp)
+            for s in todo:
+                p = s.prepared
+                uids = np.arange(uid, uid + p.adata.n_obs, dtype=np.int64)
+                uid += len(uids)
+                with h5py.File(s.tmp, "r+") as f:
+                    f["obs/cell_uid"][...] = uids
+                p.adata.obs["cell_uid"] = uids
                 row = dict(p.row)
                 row.update(
                     content_hash=p.content_hash,
@@ -146,19 +210,7 @@ def write_prepared(store: Store, items: Sequence[Prepared]) -> list[IngestReport
                     f"INSERT INTO datasets ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})",
                     [row[c] for c in cols],
                 )
-                cells = p.adata.obs.reset_index(names="obs_name")[
-                    [
-                        "cell_uid",
-                        "dataset_id",
-                        "obs_name",
-                        "sample_id",
-                        "label",
-                        "n_counts",
-                        "n_genes",
-                        "pct_mito",
-                        "patient_id",
-                    ]
-                ]
+                cells = p.adata.obs.reset_index(names="obs_name")[_CELL_COLUMNS]
                 cells = cells.astype({"sample_id": object, "label": object, "patient_id": object})
                 con.register("_cells", cells)
                 con.execute("INSERT INTO cells BY NAME SELECT * FROM _cells")
@@ -168,16 +220,31 @@ def write_prepared(store: Store, items: Sequence[Prepared]) -> list[IngestReport
                     con.register("_genes", genes)
                     con.execute("INSERT INTO genes BY NAME SELECT * FROM _genes")
                     con.unregister("_genes")
-            for p, tmp in zip(todo, tmp_files, strict=True):
-                final = store.dataset_file(p.spec.dataset_id)
-                os.replace(tmp, final)
-                placed.append(final)
-    except BaseException:
-        for f in tmp_files + placed:
+            for s in todo:
+                final = self.store.dataset_file(s.prepared.spec.dataset_id)
+                os.replace(s.tmp, final)
+                self._placed.append(final)
+        return [_report(s.prepared) for s in self._staged]
+
+    def discard(self) -> None:
+        """Remove every file this batch wrote (temporary or already moved into place)."""
+        for f in [s.tmp for s in self._staged if s.tmp is not None] + self._placed:
             with contextlib.suppress(FileNotFoundError):
                 f.unlink()
-        raise
-    return [_report(p) for p in items]
+
+
+def write_prepared(store: Store, items: Sequence[Prepared]) -> list[IngestReport]:
+    """Write validated datasets: h5ad copies + catalog rows, all or nothing (:class:`IngestBatch`).
+
+    Raises
+    ------
+    InputError
+        When a dataset id is repeated or already ingested with different content or options.
+    """
+    with IngestBatch(store) as batch:
+        for p in items:
+            batch.add(p)
+        return batch.commit()
 
 
 def ingest_h5ad(

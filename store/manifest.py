@@ -8,7 +8,9 @@ pre- and post-treatment datasets; default: each dataset its own), ``input_type``
 ``gene_key``, ``min_genes``, ``max_pct_mito`` and the dataset metadata fields are optional
 (label-confidence evidence included: ``exposure_days``, ``sample_origin``, ``intrinsic_resistance``;
 stars are derived from it when ``label_confidence`` is empty). Every dataset is validated before
-anything is written.
+anything reaches the catalog or the store's visible files: datasets are read and staged to temporary
+files one at a time (memory holds one dataset's expression), then committed together
+(:class:`store.ingest.IngestBatch`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import pandas as pd
 
 from scdrugmap.store.catalog import Store
 from scdrugmap.store.errors import InputError
-from scdrugmap.store.ingest import META_FIELDS, IngestReport, IngestSpec, prepare, write_prepared
+from scdrugmap.store.ingest import META_FIELDS, IngestBatch, IngestReport, IngestSpec, prepare
 from scdrugmap.store.progress import progress
 
 __all__ = ["MANIFEST_COLUMNS", "ingest_manifest"]
@@ -72,17 +74,16 @@ def ingest_manifest(store: Store, manifest: str | Path) -> list[IngestReport]:
     if unknown or missing:
         msg = f"{manifest.name}: unknown columns {unknown}, missing {missing}; allowed columns: {', '.join(MANIFEST_COLUMNS)}"
         raise InputError(msg)
-    items = []
     bar = progress("ingest", len(df) + 1, unit="steps")
-    with bar:
+    with bar, IngestBatch(store) as batch:  # one dataset's expression in memory at a time
         recs = df.to_dict("records")
         stages = [f"reading {(r.get('dataset_id') or '').strip()}" for r in recs]
-        stages.append("writing the catalog and dataset files")
+        stages.append("writing the catalog")
         bar.set_stage(stages[0])
         for i, rec in enumerate(recs):
-            items.append(_prepare_row(manifest, rec))
+            batch.add(_prepare_row(manifest, rec))
             bar.update(stage=stages[i + 1])
-        reports = write_prepared(store, items)
+        reports = batch.commit()
         bar.update()
     return reports
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -193,16 +194,22 @@ def test_manifest_is_all_or_nothing(base: tuple[Path, Path], tmp_path: Path) -> 
         f"{os.path.relpath(good, tmp_path)},d3,resp01,sample,100,Cell line\n"  # unmapped 1/0 labels
     )
     before = Store.open(store).snapshot()
+    files = sorted(p.name for p in (store / "datasets").iterdir())
     res = CliRunner().invoke(main, ["--store", str(store), "ingest", "--manifest", str(manifest)])
     assert res.exit_code != 0
     assert Store.open(store).snapshot() == before
+    # d2 was staged to a temporary file before d3 failed: nothing of it is left
+    assert sorted(p.name for p in (store / "datasets").iterdir()) == files
     manifest.write_text(manifest.read_text().replace("resp01,", "response,"))
     res = CliRunner().invoke(main, ["--store", str(store), "ingest", "--manifest", str(manifest)])
     assert res.exit_code == 0, res.output
     assert set(Store.open(store).datasets()["dataset_id"]) == {"d1", "d2", "d3"}
-    uids = Store.open(store).query("SELECT cell_uid FROM cells ORDER BY 1")["cell_uid"]
-    assert uids.is_unique
-    assert uids.tolist() == list(range(len(uids)))
+    cells = Store.open(store).query("SELECT dataset_id, obs_name, cell_uid FROM cells ORDER BY cell_uid")
+    assert cells["cell_uid"].tolist() == list(range(len(cells)))
+    for dataset_id, rows in cells.groupby("dataset_id"):  # the files carry the catalog's cell_uid
+        obs = ad.read_h5ad(Store.open(store).dataset_file(dataset_id), backed="r").obs
+        assert obs["cell_uid"].tolist() == rows["cell_uid"].tolist()
+        assert obs.index.tolist() == rows["obs_name"].tolist()
 
 
 def test_failed_ingest_into_new_store_leaves_nothing(tmp_path: Path) -> None:
