@@ -247,7 +247,12 @@ def prepare(
             msg = f"{name}: --layer {spec.layer!r} not found; layers: {list(adata.layers.keys())}"
             raise InputError(msg)
         X = expression_matrix(adata, spec.layer, name=name)
-        X = sp.csr_matrix(X, dtype=np.float32) if not sp.issparse(X) else X.tocsr().astype(np.float32)
+        # no copy when X already is float32 CSR: X is only read until the kept rows are taken
+        X = (
+            sp.csr_matrix(X, dtype=np.float32)
+            if not sp.issparse(X)
+            else X.tocsr().astype(np.float32, copy=False)
+        )
         check_finite(X, name=name)
         x_kind = detect_x_kind(X, declared=spec.input_type, name=name)
         source, genes = pick_gene_identifiers(adata.var, gene_key=spec.gene_key, name=name)
@@ -284,7 +289,13 @@ def prepare(
             if col in adata.var.columns:  # the file's identifier columns, verbatim
                 var[f"orig_{col}"] = adata.var[col].astype(str).to_numpy()
         keep = qc.keep if filter_cells else np.ones(n_input, dtype=bool)
-        out = ad.AnnData(X=X[keep], obs=obs.loc[keep].copy(), var=var)
+        if not in_memory:  # the file's matrices are private: release the ones not needed any more
+            adata.X = None
+            for key in list(adata.layers.keys()):
+                del adata.layers[key]
+        # a caller's AnnData is never shared with the result (embedders may normalise it in place)
+        X = X if keep.all() and not in_memory else X[keep]
+        out = ad.AnnData(X=X, obs=obs.loc[keep].copy(), var=var)
         out.var_names_make_unique()
         row.update(
             n_genes=int(adata.n_vars),
