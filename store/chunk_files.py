@@ -11,6 +11,7 @@ is left to zarr (which then reports a damaged chunk as an error). Measured in
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
@@ -51,8 +52,22 @@ def raw_chunk_dir(arr: zarr.Array) -> tuple[Path | None, bool]:
     return Path(str(arr.store.root)) / arr.path / "c", len(codecs) == 2
 
 
+#: threads reading chunk files at once (``os.readv`` and the CRC release the GIL); see
+#: ``benchmarks/bench_store_read.py --threads``
+READ_THREADS = 2
+#: fewer chunks than this are read on one thread (a thread's start costs more than it saves)
+MIN_CHUNKS_PER_THREAD = 8
+
+
 def read_raw_rows(
-    arr: zarr.Array, base: Path, *, crc: bool, out: np.ndarray, pos: np.ndarray, sel: np.ndarray
+    arr: zarr.Array,
+    base: Path,
+    *,
+    crc: bool,
+    out: np.ndarray,
+    pos: np.ndarray,
+    sel: np.ndarray,
+    threads: int | None = None,
 ) -> None:
     """Fill ``out[pos]`` with rows ``sel`` of ``arr`` read from the chunk files under ``base``.
 
@@ -68,16 +83,20 @@ def read_raw_rows(
         float32 ``(n, dim)``, C-contiguous; written in place.
     pos, sel
         int64 ``(m,)``: output rows and array rows, ``sel`` sorted ascending and within the array.
+    threads
+        Threads reading chunks at once (default :data:`READ_THREADS`; one per
+        :data:`MIN_CHUNKS_PER_THREAD` chunks at most). Each reads its own run of chunks into
+        disjoint rows of ``out``.
 
     Notes
     -----
     A chunk needed whole at a contiguous run of ``out`` (the usual case: a dataset's cells are a
     contiguous run of ``cell_uid``) is read straight into ``out``; a chunk only partly needed is
-    read into one reused scratch buffer (fresh pages cost more than the copy) and its rows copied.
+    read into a reused scratch buffer (fresh pages cost more than the copy) and its rows copied.
     The per-chunk bookkeeping is vectorised, so the loop does one ``open``/``readv``/``close`` per
     chunk. A chunk file that was never written reads as NaN.
     """
-    rows, dim = int(arr.chunks[0]), int(arr.shape[1])
+    rows = int(arr.chunks[0])
     chunk = sel // rows
     starts = np.flatnonzero(np.r_[True, chunk[1:] != chunk[:-1]])
     ends = np.r_[starts[1:], sel.size]
@@ -85,13 +104,33 @@ def read_raw_rows(
     first = sel[starts] - chunk[starts] * rows
     contiguous = (sel[ends - 1] - sel[starts] == n - 1) & (pos[ends - 1] - pos[starts] == n - 1)
     whole = contiguous & (n == rows) & (first == 0)
-    scratch = np.empty((rows, dim), dtype="<f4") if not whole.all() else None
-    tail = bytearray(5)
-    nbytes, prefix = rows * dim * 4, f"{base}{os.sep}"
-    for a, b, c, f, p0, is_contig, is_whole in zip(
+    groups = list(zip(
         starts.tolist(), ends.tolist(), chunk[starts].tolist(), first.tolist(),
         pos[starts].tolist(), contiguous.tolist(), whole.tolist(), strict=True,
-    ):  # fmt: skip
+    ))  # fmt: skip
+    k = max(1, min(READ_THREADS if threads is None else threads, len(groups) // MIN_CHUNKS_PER_THREAD))
+    if k == 1:
+        _read_groups(arr, base, crc, out, pos, sel, groups)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    bounds = np.linspace(0, len(groups), k + 1).astype(int)
+    with ThreadPoolExecutor(k) as pool:
+        jobs = [
+            pool.submit(_read_groups, arr, base, crc, out, pos, sel, groups[lo:hi])
+            for lo, hi in itertools.pairwise(bounds.tolist())
+        ]
+        for job in jobs:
+            job.result()
+
+
+def _read_groups(arr, base: Path, crc: bool, out, pos, sel, groups: list[tuple]) -> None:
+    """One thread's share of :func:`read_raw_rows`: its chunks, its scratch buffer."""
+    rows, dim = int(arr.chunks[0]), int(arr.shape[1])
+    scratch = np.empty((rows, dim), dtype="<f4") if not all(g[6] for g in groups) else None
+    tail = bytearray(5)
+    nbytes, prefix = rows * dim * 4, f"{base}{os.sep}"
+    for a, b, c, f, p0, is_contig, is_whole in groups:
         target = out[p0 : p0 + rows] if is_whole else scratch
         if not _read_file(f"{prefix}{c}{os.sep}0", target, nbytes, tail, crc=crc):
             block = np.asarray(arr[c * rows : min((c + 1) * rows, arr.shape[0])], dtype=np.float32)

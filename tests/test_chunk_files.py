@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from scdrugmap.store import chunk_files
 from scdrugmap.store.catalog import Store
 from scdrugmap.store.chunk_files import raw_chunk_dir
 from scdrugmap.store.embeddings import ensure_array, open_array, read_rows
@@ -32,11 +33,14 @@ def _zarr_rows(X: np.ndarray, uids: np.ndarray) -> np.ndarray:
     return out
 
 
+@pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize(
     "pick",
     ["contiguous", "edges", "scattered", "shuffled_duplicates", "out_of_range"],
 )
-def test_raw_reads_equal_the_array(arr, pick: str) -> None:
+def test_raw_reads_equal_the_array(arr, pick: str, threads: int, monkeypatch) -> None:
+    monkeypatch.setattr(chunk_files, "READ_THREADS", threads)
+    monkeypatch.setattr(chunk_files, "MIN_CHUNKS_PER_THREAD", 1)  # 5 chunks: every thread gets some
     st, X, rows = arr
     a = open_array(st, "m", "r0")
     assert raw_chunk_dir(a)[0] is not None  # the direct path is the one under test
