@@ -23,6 +23,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 
+from scdrugmap.store import chunk_files
 from scdrugmap.store.catalog import Store
 from scdrugmap.store.embeddings import ensure_array, open_array, read_rows
 
@@ -39,7 +40,10 @@ def main() -> None:
         default="category",
         help="category: whole datasets (contiguous cell_uids, the usual case); scattered: a random subset",
     )
+    ap.add_argument("--threads", type=int, default=None, help="chunk-reading threads (default READ_THREADS)")
     args = ap.parse_args()
+    if args.threads is not None:
+        chunk_files.READ_THREADS = args.threads
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         store = Store.open(Path(tmp) / "store", create=True)
@@ -81,7 +85,7 @@ def main() -> None:
         mib = nbytes / 2**20
         print(
             f"{args.selection} selection: {uids.size:,} of {args.cells:,} rows × {args.dim} ({mib:.1f} MiB), "
-            f"chunks {arr.chunks}"
+            f"chunks {arr.chunks}, {chunk_files.READ_THREADS} reading thread(s)"
         )
         chunk_mib = np.unique(uids // arr.chunks[0]).size * arr.chunks[0] * args.dim * 4 / 2**20
         print(f"SQL selection: {t_sql * 1e3:.1f} ms; whole chunks to read: {chunk_mib:.1f} MiB")
