@@ -65,7 +65,7 @@ def inner_split(
 def _adamw(params, *, lr: float, weight_decay: float):
     """AdamW with PyTorch's fused CPU kernel (torch ≥ 2.4): the heads' steps are small, so the
     optimiser's per-tensor loop is a large share of a step; fused, one fold of the ``mlp`` head at
-    130 k cells × 50 dims reaches 75 instead of 48 GFLOP/s on one thread (benchmarks/bench_catalogue.py).
+    130 k cells × 50 dims trains ≈ 1.5 × faster on one thread (benchmarks/bench_catalogue.py).
     Same update rule as the default implementation (float rounding may differ)."""
     import torch
 
