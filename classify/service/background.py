@@ -125,5 +125,8 @@ class StoreCounts:
             self.refresh()
 
     def close(self) -> None:
-        """Stop refreshing."""
+        """Stop refreshing and wait for a refresh in progress (a daemon thread left inside DuckDB at
+        interpreter exit can abort the process)."""
         self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
