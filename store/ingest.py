@@ -63,32 +63,25 @@ class IngestReport:
     confidence_source: Literal["explicit", "derived"] | None = None
 
 
-def _check_existing(store: Store, items: Sequence[Prepared]) -> None:
-    ids = [p.spec.dataset_id for p in items]
-    if len(set(ids)) != len(ids):
-        dup = sorted({i for i in ids if ids.count(i) > 1})
-        msg = f"dataset id(s) {dup} appear more than once; give each dataset its own id"
-        raise InputError(msg)
-    existing = store.query(
-        "SELECT dataset_id, content_hash, ingest_spec_hash FROM datasets WHERE list_contains(?, dataset_id)",
-        [ids],
-    ).set_index("dataset_id")
-    for p in items:
-        if p.spec.dataset_id not in existing.index:
-            continue
-        old = existing.loc[p.spec.dataset_id]
-        if old["content_hash"] == p.content_hash and old["ingest_spec_hash"] == p.spec.hash():
-            p.skip = True
-            continue
-        what = (
-            "file content" if old["content_hash"] != p.content_hash else "ingest options (labels/metadata/QC)"
-        )
-        msg = (
-            f"dataset id {p.spec.dataset_id!r} is already in the store with different {what} "
-            f"(stored sha256 {old['content_hash'][:12]}…, new {p.content_hash[:12]}…); "
-            "ingest it under a new --dataset-id or use a new store"
-        )
-        raise InputError(msg)
+def _check_existing(store: Store, p: Prepared) -> None:
+    """Mark ``p`` to skip when its dataset is stored with the same content and options; refuse it
+    when the id is stored with other content or options."""
+    old = store.query(
+        "SELECT content_hash, ingest_spec_hash FROM datasets WHERE dataset_id = ?", [p.spec.dataset_id]
+    )
+    if old.empty:
+        return
+    old = old.iloc[0]
+    if old["content_hash"] == p.content_hash and old["ingest_spec_hash"] == p.spec.hash():
+        p.skip = True
+        return
+    what = "file content" if old["content_hash"] != p.content_hash else "ingest options (labels/metadata/QC)"
+    msg = (
+        f"dataset id {p.spec.dataset_id!r} is already in the store with different {what} "
+        f"(stored sha256 {old['content_hash'][:12]}…, new {p.content_hash[:12]}…); "
+        "ingest it under a new --dataset-id or use a new store"
+    )
+    raise InputError(msg)
 
 
 def _report(p: Prepared) -> IngestReport:
@@ -163,7 +156,7 @@ class IngestBatch:
             msg = f"dataset id(s) {[p.spec.dataset_id]} appear more than once; give each dataset its own id"
             raise InputError(msg)
         self._ids.add(p.spec.dataset_id)
-        _check_existing(self.store, [p])
+        _check_existing(self.store, p)
         if p.skip:
             self._staged.append(_Staged(p, None))
             return
