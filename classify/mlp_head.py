@@ -24,6 +24,8 @@ from typing import Literal
 
 import numpy as np
 
+from scdrugmap.classify.mlp_train import FlatTrainer
+
 __all__ = ["MLPHead", "TunedMLPHead", "inner_split"]
 
 log = logging.getLogger(__name__)
@@ -60,20 +62,6 @@ def inner_split(
     except ValueError:
         return None
     return None
-
-
-def _adamw(params, *, lr: float, weight_decay: float):
-    """AdamW with PyTorch's fused CPU kernel (torch ≥ 2.4): the heads' steps are small, so the
-    optimiser's per-tensor loop is a large share of a step; fused, one fold of the ``mlp`` head at
-    130 k cells × 50 dims trains ≈ 1.5 × faster on one thread (benchmarks/bench_catalogue.py).
-    Same update rule as the default implementation (float rounding may differ)."""
-    import torch
-
-    params = list(params)
-    try:
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
-    except (RuntimeError, TypeError, ValueError):  # an older torch without the fused CPU kernel
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
 #: rows gathered at once by :func:`_batches` (bounds the copy to ≈ 8 k cells × d)
@@ -136,22 +124,17 @@ class MLPHead:
 
     def _fit(self, X: np.ndarray, y: np.ndarray) -> MLPHead:
         import torch
-        from torch import nn
 
         gen = torch.Generator().manual_seed(self.seed)
         self.build(X.shape[1])
-        opt = _adamw(self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        trainer = FlatTrainer(self.net, lr=self.lr, weight_decay=self.weight_decay, batch=self.batch_size)
         Xt = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
         yt = torch.from_numpy(np.asarray(y, dtype=np.int64))
-        loss_fn = nn.CrossEntropyLoss()
-        self.net.train()
         for _ in range(self.epochs):
             perm = torch.randperm(len(Xt), generator=gen)
             for xb, yb in _batches(Xt, yt, perm, self.batch_size):
-                opt.zero_grad()
-                loss = loss_fn(self.net(xb), yb)
-                loss.backward()
-                opt.step()
+                trainer.step(xb, yb)
+        trainer.write_back()
         self.net.eval()
         return self
 
@@ -204,7 +187,6 @@ class TunedMLPHead(MLPHead):
 
     def _fit(self, X: np.ndarray, y: np.ndarray) -> TunedMLPHead:
         import torch
-        from torch import nn
 
         y = np.asarray(y, dtype=np.int64)
         split = inner_split(y, self.groups, val_fraction=self.val_fraction, seed=self.seed)
@@ -216,42 +198,40 @@ class TunedMLPHead(MLPHead):
             )
         gen = torch.Generator().manual_seed(self.seed)
         self.build(X.shape[1])
-        opt = _adamw(self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         Xt = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
         yt = torch.from_numpy(y)
         weight = None
         if self.class_weight == "balanced":
             counts = np.bincount(y[train], minlength=2).astype(np.float32)
             weight = torch.from_numpy(len(train) / (2 * np.maximum(counts, 1)))
-        loss_fn = nn.CrossEntropyLoss(weight=weight)
         tr = torch.from_numpy(train)
         batch = min(self.batch_size, max(16, len(train) // 4))
+        trainer = FlatTrainer(
+            self.net, lr=self.lr, weight_decay=self.weight_decay, weight=weight, batch=batch
+        )
         per_epoch = -(-len(train) // batch)
         epochs = max(self.epochs, -(-self.min_steps // per_epoch)) if val is None else self.epochs
         best, best_state, since = np.inf, None, 0
+        Xval, yval = (Xt[val], yt[val]) if val is not None else (None, None)
         for epoch in range(epochs):
-            self.net.train()
             perm = tr[torch.randperm(len(tr), generator=gen)]
             for xb, yb in _batches(Xt, yt, perm, batch):
-                opt.zero_grad()
-                loss_fn(self.net(xb), yb).backward()
-                opt.step()
+                trainer.step(xb, yb)
                 self.steps += 1
             if val is None:
                 if self.steps >= self.min_steps:
                     break
                 continue
-            self.net.eval()
-            with torch.no_grad():
-                v = float(loss_fn(self.net(Xt[val]), yt[val]))
+            v = trainer.loss(Xval, yval)
             if v < best - 1e-4:
                 best, since, self.best_epoch = v, 0, epoch
-                best_state = {k: t.clone() for k, t in self.net.state_dict().items()}
+                best_state = trainer.state()
             else:
                 since += 1
             if self.steps >= self.min_steps and since >= self.patience:
                 break
         if best_state is not None:
-            self.net.load_state_dict(best_state)
+            trainer.restore(best_state)
+        trainer.write_back()
         self.net.eval()
         return self
