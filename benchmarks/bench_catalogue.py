@@ -121,10 +121,13 @@ def head_fold(store: Path, threads: int, fold: int = 0) -> dict:
     t = time.perf_counter()
     head.fit(X[train], y[train], groups=plan.cells["group"].to_numpy()[train])
     dt = time.perf_counter() - t
-    net = head.inner
-    flops = net.steps * step_flops(X.shape[1], 512, int(net.batch_size))
-    return {"cells": int(train.sum()), "steps": int(net.steps), "fit_s": round(dt, 1),
-            "gflops": round(flops / dt / 1e9, 1), "threads": threads, "dim": int(X.shape[1])}  # fmt: skip
+    net, d = head.inner, X.shape[1]
+    flops = net.steps * step_flops(d, 512, int(net.batch_size))
+    # the per-epoch validation pass: a forward of the inner validation cells
+    flops += net.epochs_run * net.n_val * 2 * (d * 512 + 512 * 512 + 2 * 512)
+    return {"cells": int(train.sum()), "steps": int(net.steps), "epochs": int(net.epochs_run),
+            "val_cells": int(net.n_val), "fit_s": round(dt, 1), "gflops": round(flops / dt / 1e9, 1),
+            "threads": threads, "dim": int(d)}  # fmt: skip
 
 
 def head_folds(store: Path) -> list[dict]:

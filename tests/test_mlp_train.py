@@ -24,9 +24,10 @@ def _autograd_grads(net, xb, yb, weight):
     return torch.cat([p.grad.reshape(-1) for p in net.parameters()])
 
 
+@pytest.mark.parametrize("fused", [True, False])  # the fused kernel and the functional fallback
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("n", [32, 19])  # a full batch and a shorter last batch
-def test_gradients_and_update_match_autograd(weighted: bool, n: int) -> None:
+def test_gradients_and_update_match_autograd(weighted: bool, n: int, fused: bool) -> None:
     rng = np.random.default_rng(0)
     d, hidden = 7, 16
     xb = torch.from_numpy(rng.normal(size=(n, d)).astype(np.float32))
@@ -35,6 +36,7 @@ def test_gradients_and_update_match_autograd(weighted: bool, n: int) -> None:
     ref, net = _net(d, hidden), _net(d, hidden)
     expected = _autograd_grads(ref, xb, yb, weight)
     trainer = FlatTrainer(net, lr=1e-2, weight_decay=0.01, weight=weight, batch=32)
+    trainer._fused = fused and trainer._fused
     trainer.step(xb, yb)
     np.testing.assert_allclose(trainer.grad.numpy(), expected.numpy(), rtol=1e-4, atol=1e-7)
     # AdamW on the flat vector = AdamW on the six tensors, given the same gradients (the first
