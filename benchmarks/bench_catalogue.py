@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -28,11 +29,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _stage(name: str, args: list[str], store: Path, n_cells: int | None = None) -> dict:
+def _stage(
+    name: str, args: list[str], store: Path, n_cells: int | None = None, env: dict | None = None
+) -> dict:
     """Run ``scdrugmap ARGS`` under /usr/bin/time -v; wall, peak RSS (incl. children), cells/s."""
     cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "scdrugmap.cli", "--store", str(store), *args]
     t = time.perf_counter()
-    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, **(env or {})})
     wall = time.perf_counter() - t
     if res.returncode != 0:
         print(res.stdout[-3000:], res.stderr[-3000:])
@@ -56,6 +59,19 @@ def step_flops(d: int, hidden: int = 512, batch: int = 128) -> int:
     layers 2 and 3 (the cells' features need none). Bias, ReLU, loss and optimiser work is not
     counted (it is the overhead the ratio exposes)."""
     return 2 * batch * (2 * d * hidden + 3 * hidden * hidden + 6 * hidden)
+
+
+def mlp_work(trace: Path) -> dict:
+    """The matmul work of every MLP fit in a trace (``SCDRUGMAP_MLP_TRACE``, one JSON line per fit):
+    training steps (:func:`step_flops` each) plus each epoch's forward of the validation cells."""
+    fits = [json.loads(line) for line in trace.read_text().splitlines()]
+    flops = sum(
+        f["steps"] * step_flops(f["d"], f["hidden"], f["batch"])
+        + f["epochs"] * f["val_cells"] * 2 * (f["d"] * f["hidden"] + f["hidden"] ** 2 + 2 * f["hidden"])
+        for f in fits
+    )
+    return {"fits": len(fits), "steps": sum(f["steps"] for f in fits), "gflop": round(flops / 1e9, 1),
+            "fit_s": round(sum(f["fit_s"] for f in fits), 1)}  # fmt: skip
 
 
 def _matmul_rate(d: int, hidden: int, batch: int, threads: int, seconds: float = 3.0) -> float:
@@ -184,6 +200,8 @@ def main() -> None:
     for executor in args.executor.split(",") if "grid" in stages else []:
         for workers in (int(w) for w in args.workers.split(",")):
             name = f"grid {args.heads} {executor} x{workers}"
+            trace = work / f"mlp-trace-{executor}-{workers}.jsonl"
+            trace.unlink(missing_ok=True)
             results["stages"].append(
                 _stage(
                     name,
@@ -199,12 +217,21 @@ def main() -> None:
                     ],
                     store,
                     n_cells,
+                    env={"SCDRUGMAP_MLP_TRACE": str(trace)},
                 )
             )
+            if trace.exists():
+                results["stages"][-1]["mlp_work"] = mlp_work(trace)
     if ("mlp" in args.heads.split(",") and "grid" in stages) or "mlpfold" in stages:
-        results["matmul"] = matmul_bound(d=50)
+        results["matmul"] = bound = matmul_bound(d=50)
         results["mlp_fold"] = head_folds(store)
         print(json.dumps({"matmul": results["matmul"], "mlp_fold": results["mlp_fold"]}))
+        two_core = max(bound["gflops_2t"], bound["gflops_2x1p"])
+        for st in (st for st in results["stages"] if "mlp_work" in st):
+            # the grid's compute bound: its matmul work at the 2-core matmul rate
+            st["compute_bound_s"] = round(st["mlp_work"]["gflop"] / two_core, 1)
+            st["wall_over_bound"] = round(st["wall_s"] / st["compute_bound_s"], 2)
+            print(json.dumps(st))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -19,7 +19,10 @@ When no inner split with both classes on both sides exists (too few groups), it 
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import time
 from typing import Literal
 
 import numpy as np
@@ -94,6 +97,9 @@ class MLPHead:
     ):
         self.hidden, self.lr, self.epochs = hidden, lr, epochs
         self.batch_size, self.weight_decay, self.seed = batch_size, weight_decay, seed
+        #: after :meth:`fit`: optimiser steps, epochs trained, their batch size and the cells of
+        #: the inner validation split (0 without one)
+        self.steps = self.epochs_run = self.batch_run = self.n_val = 0
 
     def build(self, d: int) -> None:
         """Create the (seeded) network for ``d`` input features."""
@@ -120,11 +126,14 @@ class MLPHead:
         # AdamW's second moments of rarely-active weights decay into subnormal floats, which made
         # its update 3 × slower on x86; flushed to zero while training (torch's default is off)
         torch.set_flush_denormal(True)
+        self.steps, start = 0, time.perf_counter()
         try:
-            return self._fit(X, y)
+            self._fit(X, y)
         finally:
             torch.set_num_threads(threads)
             torch.set_flush_denormal(False)
+        _trace(self, X.shape[1], time.perf_counter() - start)
+        return self
 
     def _fit(self, X: np.ndarray, y: np.ndarray) -> MLPHead:
         import torch
@@ -138,6 +147,8 @@ class MLPHead:
             perm = torch.randperm(len(Xt), generator=gen)
             for xb, yb in _batches(Xt, yt, perm, self.batch_size):
                 trainer.step(xb, yb)
+                self.steps += 1
+        self.epochs_run, self.batch_run = self.epochs, self.batch_size
         trainer.write_back()
         self.net.eval()
         return self
@@ -180,11 +191,7 @@ class TunedMLPHead(MLPHead):
         self.min_steps, self.patience, self.val_fraction = min_steps, patience, val_fraction
         self.class_weight = class_weight
         self.groups: np.ndarray | None = None
-        self.steps = 0
         self.best_epoch = -1
-        #: epochs trained and cells in the inner validation split (0 without one), after :meth:`fit`
-        self.epochs_run = 0
-        self.n_val = 0
 
     def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None) -> TunedMLPHead:
         """Train on ``X``/``y``; ``groups`` (one per cell) keep the inner split grouped."""
@@ -212,7 +219,7 @@ class TunedMLPHead(MLPHead):
             counts = np.bincount(y[train], minlength=2).astype(np.float32)
             weight = torch.from_numpy(len(train) / (2 * np.maximum(counts, 1)))
         tr = torch.from_numpy(train)
-        batch = min(self.batch_size, max(16, len(train) // 4))
+        batch = self.batch_run = min(self.batch_size, max(16, len(train) // 4))
         trainer = FlatTrainer(
             self.net, lr=self.lr, weight_decay=self.weight_decay, weight=weight, batch=batch
         )
@@ -244,3 +251,19 @@ class TunedMLPHead(MLPHead):
         trainer.write_back()
         self.net.eval()
         return self
+
+
+#: environment variable naming a JSON-lines file that every MLP fit appends its training facts to
+#: (steps, epochs, batch, validation cells, d, hidden, seconds); set by
+#: ``benchmarks/bench_catalogue.py`` to count the grid's work, inherited by the grid's workers
+TRACE_ENV = "SCDRUGMAP_MLP_TRACE"
+
+
+def _trace(head: MLPHead, d: int, seconds: float) -> None:
+    path = os.environ.get(TRACE_ENV)
+    if not path:
+        return
+    facts = {"steps": head.steps, "epochs": head.epochs_run, "batch": head.batch_run,
+             "val_cells": head.n_val, "d": int(d), "hidden": head.hidden, "fit_s": round(seconds, 3)}  # fmt: skip
+    with open(path, "a", encoding="utf-8") as fh:  # one short line per write: appends do not interleave
+        fh.write(json.dumps(facts) + "\n")
