@@ -11,6 +11,7 @@ from scdrugmap.store import chunk_files
 from scdrugmap.store.catalog import Store
 from scdrugmap.store.chunk_files import raw_chunk_dir
 from scdrugmap.store.embeddings import ensure_array, open_array, read_rows
+from scdrugmap.store.errors import StoreError
 
 
 @pytest.fixture
@@ -81,3 +82,15 @@ def test_a_damaged_chunk_is_never_returned(arr) -> None:
     path.write_bytes(bytes(data))
     with pytest.raises(Exception, match=r"(?i)checksum|crc"):
         read_rows(a, np.arange(3 * rows, 3 * rows + 3))
+
+
+def test_open_array_modes_and_a_missing_array(arr) -> None:
+    st, X, _ = arr
+    read_only = open_array(st, "m", "r0")
+    with pytest.raises(ValueError, match="read-only"):
+        read_only[0:1] = np.zeros((1, X.shape[1]), dtype=np.float32)
+    writable = open_array(st, "m", "r0", mode="r+")
+    writable[0:1] = np.full((1, X.shape[1]), 7.0, dtype=np.float32)
+    assert np.all(read_rows(open_array(st, "m", "r0"), np.array([0])) == 7.0)
+    with pytest.raises(StoreError, match=r"no embedding array for model 'm' revision 'nope'"):
+        open_array(st, "m", "nope")
