@@ -88,3 +88,31 @@ def test_state_and_restore() -> None:
 def test_rejects_another_architecture() -> None:
     with pytest.raises(ValueError, match="Linear, ReLU, Linear, ReLU, Linear"):
         FlatTrainer(nn.Sequential(nn.Linear(3, 2)), lr=1e-3, weight_decay=0.0, batch=4)
+
+
+def test_heads_record_their_training_and_trace_it(tmp_path, monkeypatch) -> None:
+    import json
+
+    from scdrugmap.classify.heads import HeadSpec, make_head
+    from scdrugmap.classify.mlp_head import TRACE_ENV
+
+    trace = tmp_path / "trace.jsonl"
+    monkeypatch.setenv(TRACE_ENV, str(trace))
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(600, 6)).astype(np.float32)
+    y = (X[:, 0] > 0).astype(int)
+    paper = make_head(HeadSpec.create("mlp_paper", {"hidden": 16}), seed=0)
+    paper.fit(X, y)
+    paper.fit(X, y)  # a refit counts its own steps only
+    tuned = make_head(HeadSpec.create("mlp", {"hidden": 16, "min_steps": 40}), seed=0)
+    tuned.fit(X, y, groups=rng.integers(0, 12, 600))
+    fits = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert len(fits) == 3
+    assert fits[0] == {**fits[1], "fit_s": fits[0]["fit_s"]}
+    assert fits[0]["steps"] == paper.inner.steps == 10 * -(-600 // 256)  # 10 epochs of batch 256
+    assert (fits[0]["batch"], fits[0]["val_cells"], fits[0]["d"], fits[0]["hidden"]) == (256, 0, 6, 16)
+    inner = tuned.inner
+    assert fits[2]["steps"] == inner.steps >= 40
+    assert fits[2]["epochs"] == inner.epochs_run
+    assert 0 < fits[2]["val_cells"] == inner.n_val < 600
+    assert inner.steps == inner.epochs_run * -(-(600 - inner.n_val) // inner.batch_run)
