@@ -10,9 +10,12 @@ never touches the catalog: it reports store counts that a background thread refr
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
+import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -111,9 +114,12 @@ class StoreCounts:
         self.refresh()
         self._thread = threading.Thread(target=self._loop, name="scdrugmap-counts", daemon=True)
         self._thread.start()
+        _RUNNING.add(self)
 
     def refresh(self) -> None:
         """Read the counts now (errors are logged; the last counts stay)."""
+        if sys.is_finalizing():  # never enter DuckDB while the interpreter shuts down
+            return
         try:
             snap = self._query(COUNTS_SQL)
             self.counts = {k: int(v) for k, v in snap.iloc[0].items()}
@@ -128,5 +134,19 @@ class StoreCounts:
         """Stop refreshing and wait for a refresh in progress (a daemon thread left inside DuckDB at
         interpreter exit can abort the process)."""
         self._stop.set()
+        _RUNNING.discard(self)
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
+
+
+#: StoreCounts whose thread runs; closed at interpreter exit when the app's lifespan never ended
+#: (an app used without its lifespan, e.g. a TestClient outside ``with``). Without this, a refresh
+#: that started during interpreter shutdown left a daemon thread inside DuckDB, and the process
+#: aborted with "FATAL: exception not rethrown" after its work was done.
+_RUNNING: weakref.WeakSet[StoreCounts] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_running() -> None:
+    for counts in list(_RUNNING):
+        counts.close()
