@@ -61,13 +61,18 @@ def step_flops(d: int, hidden: int = 512, batch: int = 128) -> int:
     return 2 * batch * (2 * d * hidden + 3 * hidden * hidden + 6 * hidden)
 
 
+def forward_flops(d: int, hidden: int = 512, cells: int = 1) -> int:
+    """FLOPs of the head's forward matmuls for ``cells`` cells (the per-epoch validation pass)."""
+    return 2 * cells * (d * hidden + hidden * hidden + 2 * hidden)
+
+
 def mlp_work(trace: Path) -> dict:
     """The matmul work of every MLP fit in a trace (``SCDRUGMAP_MLP_TRACE``, one JSON line per fit):
     training steps (:func:`step_flops` each) plus each epoch's forward of the validation cells."""
     fits = [json.loads(line) for line in trace.read_text().splitlines()]
     flops = sum(
         f["steps"] * step_flops(f["d"], f["hidden"], f["batch"])
-        + f["epochs"] * f["val_cells"] * 2 * (f["d"] * f["hidden"] + f["hidden"] ** 2 + 2 * f["hidden"])
+        + f["epochs"] * forward_flops(f["d"], f["hidden"], f["val_cells"])
         for f in fits
     )
     return {"fits": len(fits), "steps": sum(f["steps"] for f in fits), "gflop": round(flops / 1e9, 1),
@@ -140,7 +145,7 @@ def head_fold(store: Path, threads: int, fold: int = 0) -> dict:
     net, d = head.inner, X.shape[1]
     flops = net.steps * step_flops(d, 512, int(net.batch_size))
     # the per-epoch validation pass: a forward of the inner validation cells
-    flops += net.epochs_run * net.n_val * 2 * (d * 512 + 512 * 512 + 2 * 512)
+    flops += net.epochs_run * forward_flops(d, 512, net.n_val)
     return {"cells": int(train.sum()), "steps": int(net.steps), "epochs": int(net.epochs_run),
             "val_cells": int(net.n_val), "fit_s": round(dt, 1), "gflops": round(flops / dt / 1e9, 1),
             "threads": threads, "dim": int(d)}  # fmt: skip
