@@ -39,7 +39,7 @@ from scdrugmap.classify.heads import HeadSpec
 from scdrugmap.classify.runs import head_fit_predict, run_folds, write_run
 from scdrugmap.embedder.base import spec_hash
 from scdrugmap.store.catalog import Store
-from scdrugmap.store.embeddings import open_array, read_rows, resolve_revision
+from scdrugmap.store.embeddings import read_embedding, resolve_revision
 from scdrugmap.store.errors import InputError, StoreError
 
 __all__ = ["PlannedRun", "RunOutcome", "RunSpec", "evaluate", "plan_runs", "summarise"]
@@ -122,7 +122,7 @@ def embeddings_for(
             f"(revision {revision}); run `scdrugmap embed --model {model} --datasets {','.join(ds)}`"
         )
         raise StoreError(msg)
-    X = read_rows(open_array(store, model, revision), uids)
+    X = read_embedding(store, model, revision, uids)
     ok = np.isfinite(X).all(axis=1)
     return X, ok
 

@@ -39,7 +39,7 @@ from scdrugmap.classify.heads import HeadSpec, make_head
 from scdrugmap.classify.persist import load_head, save_head
 from scdrugmap.classify.runs import fold_masks
 from scdrugmap.store.catalog import Store
-from scdrugmap.store.embeddings import open_array, read_rows
+from scdrugmap.store.embeddings import read_embedding
 from scdrugmap.store.errors import InputError
 from scdrugmap.store.progress import track
 
@@ -193,7 +193,7 @@ def lora_meta(store: Store, row: pd.Series, fold: int) -> dict[str, Any]:
 
 def _build(store: Store, row: pd.Series, directory: Path) -> None:
     cells = _run_cells(store, row)
-    X = read_rows(open_array(store, row["model"], row["revision"]), cells["cell_uid"].to_numpy())
+    X = read_embedding(store, row["model"], row["revision"], cells["cell_uid"].to_numpy())
     ok = np.isfinite(X).all(axis=1)
     cells, X = cells.loc[ok].reset_index(drop=True), X[ok]
     y = (cells["label"] == row["positive_class"]).to_numpy().astype(int)

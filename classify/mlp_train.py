@@ -25,7 +25,12 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FlatTrainer"]
+__all__ = ["FORWARD_BLOCK", "FlatTrainer"]
+
+#: rows per block of a forward pass without gradient (the validation loss): a block's hidden
+#: activations (2 × 2,048 × 512 float32) stay in cache; one pass over 134 k cells × 50 dims ran at
+#: 159 GFLOP/s instead of 101 on one thread, with the same values
+FORWARD_BLOCK = 2048
 
 
 class FlatTrainer:
@@ -145,14 +150,27 @@ class FlatTrainer:
         )  # fmt: skip
 
     def logits(self, X: Any) -> Any:
-        """Logits ``(n, k)`` of the current parameters for ``X`` ``(n, d)`` (no gradient)."""
+        """Logits ``(n, k)`` of the current parameters for ``X`` ``(n, d)`` (no gradient).
+
+        Computed :data:`FORWARD_BLOCK` rows at a time into reused buffers, so the hidden
+        activations stay in cache (each row's values are those of one pass over all rows).
+        """
         import torch
 
         W1, b1, W2, b2, W3, b3 = self.views
+        n = int(X.shape[0])
+        out = torch.empty((n, W3.shape[0]), dtype=X.dtype)
+        block = min(n, FORWARD_BLOCK)
+        h1 = torch.empty((block, W1.shape[0]), dtype=X.dtype)
+        h2 = torch.empty((block, W2.shape[0]), dtype=X.dtype)
         with torch.no_grad():
-            h = torch.addmm(b1, X, W1.T).relu_()
-            h = torch.addmm(b2, h, W2.T).relu_()
-            return torch.addmm(b3, h, W3.T)
+            for start in range(0, n, max(1, block)):
+                xb = X[start : start + block]
+                m = int(xb.shape[0])
+                a = torch.addmm(b1, xb, W1.T, out=h1[:m]).relu_()
+                c = torch.addmm(b2, a, W2.T, out=h2[:m]).relu_()
+                torch.addmm(b3, c, W3.T, out=out[start : start + m])
+        return out
 
     def loss(self, X: Any, y: Any) -> float:
         """The (weighted) mean cross-entropy of the current parameters on ``X``/``y``."""

@@ -151,7 +151,7 @@ def embedding_umap(store: Store, model: str, revision: str, *, max_cells: int, s
     from matplotlib.figure import Figure
 
     from scdrugmap.classify.projection import umap_2d
-    from scdrugmap.store.embeddings import open_array, read_rows
+    from scdrugmap.store.embeddings import read_embedding
 
     cells = store.query(
         "SELECT c.cell_uid, c.dataset_id, c.label FROM embedded_cells e JOIN cells c USING (cell_uid) "
@@ -162,7 +162,7 @@ def embedding_umap(store: Store, model: str, revision: str, *, max_cells: int, s
         return None
     if len(cells) > max_cells:
         cells = cells.iloc[np.sort(np.random.default_rng(seed).choice(len(cells), max_cells, replace=False))]
-    X = read_rows(open_array(store, model, revision), cells["cell_uid"].to_numpy())
+    X = read_embedding(store, model, revision, cells["cell_uid"].to_numpy())
     ok = np.isfinite(X).all(axis=1)
     cells, X = cells[ok], X[ok]
     xy = umap_2d(X, seed=seed)

@@ -12,22 +12,46 @@ is left to zarr (which then reports a damaged chunk as an error). Measured in
 from __future__ import annotations
 
 import itertools
+import json
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import zarr
 
-__all__ = ["crc32c", "raw_chunk_dir", "read_raw_rows"]
+__all__ = ["ChunkLayout", "crc32c", "layout_from_metadata", "layout_of", "read_raw_rows"]
 
 
-def raw_chunk_dir(arr: zarr.Array) -> tuple[Path | None, bool]:
-    """``(directory of the chunk files, chunks carry a CRC32C)`` when the chunks can be read as raw
-    float32 bytes, else ``(None, False)``.
+@dataclass(frozen=True)
+class ChunkLayout:
+    """Where and how the chunk files of a raw-readable array lie.
 
-    True for the arrays :func:`store.embeddings.ensure_array` writes on a local disk: one chunk
-    spans the full width, the ``bytes`` codec little-endian, no compressor (optionally
-    ``crc32c``), default ``c/<row>/<col>`` keys.
+    Attributes
+    ----------
+    base
+        The array's chunk directory (``<array>/c``); chunk ``i`` is the file ``base/i/0``.
+    shape
+        ``(n_rows, dim)`` of the array.
+    chunk_rows
+        Rows per chunk (a chunk spans the full width).
+    crc
+        Whether each chunk file ends with its CRC32C.
+    """
+
+    base: Path
+    shape: tuple[int, int]
+    chunk_rows: int
+    crc: bool
+
+
+def layout_of(arr: zarr.Array) -> ChunkLayout | None:
+    """The :class:`ChunkLayout` of an open array, or None when its chunks are not raw-readable.
+
+    Raw-readable are the arrays :func:`store.embeddings.ensure_array` writes on a local disk: one
+    chunk spans the full width, fill value NaN, the ``bytes`` codec little-endian, no compressor
+    (optionally ``crc32c``), default ``c/<row>/<col>`` keys.
     """
     from zarr.codecs import BytesCodec, Crc32cCodec
     from zarr.storage import LocalStore
@@ -38,6 +62,7 @@ def raw_chunk_dir(arr: zarr.Array) -> tuple[Path | None, bool]:
         simple = (
             isinstance(arr.store, LocalStore)
             and arr.dtype == np.dtype("float32")
+            and np.isnan(arr.fill_value)  # an unwritten chunk reads as NaN
             and arr.chunks[1] == arr.shape[1]
             and isinstance(codecs[0], BytesCodec)
             and str(getattr(codecs[0].endian, "value", codecs[0].endian)) == "little"
@@ -46,10 +71,53 @@ def raw_chunk_dir(arr: zarr.Array) -> tuple[Path | None, bool]:
             and getattr(meta.chunk_key_encoding, "separator", "") == "/"
         )
     except (AttributeError, IndexError):  # zarr v2 metadata or another layout: read through zarr
-        return None, False
+        return None
     if not simple:
-        return None, False
-    return Path(str(arr.store.root)) / arr.path / "c", len(codecs) == 2
+        return None
+    base = Path(str(arr.store.root)) / arr.path / "c"
+    return ChunkLayout(base, (int(arr.shape[0]), int(arr.shape[1])), int(arr.chunks[0]), len(codecs) == 2)
+
+
+def layout_from_metadata(array_dir: Path) -> ChunkLayout | None:
+    """The :class:`ChunkLayout` read from an array's ``zarr.json`` alone, without opening it in zarr.
+
+    Zarr v3 array metadata (``shape``, ``data_type``, ``chunk_grid``, ``chunk_key_encoding``,
+    ``fill_value``, ``codecs``; zarr-specs v3.0 "Array metadata"). Opening an array in zarr costs
+    ≈ 0.5 ms of hand-offs to its event-loop thread, a tenth of reading a 100 k-cell selection
+    (``benchmarks/bench_store_read.py``).
+
+    Returns
+    -------
+    ChunkLayout or None
+        None when the file is missing or unreadable, or describes any other layout (another
+        dtype, codec, key encoding or fill value, a chunk not spanning the full width, extensions
+        such as storage transformers): those are read through zarr.
+    """
+    try:
+        meta = json.loads((array_dir / "zarr.json").read_bytes())
+        grid, keys = meta["chunk_grid"], meta["chunk_key_encoding"]
+        codecs = [c["name"] for c in meta["codecs"]]
+        shape = tuple(int(x) for x in meta["shape"])
+        chunk = tuple(int(x) for x in grid["configuration"]["chunk_shape"])
+        simple = (
+            meta.get("zarr_format") == 3
+            and meta.get("node_type") == "array"
+            and meta.get("data_type") == "float32"
+            and meta.get("fill_value") == "NaN"  # an unwritten chunk reads as NaN
+            and not meta.get("storage_transformers")
+            and grid.get("name") == "regular"
+            and len(shape) == 2
+            and chunk[1] == shape[1]
+            and codecs in (["bytes"], ["bytes", "crc32c"])
+            and meta["codecs"][0].get("configuration", {}).get("endian") == "little"
+            and keys.get("name") == "default"
+            and keys.get("configuration", {}).get("separator", "/") == "/"
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
+        return None
+    if not simple:
+        return None
+    return ChunkLayout(array_dir / "c", (shape[0], shape[1]), chunk[0], len(codecs) == 2)
 
 
 #: threads reading chunk files at once (``os.readv`` and the CRC release the GIL); see
@@ -60,29 +128,28 @@ MIN_CHUNKS_PER_THREAD = 8
 
 
 def read_raw_rows(
-    arr: zarr.Array,
-    base: Path,
+    layout: ChunkLayout,
     *,
-    crc: bool,
     out: np.ndarray,
     pos: np.ndarray,
     sel: np.ndarray,
+    read_chunk: Callable[[int], np.ndarray],
     threads: int | None = None,
 ) -> None:
-    """Fill ``out[pos]`` with rows ``sel`` of ``arr`` read from the chunk files under ``base``.
+    """Fill ``out[pos]`` with rows ``sel`` of an array read from its chunk files.
 
     Parameters
     ----------
-    arr
-        The array ``(n_rows, dim)`` (read through zarr only for a chunk whose file is not usable).
-    base
-        Its chunk directory (:func:`raw_chunk_dir`).
-    crc
-        Whether the chunk files end with a CRC32C, which is then checked.
+    layout
+        The array's chunk files (:func:`layout_of`, :func:`layout_from_metadata`).
     out
         float32 ``(n, dim)``, C-contiguous; written in place.
     pos, sel
         int64 ``(m,)``: output rows and array rows, ``sel`` sorted ascending and within the array.
+    read_chunk
+        ``read_chunk(i)`` returns chunk ``i`` (float32 ``(≤ chunk_rows, dim)``) through zarr; called
+        only for a chunk whose file is not exactly one chunk or fails its checksum, so that zarr
+        decides (and reports a damaged chunk as an error).
     threads
         Threads reading chunks at once (default :data:`READ_THREADS`; one per
         :data:`MIN_CHUNKS_PER_THREAD` chunks at most). Each reads its own run of chunks into
@@ -92,53 +159,57 @@ def read_raw_rows(
     -----
     A chunk needed whole at a contiguous run of ``out`` (the usual case: a dataset's cells are a
     contiguous run of ``cell_uid``) is read straight into ``out``; a chunk only partly needed is
-    read into a reused scratch buffer (fresh pages cost more than the copy) and its rows copied.
+    read into a reused scratch buffer (fresh pages cost more than the copy) and its rows copied
+    (with ``np.take`` when they go to a contiguous run of ``out``, as for sorted ``uids``).
     The per-chunk bookkeeping is vectorised, so the loop does one ``open``/``readv``/``close`` per
     chunk. A chunk file that was never written reads as NaN.
     """
-    rows = int(arr.chunks[0])
+    rows = layout.chunk_rows
     chunk = sel // rows
     starts = np.flatnonzero(np.r_[True, chunk[1:] != chunk[:-1]])
     ends = np.r_[starts[1:], sel.size]
     n = ends - starts
     first = sel[starts] - chunk[starts] * rows
-    contiguous = (sel[ends - 1] - sel[starts] == n - 1) & (pos[ends - 1] - pos[starts] == n - 1)
+    run = pos[ends - 1] - pos[starts] == n - 1  # the chunk's rows go to a contiguous run of out
+    contiguous = run & (sel[ends - 1] - sel[starts] == n - 1)
     whole = contiguous & (n == rows) & (first == 0)
     groups = list(zip(
         starts.tolist(), ends.tolist(), chunk[starts].tolist(), first.tolist(),
-        pos[starts].tolist(), contiguous.tolist(), whole.tolist(), strict=True,
+        pos[starts].tolist(), run.tolist(), contiguous.tolist(), whole.tolist(), strict=True,
     ))  # fmt: skip
     k = max(1, min(READ_THREADS if threads is None else threads, len(groups) // MIN_CHUNKS_PER_THREAD))
     if k == 1:
-        _read_groups(arr, base, crc, out, pos, sel, groups)
+        _read_groups(layout, read_chunk, out, pos, sel, groups)
         return
     from concurrent.futures import ThreadPoolExecutor
 
     bounds = np.linspace(0, len(groups), k + 1).astype(int)
     with ThreadPoolExecutor(k) as pool:
         jobs = [
-            pool.submit(_read_groups, arr, base, crc, out, pos, sel, groups[lo:hi])
+            pool.submit(_read_groups, layout, read_chunk, out, pos, sel, groups[lo:hi])
             for lo, hi in itertools.pairwise(bounds.tolist())
         ]
         for job in jobs:
             job.result()
 
 
-def _read_groups(arr, base: Path, crc: bool, out, pos, sel, groups: list[tuple]) -> None:
+def _read_groups(layout: ChunkLayout, read_chunk, out, pos, sel, groups: list[tuple]) -> None:
     """One thread's share of :func:`read_raw_rows`: its chunks, its scratch buffer."""
-    rows, dim = int(arr.chunks[0]), int(arr.shape[1])
-    scratch = np.empty((rows, dim), dtype="<f4") if not all(g[6] for g in groups) else None
+    rows, dim = layout.chunk_rows, layout.shape[1]
+    scratch = np.empty((rows, dim), dtype="<f4") if not all(g[7] for g in groups) else None
     tail = bytearray(5)
-    nbytes, prefix = rows * dim * 4, f"{base}{os.sep}"
-    for a, b, c, f, p0, is_contig, is_whole in groups:
+    nbytes, prefix = rows * dim * 4, f"{layout.base}{os.sep}"
+    for a, b, c, f, p0, is_run, is_contig, is_whole in groups:
         target = out[p0 : p0 + rows] if is_whole else scratch
-        if not _read_file(f"{prefix}{c}{os.sep}0", target, nbytes, tail, crc=crc):
-            block = np.asarray(arr[c * rows : min((c + 1) * rows, arr.shape[0])], dtype=np.float32)
+        if not _read_file(f"{prefix}{c}{os.sep}0", target, nbytes, tail, crc=layout.crc):
+            block = np.asarray(read_chunk(c), dtype=np.float32)
             target[: len(block)] = block
         if is_whole:
             continue
         if is_contig:
             out[p0 : p0 + (b - a)] = target[f : f + (b - a)]
+        elif is_run:  # rows picked from the chunk straight into their run of out (no temporary)
+            np.take(target, sel[a:b] - c * rows, axis=0, out=out[p0 : p0 + (b - a)], mode="clip")
         else:
             out[pos[a:b]] = target[sel[a:b] - c * rows]
 

@@ -11,15 +11,16 @@ chunk, one writer per chunk); a row counts as done only once the catalog's
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
 
-from scdrugmap.store.chunk_files import raw_chunk_dir, read_raw_rows
+from scdrugmap.store.chunk_files import ChunkLayout, layout_from_metadata, layout_of, read_raw_rows
 from scdrugmap.store.errors import StoreError
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ __all__ = [
     "iter_chunks",
     "open_array",
     "open_embeddings",
+    "read_embedding",
     "read_rows",
     "resolve_revision",
     "write_rows",
@@ -187,19 +189,70 @@ def read_rows(arr: zarr.Array, uids: np.ndarray) -> np.ndarray:
     numpy.ndarray
         float32 ``(len(uids), dim)``.
     """
+    return _read(uids, layout_of(arr), lambda: arr, shape=arr.shape)
+
+
+def read_embedding(store: Store, model: str, revision: str, uids: np.ndarray) -> np.ndarray:
+    """Rows ``uids`` of the embedding of (``model``, ``revision``): ``read_rows(open_array(...), uids)``.
+
+    For the store's own arrays the chunk layout is read from the array's ``zarr.json`` and the
+    array is opened in zarr only if a chunk file needs it (≈ 0.5 ms saved per read; see
+    :func:`store.chunk_files.layout_from_metadata`).
+
+    Parameters
+    ----------
+    store
+        The store.
+    model, revision
+        Which embedding (a full revision; see :func:`resolve_revision`).
+    uids
+        int64 ``(n,)`` row indices (``cell_uid``), any order, duplicates allowed.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 ``(len(uids), dim)``; NaN rows are cells not embedded (yet) or beyond the array.
+
+    Raises
+    ------
+    StoreError
+        When the array does not exist.
+    """
+    layout = layout_from_metadata(store.zarr_path / _array_path(model, revision))
+    if layout is None:  # missing (open_array says so) or another layout
+        return read_rows(open_array(store, model, revision), uids)
+    return _read(
+        uids, layout, functools.cache(lambda: open_array(store, model, revision)), shape=layout.shape
+    )
+
+
+def _read(
+    uids: np.ndarray,
+    layout: ChunkLayout | None,
+    get_array: Callable[[], zarr.Array],
+    *,
+    shape: tuple[int, ...],
+) -> np.ndarray:
+    """:func:`read_rows` given the array's layout (None: read through zarr) and a way to open it."""
     uids = np.asarray(uids, dtype=np.int64)
-    inside = (uids >= 0) & (uids < arr.shape[0])
-    out = np.empty((uids.size, arr.shape[1]), dtype=np.float32)  # every row is filled below
+    n_rows = int(shape[0])
+    inside = (uids >= 0) & (uids < n_rows)
+    out = np.empty((uids.size, int(shape[1])), dtype=np.float32)  # every row is filled below
     out[~inside] = np.nan
     pos = np.flatnonzero(inside)
     if pos.size == 0:
         return out
     order = np.argsort(uids[pos], kind="stable")
     pos, sel = pos[order], uids[pos][order]
-    raw, crc = raw_chunk_dir(arr)
-    if raw is not None:  # uncompressed full-width chunks on a local disk: read the files directly
-        read_raw_rows(arr, raw, crc=crc, out=out, pos=pos, sel=sel)
+    if layout is not None:  # uncompressed full-width chunks on a local disk: read the files directly
+        rows = layout.chunk_rows
+
+        def read_chunk(c: int) -> np.ndarray:
+            return np.asarray(get_array()[c * rows : min((c + 1) * rows, n_rows)])
+
+        read_raw_rows(layout, out=out, pos=pos, sel=sel, read_chunk=read_chunk)
         return out
+    arr = get_array()
     rows = int(arr.chunks[0])
     chunk = sel // rows
     starts = np.flatnonzero(np.r_[True, np.diff(chunk) > 1])  # runs of adjacent needed chunks
@@ -209,7 +262,7 @@ def read_rows(arr: zarr.Array, uids: np.ndarray) -> np.ndarray:
         while a < b:
             last = min(int(chunk[b - 1]), first + MAX_RUN_CHUNKS - 1)
             stop = a + int(np.searchsorted(chunk[a:b], last, side="right"))
-            lo, hi = first * rows, min((last + 1) * rows, arr.shape[0])
+            lo, hi = first * rows, min((last + 1) * rows, n_rows)
             block = np.asarray(arr[lo:hi], dtype=np.float32)
             out[pos[a:stop]] = block[sel[a:stop] - lo]
             a, first = stop, last + 1
@@ -324,6 +377,6 @@ def export_obsm(
         msg = f"{int(missing.sum())} obs names of the AnnData are not cells of {dataset_id!r} (e.g. {adata.obs_names[missing][0]!r})"
         raise StoreError(msg)
     rev = resolve_revision(store, model, revision)
-    arr = open_array(store, model, rev)
-    adata.obsm[f"X_scdrugmap_{model}"] = read_rows(arr, uid_of.loc[adata.obs_names].to_numpy())
+    uids = uid_of.loc[adata.obs_names].to_numpy()
+    adata.obsm[f"X_scdrugmap_{model}"] = read_embedding(store, model, rev, uids)
     return adata

@@ -9,8 +9,8 @@ import pytest
 
 from scdrugmap.store import chunk_files
 from scdrugmap.store.catalog import Store
-from scdrugmap.store.chunk_files import raw_chunk_dir
-from scdrugmap.store.embeddings import ensure_array, open_array, read_rows
+from scdrugmap.store.chunk_files import layout_from_metadata, layout_of
+from scdrugmap.store.embeddings import ensure_array, open_array, read_embedding, read_rows
 from scdrugmap.store.errors import StoreError
 
 
@@ -44,7 +44,7 @@ def test_raw_reads_equal_the_array(arr, pick: str, threads: int, monkeypatch) ->
     monkeypatch.setattr(chunk_files, "MIN_CHUNKS_PER_THREAD", 1)  # 5 chunks: every thread gets some
     st, X, rows = arr
     a = open_array(st, "m", "r0")
-    assert raw_chunk_dir(a)[0] is not None  # the direct path is the one under test
+    assert layout_of(a) is not None  # the direct path is the one under test
     rng = np.random.default_rng(1)
     uids = {
         "contiguous": np.arange(2 * rows, 4 * rows),  # whole chunks straight into the output
@@ -56,18 +56,22 @@ def test_raw_reads_equal_the_array(arr, pick: str, threads: int, monkeypatch) ->
     got = read_rows(a, uids)
     np.testing.assert_array_equal(got, _zarr_rows(X, uids))
     assert got.dtype == np.float32
+    # the same rows without opening the array in zarr (layout from its zarr.json)
+    np.testing.assert_array_equal(read_embedding(st, "m", "r0", uids), got)
 
 
 def test_a_file_that_is_not_one_chunk_is_read_through_zarr(arr) -> None:
     st, X, rows = arr
     a = open_array(st, "m", "r0")
-    base, crc = raw_chunk_dir(a)
-    assert crc
-    path = base / "2" / "0"
+    layout = layout_of(a)
+    assert layout.crc
+    path = layout.base / "2" / "0"
     good = path.read_bytes()
     path.write_bytes(good + b"xx")  # not exactly one chunk: zarr decides (and reports it damaged)
     with pytest.raises(Exception, match=r"(?i)checksum|crc|size|shape|length"):
         read_rows(a, np.arange(2 * rows, 2 * rows + 5))
+    with pytest.raises(Exception, match=r"(?i)checksum|crc|size|shape|length"):
+        read_embedding(st, "m", "r0", np.arange(2 * rows, 2 * rows + 5))
     path.write_bytes(good)
     np.testing.assert_array_equal(read_rows(a, np.arange(2 * rows, 2 * rows + 5)), X[2 * rows : 2 * rows + 5])
 
@@ -75,13 +79,14 @@ def test_a_file_that_is_not_one_chunk_is_read_through_zarr(arr) -> None:
 def test_a_damaged_chunk_is_never_returned(arr) -> None:
     st, _, rows = arr
     a = open_array(st, "m", "r0")
-    base, _ = raw_chunk_dir(a)
-    path = base / "3" / "0"
+    path = layout_of(a).base / "3" / "0"
     data = bytearray(path.read_bytes())
     data[100] ^= 0xFF  # one flipped byte: the CRC32C no longer matches
     path.write_bytes(bytes(data))
     with pytest.raises(Exception, match=r"(?i)checksum|crc"):
         read_rows(a, np.arange(3 * rows, 3 * rows + 3))
+    with pytest.raises(Exception, match=r"(?i)checksum|crc"):
+        read_embedding(st, "m", "r0", np.arange(3 * rows, 3 * rows + 3))
 
 
 def test_open_array_modes_and_a_missing_array(arr) -> None:
@@ -94,3 +99,56 @@ def test_open_array_modes_and_a_missing_array(arr) -> None:
     assert np.all(read_rows(open_array(st, "m", "r0"), np.array([0])) == 7.0)
     with pytest.raises(StoreError, match=r"no embedding array for model 'm' revision 'nope'"):
         open_array(st, "m", "nope")
+
+
+def test_layout_from_metadata_matches_the_open_array(arr) -> None:
+    st, X, rows = arr
+    a = open_array(st, "m", "r0")
+    assert layout_from_metadata(st.zarr_path / "m" / "r0" / "embedding") == layout_of(a)
+    assert layout_of(a).shape == X.shape
+    assert layout_of(a).chunk_rows == rows
+    assert layout_from_metadata(st.zarr_path / "m" / "nope" / "embedding") is None
+    with pytest.raises(StoreError, match=r"no embedding array for model 'm' revision 'nope'"):
+        read_embedding(st, "m", "nope", np.array([0]))
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["compressed", "int32", "zero_fill", "partial_width", "dot_keys", "big_endian", "not_json"],
+)
+def test_other_layouts_are_read_through_zarr(tmp_path: Path, change: str) -> None:
+    """Any layout the raw reader does not handle is left to zarr, and the rows still come back."""
+    import zarr
+    from zarr.codecs import BloscCodec, BytesCodec
+
+    st = Store.open(tmp_path / "store", create=True)
+    root = zarr.open_group(st.zarr_path, mode="a", zarr_format=3)
+    dtype = "int32" if change == "int32" else "float32"
+    kwargs: dict = {
+        "shape": (300, 8),
+        "chunks": (64, 4 if change == "partial_width" else 8),
+        "dtype": dtype,
+        "fill_value": 0 if change in ("zero_fill", "int32") else np.nan,
+    }
+    if change == "compressed":
+        kwargs["compressors"] = [BloscCodec()]
+    else:
+        kwargs["compressors"] = None
+    if change == "big_endian":
+        kwargs["serializer"] = BytesCodec(endian="big")
+    if change == "dot_keys":
+        kwargs["chunk_key_encoding"] = {"name": "default", "separator": "."}
+    a = root.create_array("m/r0/embedding", **kwargs)
+    X = np.arange(300 * 8).reshape(300, 8).astype(dtype)
+    a[:200] = X[:200]
+    path = st.zarr_path / "m" / "r0" / "embedding"
+    if change == "not_json":
+        (path / "zarr.json").write_bytes((path / "zarr.json").read_bytes()[:-5])
+        assert layout_from_metadata(path) is None
+        return
+    assert layout_from_metadata(path) is None
+    uids = np.array([5, 150, 250, 299, 10])
+    fill = 0 if change in ("zero_fill", "int32") else np.nan
+    expect = np.where(uids[:, None] < 200, X[np.minimum(uids, 199)], fill).astype(np.float32)
+    np.testing.assert_array_equal(read_embedding(st, "m", "r0", uids), expect)
+    np.testing.assert_array_equal(read_rows(open_array(st, "m", "r0"), uids), expect)

@@ -116,3 +116,22 @@ def test_heads_record_their_training_and_trace_it(tmp_path, monkeypatch) -> None
     assert fits[2]["epochs"] == inner.epochs_run
     assert 0 < fits[2]["val_cells"] == inner.n_val < 600
     assert inner.steps == inner.epochs_run * -(-(600 - inner.n_val) // inner.batch_run)
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 50])
+def test_blocked_forward_equals_the_network(n: int, monkeypatch) -> None:
+    """The validation forward runs in blocks of rows; every row equals the network's own forward."""
+    from scdrugmap.classify import mlp_train
+
+    monkeypatch.setattr(mlp_train, "FORWARD_BLOCK", 7)  # 50 rows: 7 full blocks and a short one
+    net = _net(5, 16)
+    X = torch.from_numpy(np.random.default_rng(3).normal(size=(n, 5)).astype(np.float32))
+    y = torch.from_numpy((np.arange(n) % 2).astype(np.int64))
+    trainer = FlatTrainer(net, lr=1e-2, weight_decay=0.0, weight=None, batch=8)
+    got = trainer.logits(X)
+    assert got.shape == (n, 2)
+    with torch.no_grad():
+        np.testing.assert_allclose(got.numpy(), net(X).numpy(), rtol=1e-6, atol=1e-6)
+        if n:
+            expected = float(nn.CrossEntropyLoss()(net(X), y))
+            assert trainer.loss(X, y) == pytest.approx(expected, rel=1e-6)

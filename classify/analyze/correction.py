@@ -17,7 +17,7 @@ import pandas as pd
 
 from scdrugmap.classify.analyze.tables import ensure_tables, now, replace_frame
 from scdrugmap.store.catalog import Store
-from scdrugmap.store.embeddings import open_array, read_rows
+from scdrugmap.store.embeddings import read_embedding
 from scdrugmap.store.errors import InputError
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ def batch_mixing(
     rows = []
     for tag, model, rev in (("uncorrected", outcome.source_model, outcome.source_revision),
                             ("corrected", outcome.model, outcome.revision)):  # fmt: skip
-        s = separation_scores(read_rows(open_array(store, model, rev), uids), batch, k=k, seed=seed)
+        s = separation_scores(read_embedding(store, model, rev, uids), batch, k=k, seed=seed)
         rows.append({"embedding": tag, "model": model, "revision": rev, "batch_silhouette": s["silhouette"],
                      "batch_knn_purity": s["knn_purity"], "batch_knn_purity_expected": s["knn_purity_expected"]})  # fmt: skip
     return pd.DataFrame(rows)

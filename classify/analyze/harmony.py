@@ -39,8 +39,7 @@ from scdrugmap.store.catalog import Store
 from scdrugmap.store.embeddings import (
     ensure_array,
     iter_chunks,
-    open_array,
-    read_rows,
+    read_embedding,
     resolve_revision,
     write_rows,
 )
@@ -292,7 +291,7 @@ def correct_embedding(
     if uids.size == 0:
         msg = f"no cell has a {model} embedding (revision {src_rev}) in the selection"
         raise InputError(msg)
-    X = read_rows(open_array(store, model, src_rev), uids).astype(np.float64)
+    X = read_embedding(store, model, src_rev, uids).astype(np.float64)
     ok = np.isfinite(X).all(axis=1)
     X, uids = X[ok], uids[ok]
     batch = batch_labels(store, uids, batch_key)

@@ -40,7 +40,7 @@ import pandas as pd
 from scdrugmap.classify.analyze.harmony import HarmonySpec, check_batch_key, correct_embedding
 from scdrugmap.classify.analyze.tables import now
 from scdrugmap.store.catalog import Store
-from scdrugmap.store.embeddings import open_array, read_rows, resolve_revision
+from scdrugmap.store.embeddings import read_embedding, resolve_revision
 from scdrugmap.store.errors import InputError, StoreError
 from scdrugmap.store.prepare import file_sha256
 
@@ -227,7 +227,7 @@ def build_release(
     obs = _obs(_cells(store, datasets, model, rev))
     check_batch_key(store, batch_key, datasets=datasets)
     uids = obs["cell_uid"].to_numpy(dtype=np.int64)
-    X = read_rows(open_array(store, model, rev), uids).astype(np.float32)
+    X = read_embedding(store, model, rev, uids).astype(np.float32)
     if not np.isfinite(X).all():
         msg = (
             f"{int((~np.isfinite(X).all(axis=1)).sum())} cell(s) have non-finite {model} rows; re-embed them"
@@ -249,7 +249,7 @@ def build_release(
             return found
         out = correct_embedding(store, model, revision=rev, batch_key=batch_key, name=f"{model}_harmony_release",
                                 datasets=datasets, spec=harmony)  # fmt: skip
-        Z = read_rows(open_array(store, out.model, out.revision), uids)
+        Z = read_embedding(store, out.model, out.revision, uids)
         if not np.isfinite(Z).all():  # pragma: no cover - the correction covers exactly these cells
             msg = f"the Harmony correction {out.revision} does not cover every cell of the release"
             raise StoreError(msg)
