@@ -51,31 +51,14 @@ def layout_of(arr: zarr.Array) -> ChunkLayout | None:
 
     Raw-readable are the arrays :func:`store.embeddings.ensure_array` writes on a local disk: one
     chunk spans the full width, fill value NaN, the ``bytes`` codec little-endian, no compressor
-    (optionally ``crc32c``), default ``c/<row>/<col>`` keys.
+    (optionally ``crc32c``), default ``c/<row>/<col>`` keys. Decided from the array's
+    ``zarr.json`` by :func:`layout_from_metadata` (one set of rules for both ways in).
     """
-    from zarr.codecs import BytesCodec, Crc32cCodec
     from zarr.storage import LocalStore
 
-    meta = arr.metadata
-    try:
-        codecs = tuple(meta.codecs)
-        simple = (
-            isinstance(arr.store, LocalStore)
-            and arr.dtype == np.dtype("float32")
-            and np.isnan(arr.fill_value)  # an unwritten chunk reads as NaN
-            and arr.chunks[1] == arr.shape[1]
-            and isinstance(codecs[0], BytesCodec)
-            and str(getattr(codecs[0].endian, "value", codecs[0].endian)) == "little"
-            and (len(codecs) == 1 or (len(codecs) == 2 and isinstance(codecs[1], Crc32cCodec)))
-            and getattr(meta.chunk_key_encoding, "name", "") == "default"
-            and getattr(meta.chunk_key_encoding, "separator", "") == "/"
-        )
-    except (AttributeError, IndexError):  # zarr v2 metadata or another layout: read through zarr
+    if not isinstance(arr.store, LocalStore):
         return None
-    if not simple:
-        return None
-    base = Path(str(arr.store.root)) / arr.path / "c"
-    return ChunkLayout(base, (int(arr.shape[0]), int(arr.shape[1])), int(arr.chunks[0]), len(codecs) == 2)
+    return layout_from_metadata(Path(str(arr.store.root)) / arr.path)
 
 
 def layout_from_metadata(array_dir: Path) -> ChunkLayout | None:
