@@ -17,9 +17,13 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import zarr
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
 
 __all__ = ["ChunkLayout", "crc32c", "layout_from_metadata", "layout_of", "read_raw_rows"]
 
@@ -106,7 +110,7 @@ def layout_from_metadata(array_dir: Path) -> ChunkLayout | None:
 #: threads reading chunk files at once (``os.readv`` and the CRC release the GIL); see
 #: ``benchmarks/bench_store_read.py --threads``
 READ_THREADS = 2
-#: fewer chunks than this are read on one thread (a thread's start costs more than it saves)
+#: fewer chunks than this are read on one thread (a hand-off costs more than it saves)
 MIN_CHUNKS_PER_THREAD = 8
 
 
@@ -135,8 +139,8 @@ def read_raw_rows(
         decides (and reports a damaged chunk as an error).
     threads
         Threads reading chunks at once (default :data:`READ_THREADS`; one per
-        :data:`MIN_CHUNKS_PER_THREAD` chunks at most). Each reads its own run of chunks into
-        disjoint rows of ``out``.
+        :data:`MIN_CHUNKS_PER_THREAD` chunks at most): the calling thread and threads of a pool
+        kept for the process. Each reads its own run of chunks into disjoint rows of ``out``.
 
     Notes
     -----
@@ -164,16 +168,40 @@ def read_raw_rows(
     if k == 1:
         _read_groups(layout, read_chunk, out, pos, sel, groups)
         return
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import wait
 
-    bounds = np.linspace(0, len(groups), k + 1).astype(int)
-    with ThreadPoolExecutor(k) as pool:
-        jobs = [
-            pool.submit(_read_groups, layout, read_chunk, out, pos, sel, groups[lo:hi])
-            for lo, hi in itertools.pairwise(bounds.tolist())
-        ]
-        for job in jobs:
-            job.result()
+    bounds = np.linspace(0, len(groups), k + 1).astype(int).tolist()
+    pool = _reader_pool(k - 1)
+    jobs = [
+        pool.submit(_read_groups, layout, read_chunk, out, pos, sel, groups[lo:hi])
+        for lo, hi in itertools.pairwise(bounds[1:])
+    ]
+    try:  # the calling thread reads the first share itself (one hand-off fewer)
+        _read_groups(layout, read_chunk, out, pos, sel, groups[: bounds[1]])
+    finally:
+        wait(jobs)  # never return (or raise) while a thread still writes into ``out``
+    for job in jobs:
+        job.result()
+
+
+_POOL: tuple[int, int, ThreadPoolExecutor] | None = None
+
+
+def _reader_pool(workers: int) -> ThreadPoolExecutor:
+    """The process's chunk-reading threads, ``workers`` at least.
+
+    Kept between reads: starting the threads for every read cost a tenth of a 100 k-cell read
+    (``benchmarks/bench_store_read.py``). Made again in a forked child (which inherits the pool but
+    not its threads) and when more threads are asked for.
+    """
+    global _POOL
+    if _POOL is None or _POOL[0] != os.getpid() or _POOL[1] < workers:
+        from concurrent.futures import ThreadPoolExecutor
+
+        if _POOL is not None and _POOL[0] == os.getpid():
+            _POOL[2].shutdown(wait=False)
+        _POOL = (os.getpid(), workers, ThreadPoolExecutor(workers, thread_name_prefix="scdrugmap-read"))
+    return _POOL[2]
 
 
 def _read_groups(layout: ChunkLayout, read_chunk, out, pos, sel, groups: list[tuple]) -> None:

@@ -152,3 +152,52 @@ def test_other_layouts_are_read_through_zarr(tmp_path: Path, change: str) -> Non
     expect = np.where(uids[:, None] < 200, X[np.minimum(uids, 199)], fill).astype(np.float32)
     np.testing.assert_array_equal(read_embedding(st, "m", "r0", uids), expect)
     np.testing.assert_array_equal(read_rows(open_array(st, "m", "r0"), uids), expect)
+
+
+def test_a_damaged_chunk_in_any_threads_share_is_an_error(arr, monkeypatch) -> None:
+    """Every thread's share is checked: damage in the pool thread's chunks or the caller's raises."""
+    monkeypatch.setattr(chunk_files, "READ_THREADS", 2)
+    monkeypatch.setattr(chunk_files, "MIN_CHUNKS_PER_THREAD", 1)
+    st, X, _ = arr
+    layout = layout_from_metadata(st.zarr_path / "m" / "r0" / "embedding")
+    for chunk in (0, 4):  # the first share (read by the caller) and the last (read by the pool)
+        path = layout.base / str(chunk) / "0"
+        good = path.read_bytes()
+        path.write_bytes(good[:100] + bytes([good[100] ^ 1]) + good[101:])
+        with pytest.raises(Exception, match=r"(?i)checksum|crc"):
+            read_embedding(st, "m", "r0", np.arange(5000))
+        path.write_bytes(good)
+    np.testing.assert_array_equal(
+        read_embedding(st, "m", "r0", np.arange(5000)), _zarr_rows(X, np.arange(5000))
+    )
+
+
+def _read_in_child(zarr_path: str, queue) -> None:
+    from scdrugmap.store.chunk_files import layout_from_metadata, read_raw_rows
+
+    layout = layout_from_metadata(Path(zarr_path) / "m" / "r0" / "embedding")
+    out = np.empty((5000, 256), dtype=np.float32)
+    read_raw_rows(layout, out=out, pos=np.arange(5000), sel=np.arange(5000), read_chunk=None, threads=2)
+    queue.put(float(np.nansum(out)))
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_reading_threads_work_in_a_forked_child(arr, monkeypatch) -> None:
+    """The reader's thread pool is inherited by a forked child without its threads; the child
+    must make its own instead of waiting on threads that do not exist."""
+    import multiprocessing
+
+    monkeypatch.setattr(chunk_files, "MIN_CHUNKS_PER_THREAD", 1)
+    st, X, _ = arr
+    read_embedding(st, "m", "r0", np.arange(5000))  # the parent's pool exists now
+    assert chunk_files._POOL is not None
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_read_in_child, args=(str(st.zarr_path), queue))
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked child hung reading chunks")
+    assert child.exitcode == 0
+    assert queue.get(timeout=5) == pytest.approx(float(np.nansum(X)), rel=1e-5)
