@@ -29,6 +29,7 @@ __all__ = [
     "attach_lora",
     "build_head",
     "embed_cells",
+    "inject_lora",
     "load_adapter",
     "save_adapter",
 ]
@@ -100,6 +101,57 @@ def _layer_limits(emb: Any) -> dict[str, Any]:
     return {} if layers is None else {"layers_to_transform": layers, "layers_pattern": "layer"}
 
 
+def inject_lora(
+    module: Any,
+    *,
+    targets: tuple[str, ...] = (),
+    target_parameters: tuple[str, ...] = (),
+    **lora_options: Any,
+) -> Any:
+    """Inject LoRA (adapter ``"default"``) into ``module`` in place: ``targets`` modules, then ``target_parameters``.
+
+    Two passes of ``peft.inject_adapter_in_model`` when both are given. From peft 0.22 one pass wraps
+    the attention block that owns a packed ``in_proj_weight`` in a ``ParamWrapper`` before it reaches
+    the block's ``out_proj`` module, which it then cannot find; adapting the modules first and the
+    parameters second gives the same adapters (names, initial values, outputs) with peft 0.21 and
+    0.22.
+
+    Parameters
+    ----------
+    module
+        A ``torch.nn.Module``.
+    targets, target_parameters
+        peft ``target_modules`` and ``target_parameters``.
+    **lora_options
+        Other ``peft.LoraConfig`` fields (``r``, ``lora_alpha``, ``lora_dropout``, ...).
+
+    Returns
+    -------
+    torch.nn.Module
+        ``module``, with the adapters.
+
+    Raises
+    ------
+    ValueError
+        peft's, when a target matches nothing.
+    """
+    import warnings
+
+    from peft import LoraConfig, inject_adapter_in_model
+
+    passes = [
+        {"target_modules": list(targets) or None, "target_parameters": None},
+        {"target_modules": None, "target_parameters": list(target_parameters) or None},
+    ]
+    passes = [p for p in passes if p["target_modules"] or p["target_parameters"]]
+    for i, targeted in enumerate(passes):
+        with warnings.catch_warnings():
+            if i:  # the second pass adds to the same adapter, which peft warns about
+                warnings.filterwarnings("ignore", message=".*Already found a `peft_config` attribute.*")
+            inject_adapter_in_model(LoraConfig(**targeted, **lora_options), module)
+    return module
+
+
 def attach_lora(emb: Any, spec: LoraSpec, *, seed: int) -> list[Any]:
     """Inject LoRA adapters into ``emb.torch_module()`` in place and freeze everything else.
 
@@ -114,21 +166,20 @@ def attach_lora(emb: Any, spec: LoraSpec, *, seed: int) -> list[Any]:
         When no module/parameter matches the targets.
     """
     import torch
-    from peft import LoraConfig, inject_adapter_in_model
 
     module = emb.torch_module()
-    cfg = LoraConfig(
-        r=spec.rank,
-        lora_alpha=spec.alpha,
-        lora_dropout=spec.dropout,
-        target_modules=list(spec.targets) or None,
-        target_parameters=list(spec.target_parameters) or None,
-        bias="none",
-        **_layer_limits(emb),
-    )
     torch.manual_seed(seed)
     try:
-        inject_adapter_in_model(cfg, module)
+        inject_lora(
+            module,
+            targets=spec.targets,
+            target_parameters=spec.target_parameters,
+            r=spec.rank,
+            lora_alpha=spec.alpha,
+            lora_dropout=spec.dropout,
+            bias="none",
+            **_layer_limits(emb),
+        )
     except ValueError as exc:
         msg = f"LoRA targets {spec.targets + spec.target_parameters} not found in {emb.name}: {exc}"
         raise InputError(msg) from exc

@@ -93,14 +93,16 @@ def inject_lora(emb) -> torch.nn.Module:
 def lora_attention_gradients(emb, adata, count: int) -> dict[str, torch.nn.Parameter]:
     """Rank-2 LoRA on ``lora_targets`` and ``lora_target_parameters``; a random projection of the
     pooled embeddings of ``adata`` is backpropagated; see :func:`assert_lora_gradients`."""
-    peft = pytest.importorskip("peft")
-    cfg = peft.LoraConfig(
+    pytest.importorskip("peft")
+    from scdrugmap.classify.lora import inject_lora
+
+    model = inject_lora(
+        emb.torch_module(),
+        targets=tuple(emb.lora_targets),
+        target_parameters=tuple(emb.lora_target_parameters),
         r=2,
-        target_modules=list(emb.lora_targets),
-        target_parameters=list(emb.lora_target_parameters),
         init_lora_weights=False,
     )
-    model = peft.get_peft_model(emb.torch_module(), cfg)
     tokens = emb.tokenize(adata)
     pooled = emb.pool_torch(emb.hidden_states(tokens), tokens)
     (pooled * torch.randn_like(pooled)).sum().backward()
