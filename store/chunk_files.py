@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,6 +186,7 @@ def read_raw_rows(
 
 
 _POOL: tuple[int, int, ThreadPoolExecutor] | None = None
+_POOL_LOCK = threading.Lock()
 
 
 def _reader_pool(workers: int) -> ThreadPoolExecutor:
@@ -192,16 +194,27 @@ def _reader_pool(workers: int) -> ThreadPoolExecutor:
 
     Kept between reads: starting the threads for every read cost a tenth of a 100 k-cell read
     (``benchmarks/bench_store_read.py``). Made again in a forked child (which inherits the pool but
-    not its threads) and when more threads are asked for.
+    not its threads) and when more threads are asked for; a replaced pool is never shut down (a
+    read may still be submitting to it), its idle threads end once it is garbage.
     """
     global _POOL
-    if _POOL is None or _POOL[0] != os.getpid() or _POOL[1] < workers:
-        from concurrent.futures import ThreadPoolExecutor
+    with _POOL_LOCK:
+        if _POOL is None or _POOL[0] != os.getpid() or _POOL[1] < workers:
+            from concurrent.futures import ThreadPoolExecutor
 
-        if _POOL is not None and _POOL[0] == os.getpid():
-            _POOL[2].shutdown(wait=False)
-        _POOL = (os.getpid(), workers, ThreadPoolExecutor(workers, thread_name_prefix="scdrugmap-read"))
-    return _POOL[2]
+            _POOL = (os.getpid(), workers, ThreadPoolExecutor(workers, thread_name_prefix="scdrugmap-read"))
+        return _POOL[2]
+
+
+def _forget_pool_in_child() -> None:
+    """After ``os.fork`` the child has none of the pool's threads, and the lock may be held by a
+    thread that does not exist there: start both afresh."""
+    global _POOL, _POOL_LOCK
+    _POOL, _POOL_LOCK = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_in_child)
 
 
 def _read_groups(layout: ChunkLayout, read_chunk, out, pos, sel, groups: list[tuple]) -> None:

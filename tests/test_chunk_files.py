@@ -201,3 +201,27 @@ def test_reading_threads_work_in_a_forked_child(arr, monkeypatch) -> None:
         pytest.fail("the forked child hung reading chunks")
     assert child.exitcode == 0
     assert queue.get(timeout=5) == pytest.approx(float(np.nansum(X)), rel=1e-5)
+
+
+def test_concurrent_reads_asking_for_different_thread_counts(tmp_path: Path, monkeypatch) -> None:
+    """Reads from several threads at once, growing the shared pool while others use it, all return
+    the right rows."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr(chunk_files, "MIN_CHUNKS_PER_THREAD", 1)
+    monkeypatch.setattr(chunk_files, "_POOL", None)
+    st = Store.open(tmp_path / "store", create=True)
+    a = ensure_array(st, "m", "r0", dim=16, n_rows=3000, chunk_rows=64)  # 47 chunks
+    X = np.random.default_rng(0).normal(size=(3000, 16)).astype(np.float32)
+    a[:] = X
+    layout = layout_from_metadata(st.zarr_path / "m" / "r0" / "embedding")
+
+    def read(threads: int) -> bool:
+        out = np.empty((3000, 16), dtype=np.float32)
+        idx = np.arange(3000)
+        chunk_files.read_raw_rows(layout, out=out, pos=idx, sel=idx, read_chunk=None, threads=threads)
+        return bool(np.array_equal(out, X))
+
+    with ThreadPoolExecutor(4) as callers:  # the pool grows a dozen times while reads use it
+        assert all(callers.map(read, [2 + i // 4 for i in range(48)]))
+    assert chunk_files._POOL[1] == 12  # 13 threads: the caller and 12 of the pool
