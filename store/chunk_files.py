@@ -185,7 +185,7 @@ def read_raw_rows(
         job.result()
 
 
-_POOL: tuple[int, int, ThreadPoolExecutor] | None = None
+_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (workers, pool)
 _POOL_LOCK = threading.Lock()
 
 
@@ -193,17 +193,17 @@ def _reader_pool(workers: int) -> ThreadPoolExecutor:
     """The process's chunk-reading threads, ``workers`` at least.
 
     Kept between reads: starting the threads for every read cost a tenth of a 100 k-cell read
-    (``benchmarks/bench_store_read.py``). Made again in a forked child (which inherits the pool but
-    not its threads) and when more threads are asked for; a replaced pool is never shut down (a
-    read may still be submitting to it), its idle threads end once it is garbage.
+    (``benchmarks/bench_store_read.py``). Made again when more threads are asked for and in a
+    forked child (:func:`_forget_pool_in_child`); a replaced pool is never shut down (a read may
+    still be submitting to it), its idle threads end once it is garbage.
     """
     global _POOL
     with _POOL_LOCK:
-        if _POOL is None or _POOL[0] != os.getpid() or _POOL[1] < workers:
+        if _POOL is None or _POOL[0] < workers:
             from concurrent.futures import ThreadPoolExecutor
 
-            _POOL = (os.getpid(), workers, ThreadPoolExecutor(workers, thread_name_prefix="scdrugmap-read"))
-        return _POOL[2]
+            _POOL = (workers, ThreadPoolExecutor(workers, thread_name_prefix="scdrugmap-read"))
+        return _POOL[1]
 
 
 def _forget_pool_in_child() -> None:

@@ -85,18 +85,21 @@ def assert_lora_gradients(module: torch.nn.Module, count: int) -> dict[str, torc
 
 def inject_lora(emb) -> torch.nn.Module:
     """Inject rank-4 LoRA (random B) into ``emb.torch_module()`` at ``emb.lora_targets``."""
-    peft = pytest.importorskip("peft")
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(emb.lora_targets), init_lora_weights=False)
-    return peft.inject_adapter_in_model(cfg, emb.torch_module())
+    pytest.importorskip("peft")
+    from scdrugmap.classify import lora
+
+    return lora.inject_lora(
+        emb.torch_module(), targets=tuple(emb.lora_targets), r=4, lora_alpha=8, init_lora_weights=False
+    )
 
 
 def lora_attention_gradients(emb, adata, count: int) -> dict[str, torch.nn.Parameter]:
     """Rank-2 LoRA on ``lora_targets`` and ``lora_target_parameters``; a random projection of the
     pooled embeddings of ``adata`` is backpropagated; see :func:`assert_lora_gradients`."""
     pytest.importorskip("peft")
-    from scdrugmap.classify.lora import inject_lora
+    from scdrugmap.classify import lora
 
-    model = inject_lora(
+    model = lora.inject_lora(
         emb.torch_module(),
         targets=tuple(emb.lora_targets),
         target_parameters=tuple(emb.lora_target_parameters),
